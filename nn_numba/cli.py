@@ -1,0 +1,163 @@
+"""The `nn-numba` command: thin Typer wrappers over the modules that do the work.
+
+Every user-facing problem is an NNError: printed as one line on stderr, exit code 1 (130 for Ctrl-C),
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import NNError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Train and use a 784-250-250-10 MNIST network whose every loop is an explicit Numba kernel.",
+)
+
+DataDir = Annotated[str | None, typer.Option("--data-dir", help="Folder with the MNIST IDX files "
+                                                "(default: $NN_NUMBA_DATA, the config, then a per-user cache).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
+
+
+def _default_checkpoint(checkpoint: str | None, runs: str = "runs") -> Path:
+    from .train import latest_run
+
+    if checkpoint:
+        return Path(checkpoint)
+    try:
+        run = latest_run(runs)
+    except NNError:
+        raise NNError("no trained model found: run `nn-numba train configs/default.toml` first "
+                      "or pass a checkpoint") from None
+    return run / "best.ck"
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="TOML config, e.g. configs/default.toml.")],
+    epochs: Annotated[int | None, typer.Option(help="Override [train] epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Override [train] batch_size.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Override [optim] lr.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override [train] seed.")] = None,
+    threads: Annotated[int | None, typer.Option(help="Override [train] threads (0 = all cores).")] = None,
+    out: Annotated[str | None, typer.Option(help="Override [train] out: where run folders go.")] = None,
+    data_dir: DataDir = None,
+    resume: Annotated[str | None, typer.Option(help="Continue a run: its folder or its last.ck.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
+) -> None:
+    """Train a network; writes runs/<timestamp>/ with config.toml, metrics.jsonl, best.ck and last.ck."""
+    from .config import load_config
+    from .train import apply_overrides
+    from .train import train as run_training
+
+    cfg = apply_overrides(load_config(config), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                          threads=threads, out=out)
+    run = run_training(cfg, data_dir=data_dir, resume=resume, quiet=quiet)
+    hist = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if hist:
+        best = max(hist, key=lambda r: r.get("val_acc", r["train_acc"]))
+        print(f"done: best epoch {best['epoch']} (validation {100 * best.get('val_acc', float('nan')):.2f}%, "
+              f"test {100 * best['test_acc']:.2f}%) saved in {run / 'best.ck'}")
+
+
+@app.command()
+def evaluate(
+    checkpoint: Annotated[str | None, typer.Argument(help="Checkpoint (default: best of the latest run).")] = None,
+    data_dir: DataDir = None,
+    as_json: Json = False,
+) -> None:
+    """Test-set loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
+    import numpy as np
+
+    from .checkpoint import load
+    from .data import load_mnist
+    from .model import MLP
+    from .model import evaluate as run_eval
+
+    path = _default_checkpoint(checkpoint)
+    model = MLP.from_checkpoint(load(path))
+    if model.sizes[0] != 784 or model.sizes[-1] != 10:
+        raise NNError(f"{path}: has sizes {model.sizes}, not an MNIST network (784 inputs, 10 classes)")
+    mnist = load_mnist(data_dir)
+    loss, acc, pred = run_eval(model, mnist.test_x, mnist.test_y)
+    y = mnist.test_y.astype(np.int64)
+    conf = np.zeros((10, 10), np.int64)
+    np.add.at(conf, (y, pred), 1)
+    per_class = (np.diag(conf) / np.maximum(conf.sum(axis=1), 1)).tolist()
+    if as_json:
+        print(json.dumps({"checkpoint": str(path), "accuracy": acc, "loss": loss, "n": len(y),
+                          "per_class_accuracy": per_class, "confusion": conf.tolist()}))
+        return
+    print(f"{path}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}  ({len(y)} images)")
+    print("\nper class:  " + "  ".join(f"{d}: {100 * a:.1f}%" for d, a in enumerate(per_class)))
+    print("\nconfusion (rows = true digit, columns = predicted):")
+    print("      " + "".join(f"{d:>6}" for d in range(10)))
+    for d in range(10):
+        print(f"{d:>6}" + "".join(f"{c:>6}" for c in conf[d]))
+
+
+@app.command()
+def info(
+    checkpoint: Annotated[str | None, typer.Argument(help="Checkpoint (default: best of the latest run).")] = None,
+    as_json: Json = False,
+) -> None:
+    """Architecture, parameter count, format version and recorded accuracies of a checkpoint."""
+    from .checkpoint import describe
+
+    path = _default_checkpoint(checkpoint)
+    d = describe(path)
+    if as_json:
+        print(json.dumps(d, default=str))
+        return
+    for k, v in d.items():
+        if isinstance(v, float):
+            v = f"{v:.4f}"
+        print(f"{k:>14}: {v}")
+
+
+@app.command()
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files or folders (PNG, JPEG, BMP, GIF, WebP, TIFF).")],
+    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: best of the latest run).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=10, help="How many likeliest digits to show.")] = 3,
+    raw: Annotated[bool, typer.Option("--raw", help="Images are already 28x28 MNIST-style: no preprocessing.")] = False,
+    save_preprocessed: Annotated[str | None, typer.Option(help="Write what the network saw into DIR.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image and line.")] = False,
+) -> None:
+    """Read digits from images: brought into MNIST's convention first (see README)."""
+    from .predict import predict_paths
+
+    code = predict_paths(images, checkpoint, top_k=top_k, raw=raw, as_json=as_json,
+                         save_preprocessed=save_preprocessed)
+    raise typer.Exit(code)
+
+
+@app.command()
+def download(
+    dir: Annotated[str | None, typer.Option("--dir", help="Where to put the files (default: the cache).")] = None,
+) -> None:
+    """Download MNIST from the public mirrors and verify its SHA-256 sums."""
+    from .data import download_command
+
+    download_command(dir)
+
+
+def main() -> None:
+    try:
+        app()  # standalone: click prints usage errors and exits 2 by itself
+    except NNError as e:
+        print(f"nn-numba: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()

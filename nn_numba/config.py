@@ -1,0 +1,207 @@
+"""Training configuration: TOML files read with tomllib and checked into typed dataclasses.
+
+Every table and key is listed below with its default; anything else in a file is an error, so a typo
+never silently falls back to a default.
+"""
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import NNError
+
+
+class ConfigError(NNError):
+    pass
+
+
+@dataclass
+class Model:
+    sizes: list[int] = field(default_factory=lambda: [784, 250, 250, 10])
+
+
+@dataclass
+class Data:
+    dir: str = ""  # empty: --data-dir, then $NN_NUMBA_DATA, then the per-user cache
+    val_split: float = 0.1  # fraction of the 60,000 training images held out for model selection
+    shuffle: bool = True
+
+
+@dataclass
+class Optim:
+    name: str = "adam"  # sgd | momentum | adam
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0  # L2 on the weights W (not the biases)
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    reduction: str = "mean"  # mean | sum (the original design sums the loss over the batch)
+
+
+@dataclass
+class Schedule:
+    name: str = "constant"  # constant | step | cosine
+    warmup_epochs: float = 0.0
+    step_epochs: int = 10  # step: multiply by gamma every step_epochs epochs
+    gamma: float = 0.1
+    min_lr: float = 0.0  # cosine: the rate it decays to
+
+
+@dataclass
+class Augment:
+    shift: int = 0  # max random translation, pixels per axis
+    rotate: float = 0.0  # max random rotation, degrees
+    scale: float = 0.0  # max relative scaling
+    elastic_alpha: float = 0.0  # elastic distortion strength, pixels (0 = off)
+    elastic_sigma: float = 4.0  # smoothness of the elastic field, pixels
+
+
+@dataclass
+class Train:
+    epochs: int = 10
+    batch_size: int = 64
+    seed: int = 0
+    threads: int = 0  # 0 = all cores
+    out: str = "runs"  # run folders go to OUT/<timestamp>/
+
+
+@dataclass
+class Config:
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
+    optim: Optim = field(default_factory=Optim)
+    schedule: Schedule = field(default_factory=Schedule)
+    augment: Augment = field(default_factory=Augment)
+    train: Train = field(default_factory=Train)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML (tomllib can read it back)."""
+        out = []
+        for table, values in self.to_dict().items():
+            out.append(f"[{table}]")
+            for key, v in values.items():
+                out.append(f"{key} = {_toml_value(v)}")
+            out.append("")
+        return "\n".join(out)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return repr(v)
+
+
+# Allowed values and ranges, checked after the types. (table, key): (low, high) or a set of choices.
+_CHOICES = {("optim", "name"): {"sgd", "momentum", "adam"}, ("optim", "reduction"): {"sum", "mean"},
+            ("schedule", "name"): {"constant", "step", "cosine"}}
+_RANGES = {
+    ("data", "val_split"): (0.0, 0.5), ("optim", "lr"): (0.0, 10.0), ("optim", "momentum"): (0.0, 1.0),
+    ("optim", "weight_decay"): (0.0, 1.0), ("optim", "beta1"): (0.0, 1.0), ("optim", "beta2"): (0.0, 1.0),
+    ("optim", "eps"): (1e-30, 1.0), ("schedule", "warmup_epochs"): (0.0, 1e4),
+    ("schedule", "step_epochs"): (1, 10**6), ("schedule", "gamma"): (0.0, 1.0), ("schedule", "min_lr"): (0.0, 10.0),
+    ("augment", "shift"): (0, 14), ("augment", "rotate"): (0.0, 180.0), ("augment", "scale"): (0.0, 0.9),
+    ("augment", "elastic_alpha"): (0.0, 100.0), ("augment", "elastic_sigma"): (0.5, 100.0),
+    ("train", "epochs"): (1, 100_000), ("train", "batch_size"): (1, 60_000), ("train", "seed"): (0, 2**63 - 1),
+    ("train", "threads"): (0, 1024),
+}
+_EXCLUSIVE_LOW = {("optim", "lr"), ("optim", "eps")}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and check a TOML config; every problem is a one-line ConfigError naming the file and key."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file (try configs/default.toml)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a config is TOML, see configs/default.toml)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(raw, str(path))
+
+
+def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
+    cfg = Config()
+    for table, values in raw.items():
+        if table not in _tables():
+            raise ConfigError(f"{source}: unknown table [{table}] (known: {', '.join(_tables())})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: '{table}' must be a table like [{table}]")
+        section = getattr(cfg, table)
+        known = {f.name: f for f in dataclasses.fields(section)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key '{key}' in [{table}] (known: {', '.join(known)})")
+            setattr(section, key, _typed(source, table, key, value, type(getattr(section, key))))
+    check(cfg, source)
+    return cfg
+
+
+def _tables() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def _typed(source: str, table: str, key: str, value: Any, want: type) -> Any:
+    where = f"{source}: [{table}] {key}"
+    if want is list:
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where} must be a list of whole numbers, like [784, 250, 250, 10]")
+        return value
+    if want is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, not {value!r}")
+        return value
+    if want is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be a whole number, not {value!r}")
+        return value
+    if want is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where} must be a number, not {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where} must be finite, not {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, not {value!r}")
+    return value
+
+
+def check(cfg: Config, source: str = "config") -> None:
+    """Impossible values: a ConfigError naming the key. Also used after command-line overrides."""
+    for (table, key), allowed in _CHOICES.items():
+        v = getattr(getattr(cfg, table), key)
+        if v not in allowed:
+            raise ConfigError(f"{source}: [{table}] {key} = {v!r} is not one of {', '.join(sorted(allowed))}")
+    for (table, key), (lo, hi) in _RANGES.items():
+        v = getattr(getattr(cfg, table), key)
+        low_ok = v > lo if (table, key) in _EXCLUSIVE_LOW else v >= lo
+        if not (low_ok and v <= hi):
+            rng = f"({lo}, {hi}]" if (table, key) in _EXCLUSIVE_LOW else f"[{lo}, {hi}]"
+            raise ConfigError(f"{source}: [{table}] {key} = {v!r} is out of range {rng}")
+    sizes = cfg.model.sizes
+    if len(sizes) < 2 or len(sizes) > 65:
+        raise ConfigError(f"{source}: [model] sizes needs 2 to 65 entries, got {len(sizes)}")
+    if sizes[0] != 784 or sizes[-1] != 10:
+        raise ConfigError(f"{source}: [model] sizes must start at 784 (28x28 pixels) and end at 10 (digits) "
+                          f"for MNIST, got {sizes}")
+    if any(not 1 <= n <= 100_000 for n in sizes):
+        raise ConfigError(f"{source}: [model] sizes must each be between 1 and 100000, got {sizes}")

@@ -1,0 +1,356 @@
+"""The training loop: data split, mini-batches, schedule, metrics, run folders, checkpoints and resume.
+
+All arithmetic happens in kernels.py; this file only orchestrates. Per mini-batch the Python work is one
+gather (or augmentation) call and one `train_step` call into compiled code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import numba
+import numpy as np
+from tqdm import tqdm
+
+from . import __version__, kernels
+from .checkpoint import Checkpoint, OptimState, load, save
+from .config import Config, ConfigError, check, from_dict
+from .errors import NNError
+from .model import MLP, evaluate
+
+KINDS = {"sgd": kernels.SGD, "momentum": kernels.MOMENTUM, "adam": kernels.ADAM}
+
+
+class Diverged(NNError):
+    pass
+
+
+class Interrupted(NNError):
+    exit_code = 130
+
+
+def set_threads(threads: int) -> int:
+    """0 means every core; more threads than Numba can run is clamped (with a note), not an error."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    if threads < 0:
+        raise ConfigError(f"--threads {threads}: must be 0 (all cores) or a positive number")
+    n = limit if threads == 0 else threads
+    if n > limit:
+        tqdm.write(f"note: --threads {threads} is more than the {limit} cores available; using {limit}")
+        n = limit
+    numba.set_num_threads(n)
+    return n
+
+
+def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimiser step `step` (from 0), as in docs/training.md."""
+    o, s = cfg.optim, cfg.schedule
+    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return o.lr * (step + 1) / warm
+    if s.name == "step":
+        return o.lr * s.gamma ** (step // steps_per_epoch // s.step_epochs)
+    if s.name == "cosine":
+        total = cfg.train.epochs * steps_per_epoch
+        frac = (step - warm) / max(total - warm, 1)
+        return s.min_lr + (o.lr - s.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0))) / 2
+    return o.lr
+
+
+def split(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Training and validation indices: the validation set is the tail of a seed-fixed permutation."""
+    perm = np.random.default_rng([seed, 1]).permutation(n)
+    n_val = int(round(n * val_split))
+    return np.sort(perm[:n - n_val]), np.sort(perm[n - n_val:])
+
+
+class Trainer:
+    """Model, optimiser state and the reusable buffers of one training run."""
+
+    def __init__(self, cfg: Config, model: MLP, batch_cap: int):
+        self.cfg, self.model = cfg, model
+        self.kind = KINDS[cfg.optim.name]
+        n = model.params.size
+        self.grad = np.zeros(n, np.float32)
+        self.m = np.zeros(n, np.float32)
+        self.v = np.zeros(n, np.float32)
+        self.step = 0
+        self.cap = batch_cap
+        sizes = model.sizes
+        self.acts = np.zeros(batch_cap * sum(sizes[1:]), np.float32)
+        self.d0 = np.zeros(batch_cap * max(sizes[1:]), np.float32)
+        self.d1 = np.zeros_like(self.d0)
+        self.loss = np.zeros(batch_cap, np.float32)
+        self.pred = np.zeros(batch_cap, np.int64)
+        self.xb = np.zeros((batch_cap, sizes[0]), np.float32)
+
+    def train_step(self, X: np.ndarray, y: np.ndarray, lr: float) -> float:
+        """One optimiser step on float32 inputs X (B, n_0) and int64 labels y (B,); the summed loss."""
+        o, B = self.cfg.optim, len(y)
+        self.step += 1
+        c1 = 1.0 / (1.0 - o.beta1**self.step)
+        c2 = 1.0 / (1.0 - o.beta2**self.step)
+        scale = 1.0 / B if o.reduction == "mean" else 1.0
+        return kernels.train_step(self.model.params, self.grad, self.m, self.v, self.model.sizes_arr, X, y,
+                                  self.acts, self.cap, self.d0, self.d1, self.loss[:B], self.pred[:B],
+                                  self.kind, lr, o.momentum, o.nesterov, o.weight_decay, o.beta1, o.beta2,
+                                  o.eps, c1, c2, scale)
+
+    def optim_state(self) -> OptimState:
+        slots = {kernels.SGD: [], kernels.MOMENTUM: [self.m], kernels.ADAM: [self.m, self.v]}[self.kind]
+        return OptimState(self.cfg.optim.name, self.step, [_split_flat(self.model, s) for s in slots])
+
+    def load_optim_state(self, st: OptimState | None) -> None:
+        if st is None or st.kind != self.cfg.optim.name:
+            raise NNError(f"cannot resume: the checkpoint's optimiser state is {st.kind if st else 'missing'}, "
+                          f"the config asks for {self.cfg.optim.name}")
+        for flat, arrays in zip((self.m, self.v), st.slots):
+            flat[:] = np.concatenate([a.ravel() for a in arrays])
+        self.step = st.step
+
+
+def _split_flat(model: MLP, flat: np.ndarray) -> list[np.ndarray]:
+    """A flat parameter-shaped array as [W1, b1, W2, b2, ...] copies."""
+    out = []
+    for l in range(len(model.sizes) - 1):
+        W, b = kernels._views(flat, model.sizes_arr, l)
+        out += [W.copy(), b.copy()]
+    return out
+
+
+def to_checkpoint(model: MLP, meta: dict, optim: OptimState | None = None) -> Checkpoint:
+    return Checkpoint(list(model.sizes), [W.copy() for W in model.weights], [b.copy() for b in model.biases],
+                      meta, optim)
+
+
+def new_run_dir(out: str) -> Path:
+    """OUT/<timestamp>/, created now so an unwritable folder fails before any training."""
+    root = Path(out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(100):
+        run = root / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            run.mkdir(parents=True, exist_ok=False)
+            return run
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise NNError(f"cannot create the run folder {run}: {e.strerror} (choose another with --out)") from None
+    raise NNError(f"cannot create a new run folder in {root}: too many runs started this second")
+
+
+def point_latest(run: Path) -> None:
+    """OUT/latest -> run (a relative symlink, swapped in atomically)."""
+    link = run.parent / "latest"
+    tmp = run.parent / f".latest.tmp-{os.getpid()}"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(run.name)
+        os.replace(tmp, link)
+    except OSError:
+        (run.parent / "latest").write_text(run.name + "\n") if not link.is_symlink() else None
+
+
+def latest_run(out: str = "runs") -> Path:
+    """The newest run folder, via OUT/latest."""
+    link = Path(out) / "latest"
+    if link.is_symlink() or link.is_dir():
+        return link.resolve()
+    if link.is_file():
+        return (link.parent / link.read_text().strip()).resolve()
+    raise NNError(f"no runs found in {out}/: run `nn-numba train configs/default.toml` first")
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _SigInt:
+    """First Ctrl-C: finish the mini-batch, save, exit 130. Second: stop at once (files stay whole)."""
+
+    def __init__(self):
+        self.hit = False
+
+    def __enter__(self):
+        try:
+            self.old = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread (e.g. under a test runner's worker)
+            self.old = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.hit:
+            raise Interrupted("stopped at once; the checkpoints on disk are the last complete ones")
+        self.hit = True
+        tqdm.write("interrupted: finishing this mini-batch and saving (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+
+
+def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, quiet: bool = False) -> Path:
+    """Train per `cfg`; returns the run folder holding config.toml, metrics.jsonl, last.ck and best.ck."""
+    from .augment import Augment, augment_batch
+    from .data import load_mnist
+
+    threads = set_threads(cfg.train.threads)
+    start_ck = None
+    if resume:
+        start_ck, run = _resume_source(resume)
+        saved = start_ck.meta.get("config")
+        if saved and saved.get("model", {}).get("sizes") != cfg.model.sizes:
+            raise NNError(f"cannot resume {resume}: it has sizes {saved['model']['sizes']}, "
+                          f"the config asks for {cfg.model.sizes}")
+    mnist = load_mnist(data_dir, cfg.data.dir or None)
+    tr_idx, va_idx = split(len(mnist.train_y), cfg.data.val_split, cfg.train.seed)
+    B = cfg.train.batch_size
+    steps_per_epoch = math.ceil(len(tr_idx) / B)
+    if not resume:
+        run = new_run_dir(cfg.train.out)
+    try:
+        _write_text_atomic(run / "config.toml", cfg.to_toml())
+    except OSError as e:
+        raise NNError(f"cannot write to the run folder {run}: {e.strerror} (choose another with --out)") from None
+    point_latest(run)
+
+    model = MLP.init(cfg.model.sizes, np.random.default_rng([cfg.train.seed, 0]))
+    trainer = Trainer(cfg, model, min(B, len(tr_idx)))
+    shuffle_rng = np.random.default_rng([cfg.train.seed, 2])
+    aug_rng = np.random.default_rng([cfg.train.seed, 3])
+    aug = Augment(**asdict(cfg.augment))
+    history: list[dict] = []
+    epoch, batch0, run_loss, run_correct, best_val, elapsed = 0, 0, 0.0, 0, -1.0, 0.0
+    if start_ck is not None:
+        model.params[:] = MLP.from_checkpoint(start_ck).params
+        trainer.load_optim_state(start_ck.optim)
+        st = start_ck.meta["resume"]
+        epoch, batch0 = st["epoch"], st["batch"]
+        run_loss, run_correct = st["run_loss"], st["run_correct"]
+        shuffle_rng.bit_generator.state = st["shuffle_rng"]
+        aug_rng.bit_generator.state = st["aug_rng"]
+        history = start_ck.meta.get("history", [])
+        best_val = start_ck.meta.get("best_val_acc", -1.0)
+        elapsed = start_ck.meta.get("wall_time", 0.0)
+        if not quiet:
+            print(f"resuming {run} at epoch {epoch + 1}, step {trainer.step}")
+
+    def meta(extra: dict) -> dict:
+        return {"producer": f"nn-numba {__version__}", "created": datetime.now().isoformat(timespec="seconds"),
+                "config": cfg.to_dict(), "history": history, "best_val_acc": best_val, "step": trainer.step,
+                "wall_time": elapsed, **extra}
+
+    if not quiet:
+        print(f"run {run}  |  {'-'.join(map(str, cfg.model.sizes))}  {cfg.optim.name} lr {cfg.optim.lr:g}  "
+              f"batch {B}  {cfg.train.epochs} epochs  {threads} threads  "
+              f"train {len(tr_idx)} / val {len(va_idx)} / test {len(mnist.test_y)}")
+    y_all = mnist.train_y.astype(np.int64)
+    with _SigInt() as sigint:
+        while epoch < cfg.train.epochs:
+            epoch_rng_state = shuffle_rng.bit_generator.state  # the permutation is re-drawn on resume
+            order = tr_idx[shuffle_rng.permutation(len(tr_idx))] if cfg.data.shuffle else tr_idx
+            t0 = time.perf_counter()
+            bar = tqdm(total=len(order), initial=batch0 * B, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+                       unit="img", unit_scale=True, leave=True, disable=quiet, dynamic_ncols=True)
+            lr = cfg.optim.lr
+            for bi in range(batch0, steps_per_epoch):
+                idx = order[bi * B:(bi + 1) * B]
+                nb = len(idx)
+                xb = trainer.xb[:nb]
+                if aug.enabled:
+                    augment_batch(mnist.train_x, idx, xb, aug, aug_rng)
+                else:
+                    kernels.gather(mnist.train_x, idx, kernels.PIXEL, xb)
+                yb = y_all[idx]
+                lr = lr_at(cfg, trainer.step, steps_per_epoch)
+                loss = trainer.train_step(xb, yb, lr)
+                if not math.isfinite(loss):
+                    bar.close()
+                    raise Diverged(f"training diverged at epoch {epoch + 1}, step {bi + 1}: the loss is {loss} "
+                                   f"(learning rate {lr:g}); try a smaller --lr. Checkpoints in {run} are "
+                                   "the last good ones")
+                run_loss += loss
+                run_correct += int((trainer.pred[:nb] == yb).sum())
+                bar.update(nb)
+                if bi % 50 == 0:
+                    bar.set_postfix(loss=f"{loss / nb:.4f}", refresh=False)
+                if sigint.hit:
+                    bar.close()
+                    elapsed += time.perf_counter() - t0
+                    state = {"epoch": epoch, "batch": bi + 1, "run_loss": run_loss, "run_correct": run_correct,
+                             "shuffle_rng": epoch_rng_state, "aug_rng": aug_rng.bit_generator.state}
+                    if bi + 1 == steps_per_epoch:
+                        break  # the epoch is complete: finish it normally below, then stop
+                    save(run / "last.ck", to_checkpoint(model, meta({"epoch": epoch, "resume": state}),
+                                                        trainer.optim_state()))
+                    raise Interrupted(f"interrupted at epoch {epoch + 1}, step {bi + 1}; saved {run / 'last.ck'}. "
+                                      f"Resume with: nn-numba train CONFIG --resume {run}")
+            bar.close()
+            seconds = time.perf_counter() - t0
+            elapsed += seconds
+            if not np.isfinite(model.params).all():
+                raise Diverged(f"training diverged in epoch {epoch + 1}: the weights hold NaN or Inf "
+                               f"(learning rate {lr:g}); try a smaller --lr. Checkpoints in {run} are the last good ones")
+            n_tr = len(order)
+            row = {"epoch": epoch + 1, "step": trainer.step, "lr": lr, "train_loss": run_loss / n_tr,
+                   "train_acc": run_correct / n_tr}
+            if len(va_idx):
+                row["val_loss"], row["val_acc"], _ = evaluate(model, mnist.train_x[va_idx], mnist.train_y[va_idx])
+            row["test_loss"], row["test_acc"], _ = evaluate(model, mnist.test_x, mnist.test_y)
+            row["seconds"] = seconds
+            row["samples_per_s"] = (n_tr - batch0 * B) / seconds if seconds > 0 else 0.0
+            history.append(row)
+            epoch, batch0, run_loss, run_correct = epoch + 1, 0, 0.0, 0
+            score = row.get("val_acc", row["train_acc"])
+            summary = {k: row[k] for k in row if k.endswith(("_acc", "_loss"))} | {"epoch": epoch}
+            state = {"epoch": epoch, "batch": 0, "run_loss": 0.0, "run_correct": 0,
+                     "shuffle_rng": shuffle_rng.bit_generator.state, "aug_rng": aug_rng.bit_generator.state}
+            if score > best_val:
+                best_val = score
+                save(run / "best.ck", to_checkpoint(model, meta(summary)))
+            save(run / "last.ck", to_checkpoint(model, meta(summary | {"resume": state}), trainer.optim_state()))
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if not quiet:
+                val = f"val {row['val_loss']:.4f} / {100 * row['val_acc']:.2f}%  " if "val_acc" in row else ""
+                tqdm.write(f"epoch {epoch:3d}  train {row['train_loss']:.4f} / {100 * row['train_acc']:.2f}%  "
+                           f"{val}test {row['test_loss']:.4f} / {100 * row['test_acc']:.2f}%  "
+                           f"{row['samples_per_s']:,.0f} img/s  lr {lr:.3g}")
+            if sigint.hit:
+                raise Interrupted(f"interrupted after epoch {epoch}; saved {run / 'last.ck'}. "
+                                  f"Resume with: nn-numba train CONFIG --resume {run}")
+    return run
+
+
+def _resume_source(resume: str) -> tuple[Checkpoint, Path]:
+    """A run folder (its last.ck) or a checkpoint file with resume state; its run folder."""
+    p = Path(resume)
+    ck_path = p / "last.ck" if p.is_dir() else p
+    ck = load(ck_path)
+    if "resume" not in ck.meta or ck.optim is None:
+        raise NNError(f"{ck_path}: holds no training state to resume from (use a run's last.ck)")
+    return ck, ck_path.parent
+
+
+def apply_overrides(cfg: Config, **over) -> Config:
+    """Command-line flags over the file's values, checked again."""
+    d = cfg.to_dict()
+    names = {"epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("optim", "lr"),
+             "seed": ("train", "seed"), "threads": ("train", "threads"), "out": ("train", "out")}
+    for key, value in over.items():
+        if value is not None:
+            table, k = names[key]
+            d[table][k] = value
+    new = from_dict(d, "command line")
+    check(new, "command line")
+    return new

@@ -1,0 +1,29 @@
+"""Shared test set-up.
+
+OpenBLAS threads left spinning by a NumPy matmul slow Numba's parallel kernels tenfold on this 2-core
+machine, so the float64 references below use BLAS with one thread only.
+"""
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mnist_dir() -> Path:
+    """The real MNIST folder given by NN_NUMBA_DATA (CI points it at ../shared/mnist)."""
+    d = os.environ.get("NN_NUMBA_DATA") or str(ROOT.parent / "shared" / "mnist")
+    return Path(d).resolve()
+
+
+@pytest.fixture(scope="session")
+def mnist_path() -> Path:
+    d = mnist_dir()
+    if not (d / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail(f"real MNIST not found in {d}: set NN_NUMBA_DATA to the folder with the four IDX files")
+    return d

@@ -25,7 +25,7 @@ class Model:
 
 @dataclass
 class Data:
-    dir: str = ""  # empty: --data-dir, then $NN_NUMBA_DATA, then the per-user cache
+    dir: str = ""  # used after --data-dir and $NN_NUMBA_DATA; empty: the per-user cache
     val_split: float = 0.1  # fraction of the 60,000 training images held out for model selection
     shuffle: bool = True
 

@@ -1,0 +1,220 @@
+"""Every kernel against the float64 NumPy reference, a finite-difference check, and one whole step."""
+
+import numba
+import numpy as np
+import pytest
+import reference as ref
+
+from nn_numba import kernels as K
+from nn_numba.model import MLP, n_params
+
+
+def rel(a, b):
+    """Largest error relative to the largest reference value."""
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+@pytest.fixture(params=[(1, 7, 5), (4, 8, 4), (37, 784, 250), (64, 250, 250), (13, 250, 10)],
+                ids=lambda s: "x".join(map(str, s)))
+def shapes(request):
+    return request.param
+
+
+def test_linear_forward(shapes):
+    B, Kin, N = shapes
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((B, Kin), dtype=np.float32)
+    W = rng.standard_normal((N, Kin), dtype=np.float32)
+    b = rng.standard_normal(N, dtype=np.float32)
+    want = X.astype(np.float64) @ W.T.astype(np.float64) + b
+    for relu in (False, True):
+        Y = np.full((B, N), np.nan, np.float32)
+        K.linear_forward(X, W, b, Y, relu)
+        assert rel(Y, np.maximum(want, 0) if relu else want) < 1e-5
+
+
+def test_linear_backward_input(shapes):
+    B, Kin, N = shapes
+    rng = np.random.default_rng(2)
+    dY = rng.standard_normal((B, N), dtype=np.float32)
+    W = rng.standard_normal((N, Kin), dtype=np.float32)
+    A = np.maximum(rng.standard_normal((B, Kin), dtype=np.float32), 0)
+    dX = np.full((B, Kin), np.nan, np.float32)
+    K.linear_backward_input(dY, W, A, dX)
+    assert rel(dX, (dY.astype(np.float64) @ W) * (A > 0)) < 1e-5
+
+
+def test_linear_backward_weight_and_sgd(shapes):
+    B, Kin, N = shapes
+    rng = np.random.default_rng(3)
+    dY = rng.standard_normal((B, N), dtype=np.float32)
+    A = rng.standard_normal((B, Kin), dtype=np.float32)
+    W = rng.standard_normal((N, Kin), dtype=np.float32)
+    b = rng.standard_normal(N, dtype=np.float32)
+    W0, b0 = W.astype(np.float64), b.astype(np.float64)
+    gW = np.full((N, Kin), np.nan, np.float32)
+    gb = np.full(N, np.nan, np.float32)
+    z2, z1 = np.zeros_like(W), np.zeros_like(b)
+    K.linear_backward_weight(dY, A, gW, gb, W, b, z2, z1, z2.copy(), z1.copy(), K.SGD, 0.01, 0.0, False, 0.1,
+                             0.9, 0.999, 1e-8, 1.0, 1.0)
+    want_gW = dY.T.astype(np.float64) @ A
+    want_gb = dY.sum(axis=0, dtype=np.float64)
+    assert rel(gW, want_gW) < 1e-5
+    assert rel(gb, want_gb) < 1e-5
+    assert rel(W, W0 - 0.01 * (want_gW + 0.1 * W0)) < 1e-5  # weight decay on W ...
+    assert rel(b, b0 - 0.01 * want_gb) < 1e-5  # ... but not on b
+
+
+@pytest.mark.parametrize("kind,nesterov", [("momentum", False), ("momentum", True), ("adam", False)])
+def test_update_matches_reference_over_steps(kind, nesterov):
+    rng = np.random.default_rng(4)
+    p = rng.standard_normal(37, dtype=np.float32)
+    m, v = np.zeros_like(p), np.zeros_like(p)
+    opt = ref.Optimizer(kind, 0.05, momentum=0.9, nesterov=nesterov, wd=0.01)
+    p64 = p.astype(np.float64)
+    code = {"momentum": K.MOMENTUM, "adam": K.ADAM}[kind]
+    for t in range(1, 6):
+        g = rng.standard_normal(37, dtype=np.float32)
+        K.update(p, g, m, v, code, 0.05, 0.9, nesterov, 0.01, 0.9, 0.999, 1e-8, 1 / (1 - 0.9**t), 1 / (1 - 0.999**t))
+        opt.step([p64], [g.astype(np.float64)], [True])
+    assert rel(p, p64) < 1e-5
+
+
+@pytest.mark.parametrize("scale", [1.0, 1 / 13])
+def test_softmax_xent(scale):
+    rng = np.random.default_rng(5)
+    Z = rng.standard_normal((13, 10), dtype=np.float32) * 5
+    Z[0, 3] = 80.0  # large logits must not overflow
+    y = rng.integers(0, 10, 13)
+    dZ = np.empty_like(Z)
+    loss = np.empty(13, np.float32)
+    pred = np.empty(13, np.int64)
+    K.softmax_xent(Z, y, dZ, loss, pred, scale)
+    mean, want = ref.loss_and_grad(Z.astype(np.float64), y, "sum")
+    assert abs(loss.astype(np.float64).mean() - mean) < 1e-5 * max(1, abs(mean))
+    assert rel(dZ, want * scale) < 1e-5
+    assert (pred == Z.argmax(axis=1)).all()
+
+
+def test_gather_is_exact_division():
+    rng = np.random.default_rng(6)
+    X = rng.integers(0, 256, (50, 784), dtype=np.uint8)
+    idx = rng.integers(0, 50, 17).astype(np.int64)
+    out = np.empty((17, 784), np.float32)
+    K.gather(X, idx, K.PIXEL, out)
+    assert np.array_equal(out, X[idx].astype(np.float32) / np.float32(255))
+
+
+def _setup(sizes, B, seed=0):
+    rng = np.random.default_rng(seed)
+    model = MLP.init(sizes, rng)
+    model.params += rng.standard_normal(model.params.size).astype(np.float32) * 0.01  # non-zero biases
+    X = rng.random((B, sizes[0]), dtype=np.float32)
+    y = rng.integers(0, sizes[-1], B).astype(np.int64)
+    return model, X, y
+
+
+def _step(model, X, y, kind, lr, reduction, wd=0.0, nesterov=False, eps=1e-8):
+    from nn_numba.config import from_dict
+    from nn_numba.train import Trainer
+
+    cfg = from_dict({"optim": {"name": kind, "lr": lr, "reduction": reduction, "weight_decay": wd,
+                               "nesterov": nesterov, "eps": eps}})
+    tr = Trainer(cfg, model, len(y))
+    return tr, tr.train_step(X, y, lr)
+
+
+@pytest.mark.parametrize("kind,reduction,wd", [("sgd", "sum", 0.0), ("momentum", "mean", 1e-3),
+                                               ("adam", "mean", 1e-2)])
+@pytest.mark.parametrize("sizes,B", [([784, 250, 250, 10], 64), ([784, 250, 250, 10], 37), ([784, 30, 20, 17, 10], 5)])
+def test_train_step_against_reference(sizes, B, kind, reduction, wd):
+    """Two full training steps (forward, loss, backward, optimiser) against the float64 reference.
+
+    Adam divides each gradient by its own magnitude, so a weight whose gradient is ~0 moves by ±lr on
+    float32 rounding noise alone; a larger eps keeps that comparison well-conditioned.
+    """
+    model, X, y = _setup(sizes, B)
+    Ws = [W.astype(np.float64) for W in model.weights]
+    bs = [b.astype(np.float64) for b in model.biases]
+    eps = 1e-3 if kind == "adam" else 1e-8
+    opt = ref.Optimizer(kind, 0.01, momentum=0.9, wd=wd, eps=eps)
+    tr, loss = _step(model, X, y, kind, 0.01, reduction, wd, eps=eps)
+    want_loss = ref.step(Ws, bs, X, y, opt, reduction)
+    assert abs(loss / B - want_loss) < 1e-5 * max(1, want_loss)
+    loss2 = tr.train_step(X, y, 0.01)
+    want2 = ref.step(Ws, bs, X, y, opt, reduction)
+    assert abs(loss2 / B - want2) < 1e-5 * max(1, want2)
+    for l in range(len(sizes) - 1):
+        W, b = model.layer(l)
+        assert rel(W, Ws[l]) < 1e-5
+        assert rel(b, bs[l]) < 1e-5
+
+
+def test_gradients_against_reference():
+    model, X, y = _setup([784, 250, 250, 10], 37)
+    _, gW, gb = ref.gradients([W.astype(np.float64) for W in model.weights], model.biases, X, y, "mean")
+    before = model.params.copy()
+    from nn_numba.config import from_dict
+    from nn_numba.train import Trainer
+
+    tr = Trainer(from_dict({"optim": {"reduction": "mean"}}), model, 37)
+    tr.kind = K.NO_UPDATE
+    tr.train_step(X, y, 0.1)
+    assert np.array_equal(model.params, before)  # NO_UPDATE leaves the weights alone
+    for l in range(3):
+        g_W, g_b = K._views(tr.grad, model.sizes_arr, l)
+        assert rel(g_W, gW[l]) < 1e-5
+        assert rel(g_b, gb[l]) < 1e-5
+
+
+def test_finite_differences_tiny_network():
+    """The kernels' gradient against central differences of the float64 loss on a tiny network."""
+    sizes = [784, 6, 5, 10]
+    model, X, y = _setup(sizes, 4, seed=7)
+    from nn_numba.config import from_dict
+    from nn_numba.train import Trainer
+
+    tr = Trainer(from_dict({"optim": {"reduction": "mean"}}), model, 4)
+    tr.kind = K.NO_UPDATE
+    tr.train_step(X, y, 0.0)
+    p0 = model.params.astype(np.float64)
+
+    def loss_at(p):
+        Ws, bs = [], []
+        off = 0
+        for l in range(len(sizes) - 1):
+            n_in, n_out = sizes[l], sizes[l + 1]
+            Ws.append(p[off:off + n_in * n_out].reshape(n_out, n_in))
+            bs.append(p[off + n_in * n_out:off + n_in * n_out + n_out])
+            off += n_in * n_out + n_out
+        return ref.loss_and_grad(ref.forward(Ws, bs, X)[-1], y)[0]
+
+    rng = np.random.default_rng(0)
+    check = rng.choice(n_params(sizes), 60, replace=False)
+    h = 1e-6
+    for i in check:
+        e = np.zeros_like(p0)
+        e[i] = h
+        fd = (loss_at(p0 + e) - loss_at(p0 - e)) / (2 * h)
+        assert abs(fd - tr.grad[i]) < 1e-4 * max(1.0, abs(fd)), i
+
+
+def test_same_result_for_any_thread_count():
+    """Every output element has one owner and a fixed summation order: bits do not depend on threads."""
+    results = []
+    for threads in (1, numba.config.NUMBA_NUM_THREADS):
+        numba.set_num_threads(threads)
+        model, X, y = _setup([784, 250, 250, 10], 64)
+        tr, _ = _step(model, X, y, "adam", 1e-3, "mean")
+        tr.train_step(X, y, 1e-3)
+        results.append(model.params.copy())
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert np.array_equal(results[0], results[1])
+
+
+def test_forward_logits_match_reference():
+    model, X, _ = _setup([784, 250, 250, 10], 2500)
+    want = ref.forward([W.astype(np.float64) for W in model.weights], model.biases, X)[-1]
+    assert rel(model.logits(X, chunk=1000), want) < 1e-5  # also crosses chunk boundaries (2500 = 2.5 chunks)
+    p = model.predict_proba(X)
+    assert np.allclose(p.sum(axis=1), 1, atol=1e-5)

@@ -1,0 +1,474 @@
+"""`nn-numba report`: pictures and a Markdown page of a training run, so a run is looked at, not read.
+
+For each run folder (config.toml, metrics.jsonl, best.ck) it writes into RUN/report/ (or OUT/<run-name>/):
+curves.png, confusion.png, mistakes.png, lr.png, augment.png (only when the run augmented) and report.md.
+Several runs also get one overlay of their curves, compare.png, linked from a combined page.
+
+matplotlib is an optional extra and is imported only inside the functions below (Agg backend, no display),
+so the rest of the package never pays for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import Checkpoint, load
+from .config import Config, load_config
+from .errors import NNError
+
+N_TRAIN = 60000  # MNIST training images, before the validation split
+
+
+def _plt():
+    """matplotlib.pyplot on the Agg backend, or a one-line NNError saying how to get it."""
+    try:
+        import matplotlib
+
+        if "matplotlib.pyplot" not in sys.modules:  # figures are only saved: no display needed, none opened
+            matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise NNError("`nn-numba report` needs matplotlib, which is not installed: "
+                      "pip install 'nn-numba[plot]'") from None
+    return plt
+
+
+@dataclass
+class Run:
+    path: Path  # the run folder, symlinks resolved
+    cfg: Config
+    hist: list[dict[str, Any]]  # metrics.jsonl rows, one per epoch
+    best: Checkpoint  # best.ck
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def has_val(self) -> bool:
+        return all("val_acc" in r for r in self.hist)
+
+
+def load_run(folder: str | Path) -> Run:
+    """Read and check a run folder; every problem is a one-line NNError naming the file."""
+    p = Path(folder)
+    if not p.exists():
+        raise NNError(f"run folder {p} does not exist (runs are in the train --out folder, default runs/)")
+    if not p.is_dir():
+        raise NNError(f"{p} is a file, not a run folder: give the folder holding metrics.jsonl and best.ck")
+    p = p.resolve()
+    mpath = p / "metrics.jsonl"
+    if not mpath.is_file():
+        raise NNError(f"{mpath}: missing, so {p} is not a run folder or no epoch has finished yet")
+    hist = []
+    for i, line in enumerate(mpath.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise NNError(f"{mpath}: line {i} is not JSON (the file is damaged; remove that line)") from None
+        need = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+        if not isinstance(row, dict) or any(k not in row for k in need):
+            raise NNError(f"{mpath}: line {i} lacks one of {', '.join(need)} "
+                          "(not written by nn-numba train?)")
+        hist.append(row)
+    if not hist:
+        raise NNError(f"{mpath}: empty, no epoch has finished yet; report again after the first epoch")
+    cfg = load_config(p / "config.toml")
+    ck_path = p / "best.ck"
+    if not ck_path.is_file():
+        raise NNError(f"{ck_path}: missing, so the run has no best model to report on")
+    best = load(ck_path)  # CheckpointError (an NNError) on a damaged file
+    if best.sizes[0] != 784 or best.sizes[-1] != 10:
+        raise NNError(f"{ck_path}: has sizes {best.sizes}, not an MNIST network (784 inputs, 10 classes)")
+    return Run(p, cfg, hist, best)
+
+
+def steps_per_epoch(cfg: Config) -> int:
+    n_train = N_TRAIN - int(round(N_TRAIN * cfg.data.val_split))
+    return math.ceil(n_train / cfg.train.batch_size)
+
+
+def schedule(cfg: Config) -> np.ndarray:
+    """The learning rate of every optimiser step the config plans: (epochs * steps_per_epoch,) float64."""
+    from .train import lr_at
+
+    spe = steps_per_epoch(cfg)
+    return np.array([lr_at(cfg, s, spe) for s in range(cfg.train.epochs * spe)])
+
+
+def best_row(run: Run) -> dict[str, Any]:
+    """The epoch train.py kept as best.ck: highest validation accuracy (training accuracy without a
+    validation split), the first one on ties."""
+    key = "val_acc" if run.has_val else "train_acc"
+    return max(run.hist, key=lambda r: r[key])
+
+
+# ---------------------------------------------------------------------------------------------------- figures
+
+
+def plot_curves(run: Run, path: Path) -> None:
+    """Loss (log scale) and accuracy per epoch for train, validation and test; the best epoch marked."""
+    plt = _plt()
+    ep = [r["epoch"] for r in run.hist]
+    best = best_row(run)["epoch"]
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for split, style in (("train", "-o"), ("val", "-s"), ("test", "--^")):
+        if split == "val" and not run.has_val:
+            continue
+        label = {"val": "validation"}.get(split, split)
+        ax_l.plot(ep, [r[f"{split}_loss"] for r in run.hist], style, ms=4, label=label)
+        ax_a.plot(ep, [100 * r[f"{split}_acc"] for r in run.hist], style, ms=4, label=label)
+    for ax in (ax_l, ax_a):
+        ax.axvline(best, color="0.6", ls=":", lw=1, label=f"best epoch ({best})")
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    _log_y(ax_l)
+    ax_l.set_ylabel("mean cross-entropy loss")
+    ax_a.set_ylabel("accuracy (%)")
+    ax_l.set_title("loss")
+    ax_a.set_title("accuracy")
+    fig.suptitle(f"run {run.name}: {_short(run.cfg)}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_confusion(conf: np.ndarray, acc: float, path: Path) -> None:
+    """The 10 x 10 confusion matrix with counts; colour on a log scale so the few errors stand out too."""
+    plt = _plt()
+    from matplotlib.colors import LogNorm
+
+    fig, ax = plt.subplots(figsize=(7, 6.2))
+    im = ax.imshow(np.maximum(conf, 0.5), cmap="Blues", norm=LogNorm(vmin=0.5, vmax=max(conf.max(), 1)))
+    thresh = math.sqrt(max(conf.max(), 1))  # on the log scale, half way up: white text on dark cells
+    for t in range(10):
+        for p in range(10):
+            n = int(conf[t, p])
+            ax.text(p, t, str(n), ha="center", va="center", fontsize=8,
+                    color="white" if n > thresh else ("black" if n else "0.7"))
+    ax.set_xticks(range(10))
+    ax.set_yticks(range(10))
+    ax.set_xlabel("predicted digit")
+    ax.set_ylabel("true digit")
+    ax.set_title(f"test set confusion (best.ck): {100 * acc:.2f}% of {int(conf.sum())} correct")
+    fig.colorbar(im, ax=ax, label="images (log scale)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def worst_mistakes(y: np.ndarray, pred: np.ndarray, proba: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the (at most n) misclassified images, most confident first (ties by index)."""
+    wrong = np.flatnonzero(pred != y)
+    conf = proba[wrong, pred[wrong]]
+    return wrong[np.lexsort((wrong, -conf))][:n]
+
+
+def plot_mistakes(X_u8: np.ndarray, y: np.ndarray, pred: np.ndarray, proba: np.ndarray, path: Path,
+                  n: int = 36) -> int:
+    """A grid of the most confidently misclassified test digits; returns how many it shows.
+
+    The digits are pasted into one picture with one axes (36 axes made this the slowest figure)."""
+    plt = _plt()
+    idx = worst_mistakes(y, pred, proba, n)
+    cols = 6
+    rows = max(1, math.ceil(len(idx) / cols))
+    cw, ch, band = 34, 42, 12  # cell width and height in pixels; the white band above a digit holds its label
+    canvas = np.full((rows * ch, cols * cw), 255, np.uint8)
+    zoom = 3.2 / 100  # inches per canvas pixel: a digit ~90 screen pixels wide, labels at 8 pt fit the band
+    fig, ax = plt.subplots(figsize=(cols * cw * zoom, rows * ch * zoom + 0.35))
+    for k, i in enumerate(idx):
+        r, c = divmod(k, cols)
+        y0, x0 = r * ch + band, c * cw + (cw - 28) // 2
+        canvas[y0:y0 + 28, x0:x0 + 28] = X_u8[i].reshape(28, 28)
+        ax.text(c * cw + cw / 2, r * ch + band - 1, f"#{i}: true {y[i]}\npred {pred[i]} "
+                f"({100 * proba[i, pred[i]]:.0f}%)", ha="center", va="bottom", fontsize=8, linespacing=1.1)
+    ax.imshow(canvas, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.axis("off")
+    n_wrong = int((pred != y).sum())
+    title = f"the {len(idx)} most confidently misclassified test digits (of {n_wrong})"
+    ax.set_title(title if n_wrong else "no misclassified test digits", fontsize=10)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return len(idx)
+
+
+def plot_lr(run: Run, path: Path) -> float:
+    """The per-step learning rate computed from the config, with the per-epoch rates metrics.jsonl
+    recorded (the rate of each epoch's last step) marked on it; returns their largest relative gap."""
+    plt = _plt()
+    lr = schedule(run.cfg)
+    spe = steps_per_epoch(run.cfg)
+    done = max(r["step"] for r in run.hist)  # steps taken so far (fewer than planned if stopped early)
+    at = np.array([r["step"] - 1 for r in run.hist])  # the last step of each epoch, from 0
+    rec = np.array([r["lr"] for r in run.hist], float)
+    want = lr[np.clip(at, 0, len(lr) - 1)]
+    gap = float(np.max(np.abs(rec - want) / np.maximum(np.abs(want), 1e-300)))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    s = np.arange(len(lr))
+    ax.plot(s[:done], lr[:done], lw=1.5, label="applied per step (from config.toml)")
+    if done < len(lr):
+        ax.plot(s[done - 1:], lr[done - 1:], lw=1, ls="--", color="0.6", label="planned, not run")
+    ax.plot(at, rec, "o", mfc="none", mec="C3", ms=7, clip_on=False,
+            label="recorded in metrics.jsonl (epoch's last step)")
+    for e in range(1, run.cfg.train.epochs):
+        ax.axvline(e * spe, color="0.85", lw=0.8, zorder=0)
+    ax.set_xlabel(f"optimiser step ({spe} per epoch; grey lines: epoch boundaries)")
+    ax.set_ylabel("learning rate")
+    ax.set_ylim(-0.02 * lr.max(), lr.max() * 1.08)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="best", fontsize=8)
+    agree = "agree" if gap < 1e-9 else f"DIFFER by up to {100 * gap:.3g}%"
+    w = run.cfg.schedule.warmup_epochs
+    ax.set_title(f"learning rate: {run.cfg.schedule.name}, {f'warm-up {w:g} epochs' if w else 'no warm-up'} "
+                 f"(recorded and computed {agree})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return gap
+
+
+def plot_augment(X_u8: np.ndarray, run: Run, path: Path) -> None:
+    """Random training digits (first column) and independent augmentations of each (other columns)."""
+    from .augment import Augment, augment_grid
+
+    plt = _plt()
+    aug = Augment(**asdict(run.cfg.augment))
+    img = augment_grid(X_u8, aug, np.random.default_rng([run.cfg.train.seed, 4]), n=64)
+    fig, ax = plt.subplots(figsize=(6.4, 7))
+    ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.axvline(27.5, color="C3", lw=1.5)  # the edge between the column of originals and the rest
+    on = [f"{k} {v:g}" for k, v in asdict(aug).items() if v and k != "elastic_sigma"]
+    on += [f"elastic_sigma {aug.elastic_sigma:g}"] if aug.elastic_alpha else []
+    ax.set_title(f"augmentation ({', '.join(on)})\n"
+                 "left of the red line: the original; right: random augmentations",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_compare(runs: list[Run], path: Path) -> None:
+    """Several runs overlaid: validation accuracy and training loss per epoch."""
+    plt = _plt()
+    fig, (ax_a, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for k, run in enumerate(runs):
+        ep = [r["epoch"] for r in run.hist]
+        key = "val_acc" if run.has_val else "train_acc"
+        label = f"{run.name} ({_short(run.cfg)})" + ("" if run.has_val else " [train acc: no val split]")
+        ax_a.plot(ep, [100 * r[key] for r in run.hist], "-o" if run.has_val else "--o", ms=3,
+                  color=f"C{k % 10}", label=label)
+        ax_l.plot(ep, [r["train_loss"] for r in run.hist], "-o", ms=3, color=f"C{k % 10}", label=label)
+    ax_a.set_title("validation accuracy")
+    ax_a.set_ylabel("accuracy (%)")
+    ax_l.set_title("training loss")
+    ax_l.set_ylabel("mean cross-entropy loss")
+    _log_y(ax_l)
+    for ax in (ax_a, ax_l):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    # one legend under both panels: run names are long and would hide the curves
+    rows = math.ceil(len(runs) / 2)
+    fig.set_size_inches(11, 4.2 + 0.22 * rows)
+    fig.legend(*ax_a.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.22 * rows / (4.2 + 0.22 * rows) + 0.02, 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _log_y(ax) -> None:
+    """A log y axis labelled with plain numbers (0.3, 0.5, 1) rather than 3 x 10^-1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _short(cfg: Config) -> str:
+    a = cfg.augment
+    aug = " aug" if (a.shift or a.rotate or a.scale or a.elastic_alpha) else ""
+    return (f"{'-'.join(map(str, cfg.model.sizes))} {cfg.optim.name} lr {cfg.optim.lr:g} "
+            f"b{cfg.train.batch_size} {cfg.schedule.name}{aug}")
+
+
+# ---------------------------------------------------------------------------------------------------- pages
+
+
+def _fmt_time(s: float) -> str:
+    m, s = divmod(s, 60)
+    return f"{int(m)} min {s:.1f} s" if m else f"{s:.1f} s"
+
+
+def predict_test_set(model, X_u8: np.ndarray,
+                     y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """Accuracy, predictions (N,), softmax probabilities (N, 10) and the confusion matrix (10, 10),
+    rows = true digit, of `model` on uint8 images X_u8 (N, 784); predictions exactly as `evaluate`."""
+    from .kernels import PIXEL
+    from .model import evaluate
+
+    _, acc, pred = evaluate(model, X_u8, y)
+    proba = model.predict_proba(PIXEL[X_u8])  # the same u8 -> f32 table evaluate uses
+    conf = np.zeros((10, 10), np.int64)
+    np.add.at(conf, (y, pred), 1)
+    return acc, pred, proba, conf
+
+
+def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
+    """Write the figures and report.md of one run into dest; returns the figures quoted on the page."""
+    from .model import MLP
+
+    dest.mkdir(parents=True, exist_ok=True)
+    y = mnist.test_y.astype(np.int64)
+    acc, pred, proba, conf = predict_test_set(MLP.from_checkpoint(run.best), mnist.test_x, y)
+
+    files = {"curves": "curves.png", "confusion": "confusion.png", "mistakes": "mistakes.png", "lr": "lr.png"}
+    plot_curves(run, dest / files["curves"])
+    plot_confusion(conf, acc, dest / files["confusion"])
+    shown = plot_mistakes(mnist.test_x, y, pred, proba, dest / files["mistakes"])
+    gap = plot_lr(run, dest / files["lr"])
+    augmented = any(v for k, v in asdict(run.cfg.augment).items() if k != "elastic_sigma")
+    if augmented:
+        files["augment"] = "augment.png"
+        plot_augment(mnist.train_x, run, dest / files["augment"])
+
+    b = best_row(run)
+    wall = sum(r["seconds"] for r in run.hist)
+    imgs = sum(r.get("samples_per_s", 0.0) * r["seconds"] for r in run.hist)
+    sel = "validation" if run.has_val else "training (no validation split)"
+    summary = {"run": str(run.path), "epochs": len(run.hist), "planned_epochs": run.cfg.train.epochs,
+               "best_epoch": b["epoch"], "best_val_acc": b.get("val_acc"), "best_test_acc": b["test_acc"],
+               "best_ck_test_acc": acc, "final_test_acc": run.hist[-1]["test_acc"], "wall_seconds": wall,
+               "samples_per_s": imgs / wall if wall > 0 else 0.0, "lr_gap": gap, "mistakes_shown": shown,
+               "files": files, "dest": str(dest)}
+    ck_epoch = run.best.meta.get("epoch")
+
+    md = [f"# Run {run.name}", "",
+          f"`{run.path}` ({run.best.meta.get('producer', 'nn-numba')}; {_short(run.cfg)})",
+          "", "## Summary", "",
+          "| | |", "| --- | --- |",
+          f"| epochs run | {len(run.hist)} of {run.cfg.train.epochs} |",
+          f"| best epoch on {sel} | {b['epoch']}"
+          + (f" ({100 * b['val_acc']:.2f}% validation)" if run.has_val
+             else f" ({100 * b['train_acc']:.2f}% train)")
+          + " |",
+          f"| its test accuracy | {100 * b['test_acc']:.2f}% (recomputed from best.ck"
+          + (f", epoch {ck_epoch}" if ck_epoch is not None else "") + f": {100 * acc:.2f}%) |",
+          f"| last epoch's test accuracy | {100 * run.hist[-1]['test_acc']:.2f}% |",
+          f"| wall time (training, sum of per-epoch seconds) | {_fmt_time(wall)} |",
+          f"| training speed | {summary['samples_per_s']:,.0f} images/s |", "",
+          "## Loss and accuracy", "", f"![loss and accuracy per epoch]({files['curves']})", "",
+          "## Test confusion matrix (best.ck)", "", "Rows are the true digit, columns the prediction.", "",
+          f"![confusion matrix]({files['confusion']})", "",
+          "## Most confident mistakes", "",
+          f"The {shown} misclassified test digits the network was surest about "
+          "(`#` is the index in the test set).", "",
+          f"![most confidently misclassified test digits]({files['mistakes']})", "",
+          "## Learning-rate schedule", "",
+          "The line is the rate of every optimiser step computed from the config (docs/training.md); the "
+          "circles are the rates metrics.jsonl recorded for each epoch's last step. "
+          + ("They agree." if gap < 1e-9 else f"**They differ by up to {100 * gap:.3g}%.**"), "",
+          f"![learning rate per step]({files['lr']})", ""]
+    if augmented:
+        md += ["## Augmented training samples", "",
+               "Each row is one training digit: the original on the left, random augmentations of it after.",
+               "",
+               f"![augmented training samples]({files['augment']})", ""]
+    md += ["## Per epoch", "",
+           "| epoch | lr | train loss | train acc | val loss | val acc | test loss | test acc | s | img/s |",
+           "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in run.hist:
+        val = (f"{r['val_loss']:.4f} | {100 * r['val_acc']:.2f}%" if "val_acc" in r else "- | -")
+        md.append(f"| {r['epoch']} | {r['lr']:.3g} | {r['train_loss']:.4f} | {100 * r['train_acc']:.2f}% | "
+                  f"{val} | "
+                  f"{r['test_loss']:.4f} | {100 * r['test_acc']:.2f}% | {r['seconds']:.1f} | "
+                  f"{r.get('samples_per_s', 0):,.0f} |")
+    md += ["", "## Config", "", "```toml", (run.path / "config.toml").read_text().strip(), "```", ""]
+    (dest / "report.md").write_text("\n".join(md))
+    return summary
+
+
+def report_compare(runs: list[Run], summaries: list[dict[str, Any]], dest: Path, page: str) -> Path:
+    """compare.png overlaying the runs and a page `page` in dest linking every run's report."""
+    dest.mkdir(parents=True, exist_ok=True)
+    plot_compare(runs, dest / "compare.png")
+    md = [f"# {len(runs)} runs compared", "",
+          "![validation accuracy and training loss per epoch](compare.png)", "",
+          "| run | config | epochs | best epoch | val acc | its test acc | wall time | img/s |",
+          "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run, s in zip(runs, summaries):
+        link = Path(os.path.relpath(Path(s["dest"]) / "report.md", dest)).as_posix()
+        val = f"{100 * s['best_val_acc']:.2f}%" if s["best_val_acc"] is not None else "-"
+        md.append(f"| [{run.name}]({link}) | {_short(run.cfg)} | {s['epochs']} | {s['best_epoch']} | {val} | "
+                  f"{100 * s['best_test_acc']:.2f}% | {_fmt_time(s['wall_seconds'])} | "
+                  f"{s['samples_per_s']:,.0f} |")
+    path = dest / page
+    path.write_text("\n".join(md) + "\n")
+    return path
+
+
+def destinations(runs: list[Run], out: str | None) -> list[Path]:
+    """RUN/report/ each, or OUT/<run-name>/ with -2, -3 ... added when two runs share a folder name."""
+    if not out:
+        return [run.path / "report" for run in runs]
+    names: set[str] = set()
+    dests = []
+    for run in runs:
+        name, n = run.name, 1
+        while name in names:
+            n += 1
+            name = f"{run.name}-{n}"
+        names.add(name)
+        dests.append(Path(out) / name)
+    return dests
+
+
+def report(runs: list[str] | None = None, out: str | None = None, data_dir: str | None = None,
+           runs_root: str = "runs", quiet: bool = False) -> list[dict[str, Any]]:
+    """Report on each run folder (default: the latest under runs_root); returns one summary per run."""
+    from .data import load_mnist
+    from .train import latest_run
+
+    _plt()  # fail first, in one line, when matplotlib is missing
+    folders = [Path(r) for r in runs] if runs else [latest_run(runs_root)]
+    loaded = [load_run(f) for f in folders]  # check them all before writing anything
+    dests = destinations(loaded, out)
+    data: dict[str, Any] = {}
+    summaries = []
+    for run, dest in zip(loaded, dests):
+        key = run.cfg.data.dir
+        if key not in data:
+            data[key] = load_mnist(data_dir, key or None)
+        summaries.append(report_run(run, data[key], dest))
+        if not quiet:
+            print(f"{run.name}: wrote {dest / 'report.md'}")
+    if len(loaded) > 1:
+        # with --out the combined page is OUT/report.md; by default it goes beside the first run's own
+        # report.md, so it takes another name
+        page = report_compare(loaded, summaries, Path(out) if out else dests[0],
+                              "report.md" if out else "compare.md")
+        for s in summaries:  # each run's page links the comparison too
+            s["compare"] = str(page)
+            link = Path(os.path.relpath(page, s["dest"])).as_posix()
+            with open(Path(s["dest"]) / "report.md", "a") as f:
+                f.write(f"\nCompared with {len(loaded) - 1} other run(s) in [{page.name}]({link}).\n")
+        if not quiet:
+            print(f"comparison of {len(loaded)} runs: wrote {page}")
+    return summaries

@@ -1,0 +1,298 @@
+"""Data augmentation fused into the mini-batch gather: one Numba pass reads uint8 pixels of the chosen
+samples, distorts them and writes the float32 batch, so the data set is never copied and a step allocates
+nothing big.
+
+Per-sample random parameters (shifts, angles, scales, the coarse elastic field) are drawn from the numpy
+Generator in Python, in a fixed order, as small (B x k) arrays. The kernels themselves use no randomness and
+each sample is written by exactly one thread, so a batch is bit-identical for the same seed whatever the
+number of threads.
+
+Geometry: pixel (x, y) has its centre at integer coordinates, x to the right, y down, the image centre is
+(13.5, 13.5). Every kernel maps each *output* pixel back to a source position (inverse mapping) and reads
+the source there; outside the image is zero.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import njit, prange
+
+from nn_numba.errors import NNError
+from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255 (fastmath would round x / 255)
+from nn_numba.kernels import gather
+
+S = 28  # image side
+P = S * S  # pixels per image
+C = (S - 1) / 2  # image centre, 13.5
+
+
+@dataclass
+class Augment:
+    """The [augment] config table; every field 0 means off.
+
+    shift: max integer translation per axis in pixels, uniform in [-shift, shift], zero fill.
+    rotate: max rotation in degrees, uniform in [-rotate, rotate] (positive = counter-clockwise on screen).
+    scale: max relative scaling, factor uniform in [1 - scale, 1 + scale] (> 1 enlarges the digit).
+    elastic_alpha: elastic displacement strength in pixels: no displacement exceeds it, the RMS one is
+        about alpha / 3.5 (Simard et al. 2003, but with a random B-spline control grid instead of a
+        Gaussian-smoothed per-pixel field, see elastic_grid).
+    elastic_sigma: smoothness of the elastic field in pixels: the spacing of the random control grid.
+    """
+
+    shift: int = 0
+    rotate: float = 0.0
+    scale: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 4.0
+
+    def __post_init__(self) -> None:
+        # Only what the kernels need to be safe; config.py checks the user-facing ranges.
+        def bad(key: str, what: str) -> NNError:
+            return NNError(f"config key augment.{key} = {getattr(self, key)!r} {what}")
+
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, np.integer)) or self.shift < 0:
+            raise bad("shift", "is not a whole number >= 0: give the max shift in pixels, e.g. 2 (0 = off)")
+        for key in ("rotate", "scale", "elastic_alpha", "elastic_sigma"):
+            v = getattr(self, key)
+            number = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
+            if not number or not math.isfinite(v) or v < 0:
+                raise bad(key, "is not a finite number >= 0: give e.g. 0 (off) or 10")
+        if self.scale >= 1:
+            raise bad("scale", "is too large: the factor 1 - scale must stay positive, use e.g. 0.1")
+        if self.elastic_sigma == 0:
+            raise bad("elastic_sigma", "is zero: give the smoothness of the elastic field in pixels, e.g. 4")
+
+    @property
+    def enabled(self) -> bool:
+        return self.shift > 0 or self.rotate > 0 or self.scale > 0 or self.elastic_alpha > 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def shift_gather(X_u8, idx, dx, dy, out):
+    # X_u8 (N, 784) u8, idx (B,) i64, dx dy (B,) i64 (positive = right / down), out (B, 784) f32.
+    # prange over samples: each output row is written by one thread only.
+    for b in prange(idx.shape[0]):
+        src = X_u8[idx[b]]
+        for y in range(S):
+            sy = y - dy[b]
+            for x in range(S):
+                sx = x - dx[b]
+                if 0 <= sx < S and 0 <= sy < S:
+                    out[b, y * S + x] = LUT[src[sy * S + sx]]
+                else:
+                    out[b, y * S + x] = np.float32(0)
+
+
+W = S + 3  # side of the zero-padded source: 1 zero row/column before the image, 2 after
+
+
+@njit(inline="always", fastmath=True)
+def _pad(src, pad):
+    # src (784,) u8 -> pad (W*W,) f32 pixel values, image at rows/columns 1..28, zero border.
+    # The border makes bilinear sampling branch-free: clamped positions outside read only zeros.
+    for y in range(S):
+        for x in range(S):
+            pad[(y + 1) * W + x + 1] = LUT[src[y * S + x]]
+
+
+@njit(inline="always", fastmath=True)
+def _warp_row(pad, o, y, m, ex, ey, kk, wx, wy):
+    # One output row y: o[y*28 + x] = bilinear sample of pad at m @ (x, y, 1) + (ex[x], ey[x]).
+    # pad (W*W,) f32 from _pad, o (784,) f32, m (2, 3) f32, ex ey (28,) f32 displacements,
+    # kk (28,) i32, wx wy (28,) f32 scratch. Two passes because the first (arithmetic) vectorises and the
+    # second (4 indexed loads per pixel) does not. Positions are clamped into [-1, 28] + 1: outside the
+    # image that lands on the zero border with weights 1 and 0, so it reads 0 without a branch.
+    one = np.float32(1)
+    lo = np.float32(0)
+    hi = np.float32(S + 1)
+    fy = np.float32(y)
+    a, c, e = m[0, 0], m[0, 1], m[0, 2] + one  # + 1: padded coordinates
+    d, g, k = m[1, 0], m[1, 1], m[1, 2] + one
+    for x in range(S):
+        fx = np.float32(x)
+        px = min(max(a * fx + c * fy + e + ex[x], lo), hi)
+        py = min(max(d * fx + g * fy + k + ey[x], lo), hi)
+        x0 = np.int32(px)  # px >= 0: truncation is floor
+        y0 = np.int32(py)
+        wx[x] = px - np.float32(x0)
+        wy[x] = py - np.float32(y0)
+        kk[x] = y0 * np.int32(W) + x0
+    r = y * S
+    for x in range(S):
+        q = kk[x]
+        tx = wx[x]
+        top = pad[q] + tx * (pad[q + 1] - pad[q])
+        bot = pad[q + W] + tx * (pad[q + W + 1] - pad[q + W])
+        o[r + x] = top + wy[x] * (bot - top)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def affine_gather(X_u8, idx, mats, out):
+    # X_u8 (N, 784) u8, idx (B,) i64, out (B, 784) f32, mats (B, 2, 3) f32: inverse affine map from output
+    # pixel (x, y) to source (sx, sy) = mats[b] @ (x, y, 1); bilinear, zero outside.
+    # prange over samples: each output row is written by one thread only; the rest is per-sample scratch.
+    for b in prange(idx.shape[0]):
+        pad = np.zeros(W * W, dtype=np.float32)
+        _pad(X_u8[idx[b]], pad)
+        zero = np.zeros(S, dtype=np.float32)
+        kk = np.empty(S, dtype=np.int32)
+        wx = np.empty(S, dtype=np.float32)
+        wy = np.empty(S, dtype=np.float32)
+        for y in range(S):
+            _warp_row(pad, out[b], y, mats[b], zero, zero, kk, wx, wy)
+
+
+@njit(parallel=True, cache=True, fastmath=True)
+def elastic_gather(X_u8, idx, mats, field, out):
+    # X_u8 (N, 784) u8, idx (B,) i64, mats (B, 2, 3) f32 as in affine_gather, out (B, 784) f32,
+    # field (B, 2, G + 2, G + 2) f32: x and y displacement in pixels at the nodes of a control grid whose
+    # G x G inner nodes span the image corner to corner, plus one ring outside. A cubic B-spline turns it
+    # into a smooth (C2) per-pixel field that is added to the affine source position, so affine + elastic
+    # cost one sampling pass. prange over samples: one writer per output row; the rest is per-sample scratch.
+    G = field.shape[2] - 2
+    # The B-spline is separable and the same for both axes and all samples: pixel x (or row y) uses nodes
+    # gi[x] .. gi[x] + 3 of the ringed grid with weights gw[x, 0..3].
+    gi = np.empty(S, dtype=np.int64)
+    gw = np.empty((S, 4), dtype=np.float32)
+    h = np.float32(G - 1) / np.float32(S - 1)  # grid cells per pixel
+    sixth = np.float32(1) / np.float32(6)
+    for x in range(S):
+        g = np.float32(x) * h
+        gi[x] = min(int(g), G - 2)
+        t = g - np.float32(gi[x])
+        u = np.float32(1) - t
+        gw[x, 0] = u * u * u * sixth
+        gw[x, 1] = (np.float32(3) * t * t * (t - np.float32(2)) + np.float32(4)) * sixth
+        gw[x, 2] = (np.float32(3) * t * (np.float32(1) + t - t * t) + np.float32(1)) * sixth
+        gw[x, 3] = t * t * t * sixth
+    for b in prange(idx.shape[0]):
+        pad = np.zeros(W * W, dtype=np.float32)
+        _pad(X_u8[idx[b]], pad)
+        f = field[b]
+        # T: every node row interpolated along x to all 28 columns (4 taps, indexed loads)
+        T = np.empty((2, G + 2, S), dtype=np.float32)
+        for c in range(2):
+            for j in range(G + 2):
+                for x in range(S):
+                    i = gi[x]
+                    T[c, j, x] = (gw[x, 0] * f[c, j, i] + gw[x, 1] * f[c, j, i + 1]
+                                  + gw[x, 2] * f[c, j, i + 2] + gw[x, 3] * f[c, j, i + 3])
+        ex = np.empty(S, dtype=np.float32)  # the displacement along image row y
+        ey = np.empty(S, dtype=np.float32)
+        kk = np.empty(S, dtype=np.int32)
+        wx = np.empty(S, dtype=np.float32)
+        wy = np.empty(S, dtype=np.float32)
+        for y in range(S):
+            j = gi[y]
+            w0, w1, w2, w3 = gw[y, 0], gw[y, 1], gw[y, 2], gw[y, 3]
+            for x in range(S):  # ... and along y: contiguous rows, vectorises
+                ex[x] = w0 * T[0, j, x] + w1 * T[0, j + 1, x] + w2 * T[0, j + 2, x] + w3 * T[0, j + 3, x]
+                ey[x] = w0 * T[1, j, x] + w1 * T[1, j + 1, x] + w2 * T[1, j + 2, x] + w3 * T[1, j + 3, x]
+            _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-sample parameters (Python, small arrays)
+
+
+def affine_mats(angle: np.ndarray, scale: np.ndarray, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """Inverse affine maps (B, 2, 3) float32 for affine_gather.
+
+    The forward map rotates by angle degrees (counter-clockwise on screen) and scales by `scale` about the
+    image centre, then translates by (dx, dy) pixels (right, down); we need its inverse, output -> source.
+    """
+    t = np.deg2rad(np.asarray(angle, dtype=np.float64))
+    s = np.asarray(scale, dtype=np.float64)
+    a, b = np.cos(t) / s, np.sin(t) / s
+    ux = C + np.asarray(dx, dtype=np.float64)  # where the centre goes
+    uy = C + np.asarray(dy, dtype=np.float64)
+    m = np.empty((len(t), 2, 3))
+    m[:, 0, 0], m[:, 0, 1], m[:, 0, 2] = a, -b, C - a * ux + b * uy
+    m[:, 1, 0], m[:, 1, 1], m[:, 1, 2] = b, a, C - b * ux - a * uy
+    return m.astype(np.float32)
+
+
+def grid_size(sigma: float) -> int:
+    """Inner nodes per axis of the elastic control grid: spacing about sigma pixels, at least 2."""
+    return max(2, round((S - 1) / sigma) + 1)
+
+
+def elastic_grid(B: int, aug: Augment, rng: np.random.Generator) -> np.ndarray:
+    """Random control-grid displacements (B, 2, G + 2, G + 2) float32, uniform in [-alpha, alpha].
+
+    Simard et al. smooth a per-pixel uniform random field with a Gaussian of width sigma; random nodes
+    every sigma pixels under a cubic B-spline give the same kind of smooth field from far fewer random
+    numbers (10 x 10 instead of 28 x 28 per axis for sigma 4). The spline averages neighbouring nodes, so
+    no displacement exceeds alpha and the RMS one is about alpha / 3.5.
+    """
+    G = grid_size(aug.elastic_sigma) + 2
+    f = rng.random((B, 2, G, G), dtype=np.float32)
+    f *= np.float32(2 * aug.elastic_alpha)
+    f -= np.float32(aug.elastic_alpha)
+    return f
+
+
+def _check(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
+    # Programming errors, not user errors: wrong dtypes would silently compile a new specialisation and an
+    # out-of-range index would read random memory (Numba does no bounds checks).
+    if X_u8.dtype != np.uint8 or X_u8.ndim != 2 or X_u8.shape[1] != P:
+        raise ValueError(f"X_u8 must be uint8 (N, {P}), got {X_u8.dtype} {X_u8.shape}")
+    if idx.dtype != np.int64 or idx.ndim != 1:
+        raise ValueError(f"idx must be int64 (B,), got {idx.dtype} {idx.shape}")
+    if out.dtype != np.float32 or out.shape != (len(idx), P) or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 ({len(idx)}, {P}), got {out.dtype} {out.shape}")
+    if len(idx) and (idx.min() < 0 or idx.max() >= len(X_u8)):
+        raise ValueError(f"idx out of range [0, {len(X_u8)})")
+
+
+def augment_batch(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, aug: Augment,
+                  rng: np.random.Generator) -> None:
+    """out (B, 784) float32 = the samples X_u8[idx] / 255, randomly distorted as aug says.
+
+    For the last, smaller batch pass a view out[:len(idx)] of the preallocated buffer. Draws from rng
+    only for the enabled parts, always in this order: shifts (dx, dy), angles, scales, elastic field; so
+    the same seed (or a restored rng state, on resume) gives the same batches.
+    """
+    _check(X_u8, idx, out)
+    B = len(idx)
+    if not aug.enabled:
+        gather(X_u8, idx, LUT, out)
+        return
+    if aug.shift:
+        dx, dy = rng.integers(-aug.shift, aug.shift + 1, size=(2, B))
+    if aug.rotate == 0 and aug.scale == 0 and aug.elastic_alpha == 0:
+        shift_gather(X_u8, idx, dx, dy, out)  # integer shift only: no interpolation, no blur
+        return
+    if not aug.shift:
+        dx = dy = np.zeros(B)
+    angle = rng.uniform(-aug.rotate, aug.rotate, B) if aug.rotate else np.zeros(B)
+    scale = rng.uniform(1 - aug.scale, 1 + aug.scale, B) if aug.scale else np.ones(B)
+    mats = affine_mats(angle, scale, dx, dy)
+    if aug.elastic_alpha == 0:
+        affine_gather(X_u8, idx, mats, out)
+    else:
+        elastic_gather(X_u8, idx, mats, elastic_grid(B, aug, rng), out)
+
+
+def augment_grid(X_u8: np.ndarray, aug: Augment, rng: np.random.Generator, n: int = 64) -> np.ndarray:
+    """A uint8 picture of n cells on a k x k grid (k = ceil(sqrt(n)), 8 x 8 for n = 64): each row is one
+    random training digit, its first column the original and the other columns independent augmentations."""
+    if n < 1:
+        raise ValueError(f"augment_grid needs n >= 1 cells, got {n}")
+    k = math.isqrt(n - 1) + 1
+    rows = rng.integers(0, len(X_u8), size=k)
+    idx = np.repeat(rows, k)[:n].astype(np.int64)
+    out = np.empty((n, P), dtype=np.float32)
+    augment_batch(X_u8, idx, out, aug, rng)
+    out[::k] = LUT[X_u8[idx[::k]]]  # column 0: the original
+    img = np.zeros((k * S, k * S), dtype=np.uint8)
+    cells = np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8).reshape(n, S, S)
+    for c in range(n):
+        r, q = divmod(c, k)
+        img[r * S:(r + 1) * S, q * S:(q + 1) * S] = cells[c]
+    return img

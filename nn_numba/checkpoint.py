@@ -300,8 +300,8 @@ def _meta(p: _Parsed, name: str) -> dict:
         if tag == "META":
             try:  # strict JSON: NaN/Infinity are not JSON and a C++ reader would reject them
                 meta = json.loads(p.buf[off:off + n].decode("utf-8"), parse_constant=_no_constant)
-            except (UnicodeDecodeError, ValueError) as e:
-                raise CheckpointError(f"checkpoint {name}: bad META JSON ({e})") from None
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: [[[[... nested
+                raise CheckpointError(f"checkpoint {name}: bad META JSON ({type(e).__name__})") from None
             if not isinstance(meta, dict):
                 raise CheckpointError(f"checkpoint {name}: bad META JSON (a {type(meta).__name__}, "
                                       "expected an object)")

@@ -96,8 +96,9 @@ class Config:
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # a TOML basic string: control characters must be escaped
+        return '"' + "".join(c if c >= " " and c not in '"\\\x7f' else
+                             (f"\\{c}" if c in '"\\' else f"\\u{ord(c):04x}") for c in v) + '"'
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)
@@ -112,18 +113,29 @@ _RANGES = {
     ("optim", "eps"): (1e-30, 1.0), ("schedule", "warmup_epochs"): (0.0, 1e4),
     ("schedule", "step_epochs"): (1, 10**6), ("schedule", "gamma"): (0.0, 1.0), ("schedule", "min_lr"): (0.0, 10.0),
     ("augment", "shift"): (0, 14), ("augment", "rotate"): (0.0, 180.0), ("augment", "scale"): (0.0, 0.9),
-    ("augment", "elastic_alpha"): (0.0, 100.0), ("augment", "elastic_sigma"): (0.5, 100.0),
+    ("augment", "elastic_alpha"): (0.0, 10.0), ("augment", "elastic_sigma"): (2.0, 100.0),
     ("train", "epochs"): (1, 100_000), ("train", "batch_size"): (1, 60_000), ("train", "seed"): (0, 2**63 - 1),
     ("train", "threads"): (0, 1024),
 }
 _EXCLUSIVE_LOW = {("optim", "lr"), ("optim", "eps")}
+MAX_FILE = 1 << 20  # a config is a few hundred bytes: refuse to read /dev/zero or a 10 GB log into memory
+MAX_PARAMS = 50_000_000  # 200 MB per copy of the weights; training keeps four (weights, grad, Adam m, v)
+MAX_ACTS = 1 << 28  # floats of activations per mini-batch (batch_size x hidden widths): 1 GB
 
 
 def load_config(path: str | Path) -> Config:
     """Read and check a TOML config; every problem is a one-line ConfigError naming the file and key."""
     path = Path(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        chunks, size = [], 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 16):  # in pieces: no 1 MB buffer for a 300-byte file
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_FILE:
+                    raise ConfigError(f"{path}: larger than {MAX_FILE // 1024} KB, not a config file "
+                                      "(a config is TOML, see configs/default.toml)")
+        text = b"".join(chunks).decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file (try configs/default.toml)") from None
     except IsADirectoryError:
@@ -136,6 +148,8 @@ def load_config(path: str | Path) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # e.g. a = [[[[... nested thousands deep
+        raise ConfigError(f"{path}: not valid TOML: values nested too deeply") from None
     return from_dict(raw, str(path))
 
 
@@ -182,6 +196,8 @@ def _typed(source: str, table: str, key: str, value: Any, want: type) -> Any:
         return float(value)
     if not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, not {value!r}")
+    if "\x00" in value:  # every string here is a path or a name: the OS refuses NUL
+        raise ConfigError(f"{where} must not contain a NUL character")
     return value
 
 
@@ -205,3 +221,22 @@ def check(cfg: Config, source: str = "config") -> None:
                           f"for MNIST, got {sizes}")
     if any(not 1 <= n <= 100_000 for n in sizes):
         raise ConfigError(f"{source}: [model] sizes must each be between 1 and 100000, got {sizes}")
+    n = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+    if n > MAX_PARAMS:
+        raise ConfigError(f"{source}: [model] sizes {sizes} make {n:,} parameters, more than this trainer's "
+                          f"{MAX_PARAMS:,}: use narrower layers")
+    if cfg.train.batch_size * sum(sizes[1:]) > MAX_ACTS:
+        raise ConfigError(f"{source}: [train] batch_size {cfg.train.batch_size} x {sum(sizes[1:])} neurons needs "
+                          f"more than {MAX_ACTS:,} activations per mini-batch: use a smaller batch_size")
+    for table, key in (("data", "dir"), ("train", "out")):
+        v = getattr(getattr(cfg, table), key)
+        if "\x00" in v or not _utf8(v):
+            raise ConfigError(f"{source}: [{table}] {key} = {v!r} is not a usable path")
+
+
+def _utf8(v: str) -> bool:
+    try:
+        v.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # e.g. --out given as bytes that are not UTF-8 (surrogate escapes)
+        return False

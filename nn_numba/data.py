@@ -65,6 +65,9 @@ def _header_len(kind: str) -> int:
     raise ValueError(f"kind must be 'images' or 'labels', not {kind!r}")
 
 
+MAX_ITEMS = 1_000_000  # MNIST has 60,000; EMNIST, the largest of the family, about 800,000
+
+
 def _parse_header(path: Path, head: bytes, kind: str) -> int:
     """Check the IDX header in `head` (already read); return the payload size it promises."""
     hlen = _header_len(kind)
@@ -80,8 +83,11 @@ def _parse_header(path: Path, head: bytes, kind: str) -> int:
             )
     if len(head) < hlen:
         raise DataError(f"{path}: only {len(head)} bytes, too short for an IDX {kind} header; {_FIX}")
+    n = struct.unpack(">I", head[4:8])[0]
+    if n > MAX_ITEMS:  # refuse before inflating anything: a gzip bomb could promise 2^32 images
+        raise DataError(f"{path}: header claims {n} {kind}, more than the {MAX_ITEMS} any MNIST-style file has; {_FIX}")
     if kind == "labels":
-        return struct.unpack(">I", head[4:8])[0]
+        return n
     n, rows, cols = struct.unpack(">III", head[4:16])
     if (rows, cols) != (28, 28):
         raise DataError(f"{path}: images are {rows}x{cols}, expected 28x28 (not MNIST?); {_FIX}")

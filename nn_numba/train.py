@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -23,7 +24,7 @@ from . import __version__, kernels
 from .checkpoint import Checkpoint, OptimState, load, save
 from .config import Config, ConfigError, check, from_dict
 from .errors import NNError
-from .model import MLP, evaluate
+from .model import MLP, evaluate, n_params
 
 KINDS = {"sgd": kernels.SGD, "momentum": kernels.MOMENTUM, "adam": kernels.ADAM}
 
@@ -139,10 +140,11 @@ def new_run_dir(out: str) -> Path:
         try:
             run.mkdir(parents=True, exist_ok=False)
             return run
-        except FileExistsError:
-            continue
         except OSError as e:
-            raise NNError(f"cannot create the run folder {run}: {e.strerror} (choose another with --out)") from None
+            if isinstance(e, FileExistsError) and run.is_dir():
+                continue  # another run started this second
+            why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
+            raise NNError(f"cannot create the run folder {run}: {why} (choose another with --out)") from None
     raise NNError(f"cannot create a new run folder in {root}: too many runs started this second")
 
 
@@ -155,8 +157,15 @@ def point_latest(run: Path) -> None:
             tmp.unlink()
         tmp.symlink_to(run.name)
         os.replace(tmp, link)
+        return
     except OSError:
-        (run.parent / "latest").write_text(run.name + "\n") if not link.is_symlink() else None
+        pass
+    try:  # no symlinks here (or `latest` is in the way): a text file naming the run, else nothing
+        tmp.unlink(missing_ok=True)
+        if not link.is_symlink() and not link.is_dir():
+            _write_text_atomic(link, run.name + "\n")
+    except (OSError, NNError):
+        pass  # a convenience only: never fail a run over it
 
 
 def latest_run(out: str = "runs") -> Path:
@@ -170,16 +179,47 @@ def latest_run(out: str = "runs") -> Path:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
+    """Temp file + fsync + rename, like checkpoint.save: `path` is always either the old or the new text."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # incl. a second Ctrl-C: leave no temp file behind
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise NNError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged "
+                          "(free some space or choose another --out)") from None
+        raise
+
+
+def _finite(d: dict) -> dict:
+    """Metrics as strict JSON: a NaN/Inf number becomes null (checkpoint META refuses NaN)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+
+
+def check_space(folder: Path, n_params: int, slots: int) -> None:
+    """Fail before training, not after an hour, if best.ck + last.ck (+ the temp copy of a save) cannot fit."""
+    need = 4 * n_params * (1 + 2 * (1 + slots)) + (1 << 20)  # + 1 MB for META, metrics and config
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # unknown: the saves will tell
+    if free < need:
+        raise NNError(f"not enough free space in {folder}: checkpoints need about {need / 1e6:.1f} MB, "
+                      f"{free / 1e6:.1f} MB free (free some space or choose another --out)")
 
 
 class _SigInt:
     """First Ctrl-C: finish the mini-batch, save, exit 130. Second: stop at once (files stay whole)."""
 
-    def __init__(self):
-        self.hit = False
+    def __init__(self, run: Path):
+        self.hit, self.run = False, run
 
     def __enter__(self):
         try:
@@ -190,7 +230,8 @@ class _SigInt:
 
     def _handle(self, signum, frame):
         if self.hit:
-            raise Interrupted("stopped at once; the checkpoints on disk are the last complete ones")
+            raise Interrupted(f"stopped at once; the checkpoints in {self.run} are the last complete ones. "
+                              f"Resume with: nn-numba train CONFIG --resume {self.run}")
         self.hit = True
         tqdm.write("interrupted: finishing this mini-batch and saving (Ctrl-C again to stop at once)")
 
@@ -208,10 +249,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
     start_ck = None
     if resume:
         start_ck, run = _resume_source(resume)
-        saved = start_ck.meta.get("config")
-        if saved and saved.get("model", {}).get("sizes") != cfg.model.sizes:
-            raise NNError(f"cannot resume {resume}: it has sizes {saved['model']['sizes']}, "
-                          f"the config asks for {cfg.model.sizes}")
+        st = _check_resume(start_ck, cfg, resume)
     mnist = load_mnist(data_dir, cfg.data.dir or None)
     tr_idx, va_idx = split(len(mnist.train_y), cfg.data.val_split, cfg.train.seed)
     B = cfg.train.batch_size
@@ -223,6 +261,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
     except OSError as e:
         raise NNError(f"cannot write to the run folder {run}: {e.strerror} (choose another with --out)") from None
     point_latest(run)
+    check_space(run, n_params(cfg.model.sizes), {"sgd": 0, "momentum": 1, "adam": 2}[cfg.optim.name])
 
     model = MLP.init(cfg.model.sizes, np.random.default_rng([cfg.train.seed, 0]))
     trainer = Trainer(cfg, model, min(B, len(tr_idx)))
@@ -234,16 +273,25 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
     if start_ck is not None:
         model.params[:] = MLP.from_checkpoint(start_ck).params
         trainer.load_optim_state(start_ck.optim)
-        st = start_ck.meta["resume"]
         epoch, batch0 = st["epoch"], st["batch"]
-        run_loss, run_correct = st["run_loss"], st["run_correct"]
-        shuffle_rng.bit_generator.state = st["shuffle_rng"]
-        aug_rng.bit_generator.state = st["aug_rng"]
+        run_loss, run_correct = float(st["run_loss"]), st["run_correct"]
+        if batch0 >= steps_per_epoch:
+            raise NNError(f"cannot resume {resume}: its training state is damaged (batch {batch0} of an "
+                          f"epoch of {steps_per_epoch}); use another last.ck or start anew")
+        try:
+            shuffle_rng.bit_generator.state = st["shuffle_rng"]
+            aug_rng.bit_generator.state = st["aug_rng"]
+        except (TypeError, ValueError, KeyError):
+            raise NNError(f"cannot resume {resume}: its random generator state is damaged; use another "
+                          "last.ck or start anew") from None
         history = start_ck.meta.get("history", [])
         best_val = start_ck.meta.get("best_val_acc", -1.0)
         elapsed = start_ck.meta.get("wall_time", 0.0)
         if not quiet:
             print(f"resuming {run} at epoch {epoch + 1}, step {trainer.step}")
+            if epoch >= cfg.train.epochs:
+                print(f"note: the run already has {epoch} epochs, the config asks for {cfg.train.epochs}: "
+                      "nothing to do (pass --epochs to train longer)")
 
     def meta(extra: dict) -> dict:
         return {"producer": f"nn-numba {__version__}", "created": datetime.now().isoformat(timespec="seconds"),
@@ -255,7 +303,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
               f"batch {B}  {cfg.train.epochs} epochs  {threads} threads  "
               f"train {len(tr_idx)} / val {len(va_idx)} / test {len(mnist.test_y)}")
     y_all = mnist.train_y.astype(np.int64)
-    with _SigInt() as sigint:
+    with _SigInt(run) as sigint:
         while epoch < cfg.train.epochs:
             epoch_rng_state = shuffle_rng.bit_generator.state  # the permutation is re-drawn on resume
             order = tr_idx[shuffle_rng.permutation(len(tr_idx))] if cfg.data.shuffle else tr_idx
@@ -286,6 +334,10 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
                     bar.set_postfix(loss=f"{loss / nb:.4f}", refresh=False)
                 if sigint.hit:
                     bar.close()
+                    if not np.isfinite(model.params).all():
+                        raise Diverged(f"training diverged at epoch {epoch + 1}, step {bi + 1}: the weights hold "
+                                       f"NaN or Inf (learning rate {lr:g}); try a smaller --lr. Checkpoints in "
+                                       f"{run} are the last good ones")
                     elapsed += time.perf_counter() - t0
                     state = {"epoch": epoch, "batch": bi + 1, "run_loss": run_loss, "run_correct": run_correct,
                              "shuffle_rng": epoch_rng_state, "aug_rng": aug_rng.bit_generator.state}
@@ -300,7 +352,8 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
             elapsed += seconds
             if not np.isfinite(model.params).all():
                 raise Diverged(f"training diverged in epoch {epoch + 1}: the weights hold NaN or Inf "
-                               f"(learning rate {lr:g}); try a smaller --lr. Checkpoints in {run} are the last good ones")
+                               f"(learning rate {lr:g}); try a smaller --lr. Checkpoints in {run} are the last "
+                               "good ones")
             n_tr = len(order)
             row = {"epoch": epoch + 1, "step": trainer.step, "lr": lr, "train_loss": run_loss / n_tr,
                    "train_acc": run_correct / n_tr}
@@ -309,18 +362,19 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
             row["test_loss"], row["test_acc"], _ = evaluate(model, mnist.test_x, mnist.test_y)
             row["seconds"] = seconds
             row["samples_per_s"] = (n_tr - batch0 * B) / seconds if seconds > 0 else 0.0
-            history.append(row)
+            history.append(_finite(row))
             epoch, batch0, run_loss, run_correct = epoch + 1, 0, 0.0, 0
             score = row.get("val_acc", row["train_acc"])
-            summary = {k: row[k] for k in row if k.endswith(("_acc", "_loss"))} | {"epoch": epoch}
+            summary = _finite({k: row[k] for k in row if k.endswith(("_acc", "_loss"))}) | {"epoch": epoch}
             state = {"epoch": epoch, "batch": 0, "run_loss": 0.0, "run_correct": 0,
                      "shuffle_rng": shuffle_rng.bit_generator.state, "aug_rng": aug_rng.bit_generator.state}
             if score > best_val:
                 best_val = score
                 save(run / "best.ck", to_checkpoint(model, meta(summary)))
             save(run / "last.ck", to_checkpoint(model, meta(summary | {"resume": state}), trainer.optim_state()))
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+            # rewritten whole from the history (atomically, like the checkpoints): never a half line, and
+            # after a resume it matches last.ck even if the process was killed between the two writes
+            _write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             if not quiet:
                 val = f"val {row['val_loss']:.4f} / {100 * row['val_acc']:.2f}%  " if "val_acc" in row else ""
                 tqdm.write(f"epoch {epoch:3d}  train {row['train_loss']:.4f} / {100 * row['train_acc']:.2f}%  "
@@ -340,6 +394,36 @@ def _resume_source(resume: str) -> tuple[Checkpoint, Path]:
     if "resume" not in ck.meta or ck.optim is None:
         raise NNError(f"{ck_path}: holds no training state to resume from (use a run's last.ck)")
     return ck, ck_path.parent
+
+
+# Keys a resumed run must share with the checkpoint: others would change the data split, the data order
+# or the optimiser state's meaning. epochs, lr, schedule, threads and the like may change.
+_SAME_ON_RESUME = (("model", "sizes"), ("optim", "name"), ("data", "val_split"), ("data", "shuffle"),
+                   ("train", "seed"))
+
+
+def _check_resume(ck: Checkpoint, cfg: Config, src: str) -> dict:
+    """The checkpoint's resume state, checked: a damaged or foreign META gives an NNError, not a KeyError."""
+    st, saved = ck.meta.get("resume"), ck.meta.get("config")
+    damaged = NNError(f"cannot resume {src}: its training state is damaged; use another last.ck or start anew")
+    if not isinstance(st, dict) or not isinstance(saved, dict):
+        raise damaged
+    for table, key in _SAME_ON_RESUME + ((("train", "batch_size"),) if st.get("batch") else ()):
+        was = saved.get(table, {}).get(key) if isinstance(saved.get(table), dict) else None
+        now = getattr(getattr(cfg, table), key)
+        if was != now:
+            why = " (it stopped mid-epoch)" if key == "batch_size" else ""
+            raise NNError(f"cannot resume {src}: it was trained with [{table}] {key} = {was!r}{why}, the config "
+                          f"says {now!r}; resume with the run's own config.toml")
+    num = (int, float)
+    ok = (all(type(st.get(k)) is int and st[k] >= 0 for k in ("epoch", "batch", "run_correct"))
+          and type(st.get("run_loss")) in num and math.isfinite(st["run_loss"])
+          and type(ck.meta.get("best_val_acc", 0.0)) in num and type(ck.meta.get("wall_time", 0.0)) in num
+          and isinstance(ck.meta.get("history", []), list)
+          and all(isinstance(r, dict) for r in ck.meta.get("history", [])))
+    if not ok:
+        raise damaged
+    return st
 
 
 def apply_overrides(cfg: Config, **over) -> Config:

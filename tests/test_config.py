@@ -3,11 +3,10 @@
 import tomllib
 
 import pytest
+from conftest import ROOT
 
 from nn_numba.config import ConfigError, from_dict, load_config
 from nn_numba.train import apply_overrides, lr_at
-
-from conftest import ROOT
 
 
 @pytest.mark.parametrize("name", ["default", "seed", "no-augment", "best"])

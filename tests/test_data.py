@@ -197,9 +197,9 @@ def test_lying_huge_dims_fail_fast_without_allocating(tmp_path, gz):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert time.perf_counter() - t < 1.0
+    assert time.perf_counter() - t < 5.0  # "at once": a hang or a 1.7 TB read would take far longer
     assert peak < 4 << 20, f"peak {peak} bytes"
-    assert f"promises {(2**31 - 1) * 784} bytes of images but the file holds {2 * 784}" in msg
+    assert f"header claims {2**31 - 1} images, more than the" in msg
 
 
 def test_gzip_bomb_is_capped(tmp_path):

@@ -28,17 +28,10 @@ DataDir = Annotated[str | None, typer.Option("--data-dir", help="Folder with the
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 
 
-def _default_checkpoint(checkpoint: str | None, runs: str = "runs") -> Path:
-    from .train import latest_run
+def _default_checkpoint(checkpoint: str | None) -> Path:
+    from .train import default_checkpoint
 
-    if checkpoint:
-        return Path(checkpoint)
-    try:
-        run = latest_run(runs)
-    except NNError:
-        raise NNError("no trained model found: run `nn-numba train configs/default.toml` first "
-                      "or pass a checkpoint") from None
-    return run / "best.ck"
+    return default_checkpoint(checkpoint)
 
 
 @app.command()
@@ -151,12 +144,49 @@ def download(
     download_command(dir)
 
 
+@app.command()
+def report(
+    runs: Annotated[list[str] | None, typer.Argument(metavar="RUN",
+                                                     help="Run folders (default: the latest in runs/).")] = None,
+    out: Annotated[str | None, typer.Option(help="Write into DIR/<run-name>/ (default: RUN/report/).")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Pictures and a report.md of a run: curves, confusion, mistakes, lr schedule (needs nn-numba[plot])."""
+    from .report import report as make_report
+
+    make_report(runs, out=out, data_dir=data_dir)
+
+
+@app.command()
+def bench(
+    threads: Annotated[str, typer.Option(help="Thread counts to test, comma-separated.")] = "1,2",
+    batches: Annotated[str, typer.Option(help="Batch sizes of the epoch runs, comma-separated.")] = "32,64,256,1024",
+    kernel_batch: Annotated[int, typer.Option(help="Batch size of the per-kernel table.")] = 256,
+    quick: Annotated[bool, typer.Option("--quick", help="A short run (under 30 s): first thread count, "
+                                                        "batches 64 and 256, shorter passes.")] = False,
+    as_json: Json = False,
+) -> None:
+    """Speed of every kernel and of whole epochs against NumPy/BLAS (and the C++ port), on random data."""
+    import os
+
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: measurements run in child processes
+    from .bench import bench as run_bench
+
+    run_bench(threads, batches, quick=quick, as_json=as_json, kernel_batch=kernel_batch)
+
+
 def main() -> None:
     try:
         app()  # standalone: click prints usage errors and exits 2 by itself
     except NNError as e:
         print(f"nn-numba: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except MemoryError:  # configs and readers cap their sizes; this is the machine itself running out
+        print("nn-numba: error: out of memory; use a smaller model or batch_size", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # a file problem no module anticipated: still one line that names the file
+        print(f"nn-numba: error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

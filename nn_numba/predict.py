@@ -264,25 +264,10 @@ def free_name(folder: Path, stem: str, taken: set[Path]) -> Path:
 
 
 def default_checkpoint(runs_dir: str | os.PathLike = "runs") -> Path:
-    """RUN/best.ck of the newest run: `runs/latest` is a symlink to RUN or a text file naming it."""
-    runs = Path(runs_dir)
-    latest = runs / "latest"
-    run: Path | None = None
-    if latest.is_dir():  # a symlink to the run folder (is_dir follows it)
-        run = latest.resolve()
-    elif latest.is_file():
-        name = latest.read_text(encoding="utf-8").strip()
-        if name:
-            # relative to runs/ ("RUN") or to the working folder ("runs/RUN")
-            cands = [runs / name, Path(name), runs / Path(name).name]
-            run = next((c for c in cands if c.is_dir()), None)
-    ck = run / "best.ck" if run is not None else None
-    if ck is None or not ck.is_file():
-        raise NNError(
-            f"no trained model found ({ck or latest} does not exist): "
-            f"run `nn-numba train configs/default.toml` first or pass --checkpoint"
-        )
-    return ck
+    """RUN/best.ck of the newest run (runs/latest)."""
+    from .train import default_checkpoint as newest
+
+    return newest(None, runs_dir)
 
 
 def expand(paths: list[str]) -> list[tuple[str, Path | None, str | None]]:

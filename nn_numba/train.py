@@ -168,14 +168,28 @@ def point_latest(run: Path) -> None:
         pass  # a convenience only: never fail a run over it
 
 
-def latest_run(out: str = "runs") -> Path:
-    """The newest run folder, via OUT/latest."""
+def latest_run(out: str | os.PathLike = "runs") -> Path:
+    """The newest run folder, via OUT/latest (a symlink, or a text file naming the run where links fail)."""
     link = Path(out) / "latest"
     if link.is_symlink() or link.is_dir():
         return link.resolve()
     if link.is_file():
         return (link.parent / link.read_text().strip()).resolve()
     raise NNError(f"no runs found in {out}/: run `nn-numba train configs/default.toml` first")
+
+
+def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = "runs") -> Path:
+    """`checkpoint` if given, else best.ck of the newest run."""
+    if checkpoint:
+        return Path(checkpoint)
+    try:
+        ck = latest_run(runs) / "best.ck"
+    except NNError:
+        ck = None
+    if ck is None or not ck.is_file():
+        raise NNError(f"no trained model found ({ck or Path(runs) / 'latest'} does not exist): "
+                      "run `nn-numba train configs/default.toml` first or pass --checkpoint")
+    return ck
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

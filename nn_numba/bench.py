@@ -1,0 +1,631 @@
+"""`nn-numba bench`: how fast the Numba kernels train, next to NumPy/BLAS doing the same job.
+
+Every measurement runs in a child process whose environment fits it: the Numba side with
+OPENBLAS_NUM_THREADS=1 (spinning OpenBLAS workers slow parallel Numba kernels tenfold), the NumPy side
+with OPENBLAS_NUM_THREADS=T, one pair of children per thread count. The parent only sends requests and
+alternates A and B, so the two sides see the same machine state; it imports neither numpy nor numba.
+Data are random (speed does not depend on the pixel values); the network is 784-250-250-10, float32,
+softmax cross-entropy with mean loss, plain SGD.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import NNError
+
+SIZES = [784, 250, 250, 10]
+N_TRAIN = 60_000
+FLOP_PER_SAMPLE = 1_173_000  # one training step per sample (forward, both backward products)
+INFER_FLOP = 2 * sum(SIZES[l] * SIZES[l + 1] for l in range(len(SIZES) - 1))
+LR = 0.01
+CPP = Path(__file__).resolve().parent.parent / "cpp" / "build" / "nn-cpp"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Child side: one process per (implementation, thread count), answering JSON requests line by line.
+
+
+def _best(fn, reps: int, min_time: float = 0.02) -> float:
+    """Seconds per call of fn(): calls are batched to >= min_time, the fastest of `reps` batches."""
+    fn()
+    n, t = 1, 0.0
+    while True:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t = time.perf_counter() - t0
+        if t >= min_time:
+            break
+        n *= 2
+    times = [t / n]
+    for _ in range(reps - 1):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t0) / n)
+    return min(times)
+
+
+class NumbaSide:
+    """The project's kernels, as `nn-numba train` runs them."""
+
+    def __init__(self, threads: int):
+        import numba
+        import numpy as np
+
+        from . import kernels as K
+
+        numba.set_num_threads(threads)
+        self.np, self.K, self.numba = np, K, numba
+        rng = np.random.default_rng(0)
+        self.X = rng.integers(0, 256, (N_TRAIN, SIZES[0]), dtype=np.uint8)
+        self.y = rng.integers(0, SIZES[-1], N_TRAIN).astype(np.int64)
+        self.rng = rng
+
+    def info(self) -> dict:
+        self.kernels(64, 1)  # a parallel kernel must have run before the threading layer is known
+        return {"numba": self.numba.__version__, "threading_layer": self.numba.threading_layer(),
+                "numba_threads": self.numba.get_num_threads()}
+
+    def _model(self):
+        from .model import MLP
+
+        np = self.np
+        return MLP.init(SIZES, np.random.default_rng(0))
+
+    def epoch(self, B: int, samples: int, reps: int, warmup: int = 0) -> dict:
+        """Seconds per `samples`-sample pass at batch B, SGD with mean loss; the fastest of `reps`."""
+        np, K = self.np, self.K
+        model = self._model()
+        P, sz = model.params, model.sizes_arr
+        G, M, V = np.zeros_like(P), np.zeros_like(P), np.zeros_like(P)
+        cap = B
+        xb = np.zeros((cap, SIZES[0]), np.float32)
+        yb = np.zeros(cap, np.int64)
+        acts = np.zeros(cap * sum(SIZES[1:]), np.float32)
+        d0 = np.zeros(cap * max(SIZES[1:]), np.float32)
+        d1 = np.zeros_like(d0)
+        loss = np.zeros(cap, np.float32)
+        pred = np.zeros(cap, np.int64)
+        steps = -(-samples // B)
+        lrs = np.full(steps, LR)
+        times, last = [], 0.0
+        for r in range(warmup + reps):  # the first `warmup` passes are not timed
+            t0 = time.perf_counter()
+            order = self.rng.permutation(N_TRAIN)[:samples]
+            total, _ = K.train_epoch(P, G, M, V, sz, self.X, self.y, order, B, K.PIXEL, xb, yb, acts, d0, d1,
+                                     loss, pred, K.SGD, lrs, r * steps, 0.0, False, 0.0, 0.9, 0.999, 1e-8, True)
+            if r >= warmup:
+                times.append(time.perf_counter() - t0)
+            last = total / samples
+        return {"times": times, "loss": last}
+
+    def kernels(self, B: int, reps: int) -> dict:
+        """Seconds per call of every kernel of one training step at batch B."""
+        np, K = self.np, self.K
+        model = self._model()
+        rng = np.random.default_rng(1)
+        (W1, b1), (W2, b2), (W3, b3) = (model.layer(l) for l in range(3))
+        X = K.PIXEL[self.X[:B]]
+        A1 = np.zeros((B, 250), np.float32)
+        A2 = np.zeros((B, 250), np.float32)
+        Z = np.zeros((B, 10), np.float32)
+        dZ = np.zeros_like(Z)
+        loss, pred = np.zeros(B, np.float32), np.zeros(B, np.int64)
+        y = self.y[:B]
+        dA2 = np.zeros((B, 250), np.float32)
+        dA1 = np.zeros((B, 250), np.float32)
+        G = np.zeros_like(model.params)
+        out = {}
+        K.linear_forward(X, W1, b1, A1, True)
+        K.linear_forward(A1, W2, b2, A2, True)
+        K.linear_forward(A2, W3, b3, Z, False)
+        K.softmax_xent(Z, y, dZ, loss, pred, 1.0 / B)
+        dA2[:] = rng.standard_normal((B, 250), dtype=np.float32) * np.float32(1e-3)
+
+        def dw(l, A, dY, kind):
+            W, b = model.layer(l)
+            gW, gb = K._views(G, model.sizes_arr, l)
+            m, v = np.zeros_like(W), np.zeros_like(b)
+            return lambda: K.linear_backward_weight(dY, A, gW, gb, W, b, m, v, m, v, kind, 1e-9, 0.0, False, 0.0,
+                                                    0.9, 0.999, 1e-8, 1.0, 1.0)
+
+        calls = {
+            "fwd1 lin+bias+relu": lambda: K.linear_forward(X, W1, b1, A1, True),
+            "fwd2 lin+bias+relu": lambda: K.linear_forward(A1, W2, b2, A2, True),
+            "fwd3 lin+bias": lambda: K.linear_forward(A2, W3, b3, Z, False),
+            "softmax-xent+grad": lambda: K.softmax_xent(Z, y, dZ, loss, pred, 1.0 / B),
+            "bwd dA2 = dZ3 W3 * mask": lambda: K.linear_backward_input(dZ, W3, A2, dA2),
+            "bwd dA1 = dZ2 W2 * mask": lambda: K.linear_backward_input(dA2, W2, A1, dA1),
+            "dW3 + db3": dw(2, A2, dZ, K.NO_UPDATE),
+            "dW2 + db2": dw(1, A1, dA2, K.NO_UPDATE),
+            "dW1 + db1": dw(0, X, dA1, K.NO_UPDATE),
+            "dW1 + db1 + sgd fused": dw(0, X, dA1, K.SGD),
+            "sgd update (all params)": lambda: K.update(model.params, G, G, G, K.SGD, 1e-9, 0.0, False, 0.0, 0.9,
+                                                        0.999, 1e-8, 1.0, 1.0),
+        }
+        for name, fn in calls.items():
+            out[name] = _best(fn, reps)
+        return out
+
+    def infer(self, reps: int) -> dict:
+        np, K = self.np, self.K
+        model = self._model()
+        X = K.PIXEL[self.X[:10_000]]
+        acts = np.zeros(1000 * sum(SIZES[1:]), np.float32)
+        acts1 = np.zeros(sum(SIZES[1:]), np.float32)
+
+        def batch1000():
+            for i in range(0, 10_000, 1000):
+                K.forward(model.params, model.sizes_arr, X[i:i + 1000], acts, 1000)
+
+        x1 = X[:1]
+        t1000 = _best(batch1000, reps, 0.1)
+        t1 = _best(lambda: K.forward(model.params, model.sizes_arr, x1, acts1, 1), reps)
+        return {"batch1000_s_per_10k": t1000, "batch1_s": t1}
+
+
+class NumpySide:
+    """The reference: the same network trained by hand in NumPy, every product a BLAS call."""
+
+    def __init__(self, threads: int):
+        import numpy as np
+
+        self.np = np
+        rng = np.random.default_rng(0)
+        # float32 pixels ready in memory: NumPy's most favourable start (the Numba side gathers from uint8)
+        self.X = rng.random((N_TRAIN, SIZES[0]), dtype=np.float32)
+        self.y = rng.integers(0, SIZES[-1], N_TRAIN).astype(np.int64)
+        self.rng = rng
+
+    def info(self) -> dict:
+        np = self.np
+        try:
+            from threadpoolctl import threadpool_info
+
+            blas = [{k: d.get(k) for k in ("internal_api", "version", "architecture", "num_threads")}
+                    for d in threadpool_info() if d.get("user_api") == "blas"]
+        except ImportError:
+            cfg = np.show_config(mode="dicts").get("Build Dependencies", {}).get("blas", {})
+            blas = [{k: cfg.get(k) for k in ("name", "version", "openblas configuration")}]
+        return {"numpy": np.__version__, "blas": blas, "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+                "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}
+
+    def params(self):
+        np = self.np
+        rng = np.random.default_rng(0)
+        ps = []
+        for l in range(len(SIZES) - 1):
+            W = rng.standard_normal((SIZES[l + 1], SIZES[l]), dtype=np.float32) * np.float32(np.sqrt(2 / SIZES[l]))
+            ps += [W, np.zeros(SIZES[l + 1], np.float32)]
+        return ps
+
+    def step(self, x, y, ps, lr):
+        """One SGD step, mean loss; W stored (out, in) as in the Numba model, so Z = X Wᵀ + b."""
+        np = self.np
+        W1, b1, W2, b2, W3, b3 = ps
+        B = x.shape[0]
+        rows = np.arange(B)
+        a1 = x @ W1.T
+        a1 += b1
+        np.maximum(a1, 0, out=a1)
+        a2 = a1 @ W2.T
+        a2 += b2
+        np.maximum(a2, 0, out=a2)
+        z = a2 @ W3.T
+        z += b3
+        z -= z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        s = e.sum(axis=1, keepdims=True)
+        loss = float(np.mean(np.log(s[:, 0]) - z[rows, y]))
+        g3 = e / s
+        g3[rows, y] -= 1
+        g3 *= np.float32(1 / B)
+        d2 = g3 @ W3
+        d2 *= a2 > 0
+        d1 = d2 @ W2
+        d1 *= a1 > 0
+        for p, g in zip(ps, (d1.T @ x, d1.sum(0), d2.T @ a1, d2.sum(0), g3.T @ a2, g3.sum(0))):
+            p -= lr * g
+        return loss
+
+    def epoch(self, B: int, samples: int, reps: int, warmup: int = 0) -> dict:
+        ps = self.params()
+        times, loss = [], 0.0
+        for r in range(warmup + reps):  # the first `warmup` passes are not timed
+            t0 = time.perf_counter()
+            order = self.rng.permutation(N_TRAIN)[:samples]
+            total = 0.0
+            for i in range(0, samples, B):
+                idx = order[i:i + B]
+                total += self.step(self.X[idx], self.y[idx], ps, LR) * len(idx)
+            if r >= warmup:
+                times.append(time.perf_counter() - t0)
+            loss = total / samples
+        return {"times": times, "loss": loss}
+
+    def kernels(self, B: int, reps: int) -> dict:
+        np = self.np
+        W1, b1, W2, b2, W3, b3 = self.params()
+        x, y = self.X[:B], self.y[:B]
+        A1 = np.maximum(x @ W1.T + b1, 0)
+        A2 = np.maximum(A1 @ W2.T + b2, 0)
+        Z = A2 @ W3.T + b3
+        rng = np.random.default_rng(1)
+        dZ = rng.standard_normal((B, 10), dtype=np.float32) * np.float32(1e-3)
+        dA = rng.standard_normal((B, 250), dtype=np.float32) * np.float32(1e-3)
+        rows = np.arange(B)
+        P = np.concatenate([p.ravel() for p in self.params()])
+        Gf = np.zeros_like(P)
+
+        def fwd(a, W, b, relu):
+            out = a @ W.T
+            out += b
+            return np.maximum(out, 0, out=out) if relu else out
+
+        def softmax():
+            z = Z - Z.max(axis=1, keepdims=True)
+            e = np.exp(z)
+            s = e.sum(axis=1, keepdims=True)
+            loss = np.log(s[:, 0]) - z[rows, y]
+            g = e / s
+            g[rows, y] -= 1
+            g *= np.float32(1 / B)
+            return loss, g
+
+        def sgd_fused():
+            gW = dA.T @ x
+            gb = dA.sum(0)
+            W1.__isub__(np.float32(1e-9) * gW)
+            b1.__isub__(np.float32(1e-9) * gb)
+
+        calls = {
+            "fwd1 lin+bias+relu": lambda: fwd(x, W1, b1, True),
+            "fwd2 lin+bias+relu": lambda: fwd(A1, W2, b2, True),
+            "fwd3 lin+bias": lambda: fwd(A2, W3, b3, False),
+            "softmax-xent+grad": softmax,
+            "bwd dA2 = dZ3 W3 * mask": lambda: (dZ @ W3) * (A2 > 0),
+            "bwd dA1 = dZ2 W2 * mask": lambda: (dA @ W2) * (A1 > 0),
+            "dW3 + db3": lambda: (dZ.T @ A2, dZ.sum(0)),
+            "dW2 + db2": lambda: (dA.T @ A1, dA.sum(0)),
+            "dW1 + db1": lambda: (dA.T @ x, dA.sum(0)),
+            "dW1 + db1 + sgd fused": sgd_fused,
+            "sgd update (all params)": lambda: P.__isub__(np.float32(1e-9) * Gf),
+        }
+        return {name: _best(fn, reps) for name, fn in calls.items()}
+
+    def gemm(self, reps: int) -> dict:
+        np = self.np
+        a = self.rng.random((2048, 2048), dtype=np.float32)
+        b = self.rng.random((2048, 2048), dtype=np.float32)
+        c = np.empty_like(a)
+        t = _best(lambda: np.matmul(a, b, out=c), reps, 0.05)
+        return {"gflops": 2 * 2048**3 / t / 1e9}
+
+    def infer(self, reps: int) -> dict:
+        np = self.np
+        W1, b1, W2, b2, W3, b3 = self.params()
+        X = self.X[:10_000]
+
+        def fwd(x):
+            a = np.maximum(x @ W1.T + b1, 0)
+            a = np.maximum(a @ W2.T + b2, 0)
+            return a @ W3.T + b3
+
+        def batch1000():
+            for i in range(0, 10_000, 1000):
+                fwd(X[i:i + 1000])
+
+        x1 = X[:1]
+        return {"batch1000_s_per_10k": _best(batch1000, reps, 0.1), "batch1_s": _best(lambda: fwd(x1), reps)}
+
+
+def worker(kind: str, threads: int) -> None:
+    """Serve JSON requests {"op": name, ...args} from stdin, one JSON answer per line on stdout."""
+    out = os.fdopen(os.dup(1), "w")
+    sys.stdout = sys.stderr  # nothing else may write into the answer channel
+    side = (NumbaSide if kind == "numba" else NumpySide)(threads)
+    for line in sys.stdin:
+        req = json.loads(line)
+        op = req.pop("op")
+        try:
+            ans = getattr(side, op)(**req)
+        except Exception as e:  # reported to the parent, which turns it into an NNError
+            ans = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(ans) + "\n")
+        out.flush()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parent side.
+
+
+class Child:
+    def __init__(self, kind: str, threads: int):
+        env = dict(os.environ)
+        env["OPENBLAS_NUM_THREADS"] = "1" if kind == "numba" else str(threads)
+        env["OMP_NUM_THREADS"] = str(threads)
+        self.kind, self.threads = kind, threads
+        self.p = subprocess.Popen([sys.executable, "-m", "nn_numba.bench", "--worker", kind, str(threads)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                  cwd=Path(__file__).resolve().parent.parent)
+
+    def ask(self, op: str, **args) -> dict:
+        self.p.stdin.write(json.dumps({"op": op, **args}) + "\n")
+        self.p.stdin.flush()
+        line = self.p.stdout.readline()
+        if not line:
+            raise NNError(f"bench: the {self.kind} worker ({self.threads} threads) died; run "
+                          f"`python -m nn_numba.bench --worker {self.kind} {self.threads}` to see why")
+        ans = json.loads(line)
+        if "error" in ans:
+            raise NNError(f"bench: {self.kind} worker, {op}: {ans['error']}")
+        if self.kind == "numpy" and self.threads > 1:
+            time.sleep(0.2)  # let OpenBLAS's spinning workers fall asleep before the other side runs
+        return ans
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait(timeout=30)
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+_JIT_PROBE = """
+import time; t0 = time.perf_counter()
+import numpy as np
+from nn_numba import kernels as K
+from nn_numba.model import MLP
+t1 = time.perf_counter()
+m = MLP.init([784, 250, 250, 10], np.random.default_rng(0)); B = 32
+P = m.params; G, M, V = (np.zeros_like(P) for _ in range(3))
+X = np.zeros((100, 784), np.uint8); y = np.zeros(100, np.int64); order = np.arange(100)
+xb = np.zeros((B, 784), np.float32); yb = np.zeros(B, np.int64); acts = np.zeros(B * 510, np.float32)
+d0 = np.zeros(B * 250, np.float32); d1 = d0.copy(); loss = np.zeros(B, np.float32); pred = np.zeros(B, np.int64)
+K.train_epoch(P, G, M, V, m.sizes_arr, X, y, order[:B], B, K.PIXEL, xb, yb, acts, d0, d1, loss, pred,
+              K.SGD, np.full(1, 0.01), 0, 0.0, False, 0.0, 0.9, 0.999, 1e-8, True)
+m.logits(xb)
+t2 = time.perf_counter()
+print(t1 - t0, t2 - t1)
+"""
+
+
+def jit_cost(cold: bool) -> dict:
+    """Process start to one trained step and one inference: compiling into an empty cache, then from it."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="nn-numba-jit-") as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache, OPENBLAS_NUM_THREADS="1")
+        for name in (["cold", "warm"] if cold else ["warm0", "warm"]):
+            t0 = time.perf_counter()
+            r = subprocess.run([sys.executable, "-c", _JIT_PROBE], env=env, capture_output=True, text=True,
+                               cwd=Path(__file__).resolve().parent.parent)
+            wall = time.perf_counter() - t0
+            if r.returncode:
+                raise NNError(f"bench: the JIT probe failed: {r.stderr.strip().splitlines()[-1:]}")
+            imp, first = map(float, r.stdout.split())
+            out[name] = {"process_s": wall, "import_s": imp, "first_step_s": first}
+    out.pop("warm0", None)
+    return out
+
+
+def cpp_epoch(B: int, threads: int, timeout: float) -> dict | None:
+    """The C++ port's seconds per epoch on random data, if it has been built."""
+    if not CPP.exists():
+        return None
+    cmd = [str(CPP), "bench", "--batch-size", str(B), "--threads", str(threads), "--epochs", "1", "--json"]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        return {"seconds_per_epoch": d["seconds_per_epoch"], "samples_per_s": d["samples_per_s"],
+                "optimizer": d.get("optimizer")}
+    except subprocess.TimeoutExpired:
+        return {"seconds_per_epoch": None, "note": f"timed out after {timeout:.0f} s"}
+    except (OSError, ValueError, KeyError, IndexError) as e:
+        return {"seconds_per_epoch": None, "note": f"failed: {e}"}
+
+
+def run(threads: list[int], batches: list[int], quick: bool = False, kernel_batch: int = 256,
+        cpp: bool = True, progress=None) -> dict:
+    """All measurements; returns the report dict (see docs/performance.md for the keys)."""
+    say = progress or (lambda s: None)
+    samples, reps = (12_000, 2) if quick else (N_TRAIN, 3)
+    res = {"machine": machine(), "data": "random (uniform pixels, uniform labels): speed only, not accuracy",
+           "network": "-".join(map(str, SIZES)), "flop_per_sample": FLOP_PER_SAMPLE,
+           "epoch_samples": N_TRAIN, "measured_samples": samples, "reps": reps, "threads": {}}
+    for T in threads:
+        say(f"{T} thread(s): starting workers")
+        a, b = Child("numba", T), Child("numpy", T)
+        try:
+            r = {"info": {**a.ask("info"), **b.ask("info")}}
+            g = b.ask("gemm", reps=3 if quick else 5)["gflops"]
+            r["gemm2048_gflops"] = g
+            r["gemm_limited_epoch_s"] = N_TRAIN * FLOP_PER_SAMPLE / (g * 1e9)
+            say(f"{T} thread(s): kernels at batch {kernel_batch}")
+            kn = a.ask("kernels", B=kernel_batch, reps=3 if quick else 7)
+            kp = b.ask("kernels", B=kernel_batch, reps=3 if quick else 7)
+            r["kernels"] = {"batch": kernel_batch, "rows": [
+                {"name": k, "numba_s": kn[k], "numpy_s": kp[k], "ratio": kn[k] / kp[k],
+                 **_kernel_rate(k, kernel_batch, kn[k])} for k in kn]}
+            r["epochs"] = []
+            for B in batches:
+                say(f"{T} thread(s): epochs at batch {B}")
+                tn, tp, ln, lp = [], [], 0.0, 0.0
+                a.ask("epoch", B=B, samples=min(samples, 6000), reps=0, warmup=1)  # warm-up passes
+                b.ask("epoch", B=B, samples=min(samples, 6000), reps=0, warmup=1)
+                for _ in range(reps):  # alternate A and B, one pass each, after each side's warm-up
+                    d = a.ask("epoch", B=B, samples=samples, reps=1)
+                    tn += d["times"]
+                    ln = d["loss"]
+                    d = b.ask("epoch", B=B, samples=samples, reps=1)
+                    tp += d["times"]
+                    lp = d["loss"]
+                scale = N_TRAIN / samples
+                row = {"batch": B, "numba_s": min(tn) * scale, "numba_median_s": statistics.median(tn) * scale,
+                       "numpy_s": min(tp) * scale, "numpy_median_s": statistics.median(tp) * scale,
+                       "numba_loss": ln, "numpy_loss": lp}
+                row["ratio"] = row["numba_s"] / row["numpy_s"]
+                row["numba_samples_per_s"] = N_TRAIN / row["numba_s"]
+                row["numba_gflops"] = N_TRAIN * FLOP_PER_SAMPLE / row["numba_s"] / 1e9
+                row["numpy_samples_per_s"] = N_TRAIN / row["numpy_s"]
+                row["gemm_fraction"] = r["gemm_limited_epoch_s"] / row["numba_s"]
+                if cpp and not quick:
+                    row["cpp"] = cpp_epoch(B, T, timeout=max(30.0, 20 * row["numba_s"]))
+                r["epochs"].append(row)
+            say(f"{T} thread(s): inference")
+            inf_n, inf_p = a.ask("infer", reps=3 if quick else 5), b.ask("infer", reps=3 if quick else 5)
+            r["inference"] = {
+                "batch1000_samples_per_s": {"numba": 10_000 / inf_n["batch1000_s_per_10k"],
+                                            "numpy": 10_000 / inf_p["batch1000_s_per_10k"]},
+                "batch1000_gflops": {"numba": 10_000 * INFER_FLOP / inf_n["batch1000_s_per_10k"] / 1e9,
+                                     "numpy": 10_000 * INFER_FLOP / inf_p["batch1000_s_per_10k"] / 1e9},
+                "batch1_latency_us": {"numba": inf_n["batch1_s"] * 1e6, "numpy": inf_p["batch1_s"] * 1e6}}
+        finally:
+            a.close()
+            b.close()
+        res["threads"][str(T)] = r
+    say("JIT cost")
+    res["jit"] = jit_cost(cold=not quick)
+    res["targets"] = targets(res)
+    return res
+
+
+def _kernel_rate(name: str, B: int, t: float) -> dict:
+    """GFLOP/s of the products, GB/s of the memory-bound parts."""
+    n_in = {"1": 784, "2": 250, "3": 250}
+    if name.startswith("fwd"):
+        l = name[3]
+        return {"gflops": 2 * B * n_in[l] * (10 if l == "3" else 250) / t / 1e9}
+    if name.startswith("bwd"):
+        return {"gflops": 2 * B * 250 * (10 if "W3" in name else 250) / t / 1e9}
+    if name.startswith("dW"):
+        l = name[2]
+        return {"gflops": 2 * B * n_in[l] * (10 if l == "3" else 250) / t / 1e9}
+    if name.startswith("softmax"):
+        return {"gbps": B * 10 * 4 * 2 / t / 1e9}
+    n = sum(SIZES[l] * SIZES[l + 1] + SIZES[l + 1] for l in range(len(SIZES) - 1))
+    return {"gbps": 3 * 4 * n / t / 1e9}  # read p and g, write p
+
+
+def targets(res: dict) -> dict:
+    """The issue's three targets, each with its figure and whether this run met it."""
+    out = {}
+    one, two = res["threads"].get("1"), res["threads"].get("2")
+    if one:
+        rows = {r["batch"]: r for r in one["epochs"]}
+        if 64 in rows:
+            v = rows[64]["ratio"]
+            out["1T epoch B=64 numba/numpy <= 0.78"] = {"value": v, "met": v <= 0.78}
+        if 256 in rows:
+            v = rows[256]["gemm_fraction"]
+            out["1T epoch B=256 >= 90% of GEMM-limited rate"] = {"value": v, "met": v >= 0.90}
+    if one and two:
+        r1 = {r["batch"]: r["ratio"] for r in one["epochs"]}
+        r2 = {r["batch"]: r["ratio"] for r in two["epochs"]}
+        both = sorted(set(r1) & set(r2))
+        if both:
+            v = {B: {"1T": r1[B], "2T": r2[B]} for B in both}
+            out["2T ratio <= 1T ratio (every batch)"] = {"value": v, "met": all(r2[B] <= r1[B] for B in both)}
+    return out
+
+
+def table(res: dict) -> str:
+    m = res["machine"]
+    lines = [f"nn-numba bench  {m['date']}  {m['cpu']}, {m['cores']} cores, load {m['load_avg']}",
+             f"network {res['network']}, {res['flop_per_sample'] / 1e6:.3f} MFLOP/sample/step; "
+             f"data: {res['data']}",
+             f"epochs: {res['measured_samples']} samples per pass scaled to {res['epoch_samples']}, "
+             f"best of {res['reps']} alternating A/B passes (median in brackets)"]
+    for T, r in res["threads"].items():
+        i = r["info"]
+        lines += ["", f"=== {T} thread(s): numba {i['numba']} ({i['threading_layer']} layer, "
+                  f"{i['numba_threads']} threads), numpy {i['numpy']}, BLAS {i['blas']}, "
+                  f"OPENBLAS_NUM_THREADS={i['openblas_threads']} OPENBLAS_CORETYPE={i['openblas_coretype']}",
+                  f"GEMM limit: numpy 2048^3 {r['gemm2048_gflops']:.1f} GFLOP/s -> "
+                  f"{r['gemm_limited_epoch_s']:.3f} s/epoch", "",
+                  f"kernels at batch {r['kernels']['batch']}:",
+                  f"  {'kernel':26} {'numba us':>9} {'rate':>12} {'numpy us':>9} {'numba/numpy':>11}"]
+        for k in r["kernels"]["rows"]:
+            rate = f"{k['gflops']:.1f} GFLOP/s" if "gflops" in k else f"{k['gbps']:.1f} GB/s"
+            lines.append(f"  {k['name']:26} {k['numba_s'] * 1e6:9.1f} {rate:>12} {k['numpy_s'] * 1e6:9.1f} "
+                         f"{k['ratio']:11.2f}")
+        lines += ["", "training epoch (60,000 samples, SGD, mean loss):",
+                  f"  {'batch':>5} {'numba s':>15} {'samples/s':>10} {'GFLOP/s':>8} {'numpy s':>15} "
+                  f"{'numba/numpy':>11} {'of GEMM limit':>13} {'C++ s':>8}"]
+        for e in r["epochs"]:
+            c = e.get("cpp")
+            cs = "-" if not c or c.get("seconds_per_epoch") is None else f"{c['seconds_per_epoch']:.3f}"
+            if c and c.get("optimizer"):
+                cs += f" ({c['optimizer']})"
+            lines.append(f"  {e['batch']:5d} {e['numba_s']:6.3f} ({e['numba_median_s']:.3f}) "
+                         f"{e['numba_samples_per_s']:10,.0f} {e['numba_gflops']:8.1f} "
+                         f"{e['numpy_s']:6.3f} ({e['numpy_median_s']:.3f}) {e['ratio']:11.2f} "
+                         f"{100 * e['gemm_fraction']:12.0f}% {cs:>8}")
+        lines.append("  (C++: `nn-cpp bench`, 1 epoch, its own optimiser; numpy: float32 pixels already in memory)")
+        inf = r["inference"]
+        lines += ["", f"inference: batch 1000 numba {inf['batch1000_samples_per_s']['numba']:,.0f}/s "
+                  f"({inf['batch1000_gflops']['numba']:.0f} GFLOP/s), numpy "
+                  f"{inf['batch1000_samples_per_s']['numpy']:,.0f}/s; batch 1 latency numba "
+                  f"{inf['batch1_latency_us']['numba']:.1f} us, numpy {inf['batch1_latency_us']['numpy']:.1f} us"]
+    j = res["jit"]
+    lines.append("")
+    if "cold" in j:
+        lines.append(f"JIT: empty cache {j['cold']['process_s']:.2f} s from process start to a trained step "
+                     f"(compile {j['cold']['first_step_s']:.2f} s)")
+    lines.append(f"JIT: warm cache {j['warm']['process_s']:.2f} s (import {j['warm']['import_s']:.2f} s, "
+                 f"loading kernels {j['warm']['first_step_s']:.2f} s)")
+    if res["targets"]:
+        lines += ["", "targets:"]
+        for name, t in res["targets"].items():
+            v = t["value"]
+            vs = f"{v:.3f}" if isinstance(v, float) else ", ".join(
+                f"B={B}: {x['1T']:.2f} -> {x['2T']:.2f}" for B, x in v.items())
+            lines.append(f"  {'MET ' if t['met'] else 'MISSED'}  {name}: {vs}")
+    return "\n".join(lines)
+
+
+def bench(threads: str = "1,2", batches: str = "32,64,256,1024", quick: bool = False, as_json: bool = False,
+          kernel_batch: int = 256) -> None:
+    """The `nn-numba bench` command."""
+    try:
+        ts = [int(t) for t in threads.split(",") if t.strip()]
+        bs = [int(b) for b in batches.split(",") if b.strip()]
+    except ValueError:
+        raise NNError(f"bench: --threads {threads!r} / --batches {batches!r}: give comma-separated whole numbers") \
+            from None
+    if not ts or not bs or min(ts) < 1 or min(bs) < 1 or kernel_batch < 1:
+        raise NNError("bench: --threads, --batches and --kernel-batch need positive numbers")
+    if max(ts) > (os.cpu_count() or 1):
+        raise NNError(f"bench: --threads {threads}: this machine has {os.cpu_count()} cores")
+    if quick:
+        ts, bs = ts[:1], [b for b in bs if b in (64, 256)] or bs[:1]
+    res = run(ts, bs, quick=quick, kernel_batch=kernel_batch,
+              progress=None if as_json else lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
+    print(json.dumps(res) if as_json else table(res))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], int(sys.argv[3]))
+    else:
+        bench(*sys.argv[1:2])

@@ -1,0 +1,93 @@
+"""`nn-numba bench --quick --json`: it runs and reports sane numbers. No timing is asserted (shared machine)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from nn_numba import bench
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def report():
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "nn_numba.cli", "bench", "--quick", "--json", "--threads", "1",
+                        "--batches", "256", "--kernel-batch", "64"],
+                       capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_header_names_the_machine_and_versions(report):
+    assert report["machine"]["cpu"] and report["machine"]["cores"] >= 1
+    assert "random" in report["data"]
+    info = report["threads"]["1"]["info"]
+    assert info["numba_threads"] == 1 and info["openblas_threads"] == "1"
+    assert info["threading_layer"] in ("omp", "tbb", "workqueue")
+    assert info["numpy"] and info["numba"] and info["blas"]
+
+
+def test_kernel_rows_are_complete_and_positive(report):
+    k = report["threads"]["1"]["kernels"]
+    assert k["batch"] == 64
+    names = [r["name"] for r in k["rows"]]
+    for want in ("fwd1", "fwd2", "fwd3", "softmax", "bwd dA2", "bwd dA1", "dW1", "dW2", "dW3", "sgd update"):
+        assert any(n.startswith(want) for n in names), want
+    for r in k["rows"]:
+        assert positive(r["numba_s"]) and positive(r["numpy_s"]), r
+        assert r["ratio"] == pytest.approx(r["numba_s"] / r["numpy_s"])
+        rate = r.get("gflops", r.get("gbps"))
+        assert positive(rate) and rate < 10_000, r  # GFLOP/s beyond 10 TFLOP/s would mean a wrong FLOP count
+
+
+def test_epoch_rows(report):
+    t = report["threads"]["1"]
+    assert positive(t["gemm2048_gflops"])
+    assert t["gemm_limited_epoch_s"] == pytest.approx(70.38e9 / (t["gemm2048_gflops"] * 1e9))
+    (e,) = t["epochs"]
+    assert e["batch"] == 256
+    for key in ("numba_s", "numba_median_s", "numpy_s", "numpy_median_s", "ratio", "numba_samples_per_s",
+                "numba_gflops", "gemm_fraction"):
+        assert positive(e[key]), key
+    assert e["numba_s"] <= e["numba_median_s"] and e["numpy_s"] <= e["numpy_median_s"]
+    assert e["numba_samples_per_s"] == pytest.approx(60_000 / e["numba_s"])
+    # both trainers start from He-initialised weights on random labels: the mean loss is near ln 10
+    assert 1.5 < e["numba_loss"] < 4 and 1.5 < e["numpy_loss"] < 4
+
+
+def test_inference_and_jit(report):
+    inf = report["threads"]["1"]["inference"]
+    for key in ("batch1000_samples_per_s", "batch1000_gflops", "batch1_latency_us"):
+        assert positive(inf[key]["numba"]) and positive(inf[key]["numpy"])
+    warm = report["jit"]["warm"]
+    assert positive(warm["process_s"]) and positive(warm["first_step_s"])
+    assert warm["process_s"] >= warm["import_s"]
+
+
+def test_targets_are_evaluated_only_when_measured(report):
+    # one thread, batch 256 only: the B=256 target is judged, the B=64 and 2-thread ones are not
+    assert list(report["targets"]) == ["1T epoch B=256 >= 90% of GEMM-limited rate"]
+    t = report["targets"]["1T epoch B=256 >= 90% of GEMM-limited rate"]
+    assert t["met"] == (t["value"] >= 0.9)
+
+
+def test_bad_arguments_are_one_line_errors():
+    with pytest.raises(bench.NNError, match="--threads"):
+        bench.bench(threads="one")
+    with pytest.raises(bench.NNError, match="cores"):
+        bench.bench(threads=str((os.cpu_count() or 1) + 1))
+
+
+def test_kernel_rates_count_flops():
+    # fwd1 at B=10 in 1 ms: 2 * 10 * 784 * 250 FLOP
+    assert bench._kernel_rate("fwd1 lin+bias+relu", 10, 1e-3)["gflops"] == pytest.approx(2 * 10 * 784 * 250 / 1e6)
+    assert bench._kernel_rate("dW3 + db3", 10, 1e-3)["gflops"] == pytest.approx(2 * 10 * 250 * 10 / 1e6)
+    assert bench.FLOP_PER_SAMPLE * bench.N_TRAIN == pytest.approx(70.38e9)

@@ -433,7 +433,8 @@ def cpp_epoch(B: int, threads: int, timeout: float) -> dict | None:
     """The C++ port's seconds per epoch on random data, if it has been built."""
     if not CPP.exists():
         return None
-    cmd = [str(CPP), "bench", "--batch-size", str(B), "--threads", str(threads), "--epochs", "1", "--json"]
+    cmd = [str(CPP), "bench", "--batch-size", str(B), "--threads", str(threads), "--epochs", "1", "--optimizer", "sgd",
+           "--json"]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         d = json.loads(r.stdout.strip().splitlines()[-1])
@@ -581,7 +582,7 @@ def table(res: dict) -> str:
                          f"{e['numba_samples_per_s']:10,.0f} {e['numba_gflops']:8.1f} "
                          f"{e['numpy_s']:6.3f} ({e['numpy_median_s']:.3f}) {e['ratio']:11.2f} "
                          f"{100 * e['gemm_fraction']:12.0f}% {cs:>8}")
-        lines.append("  (C++: `nn-cpp bench`, 1 epoch, its own optimiser; numpy: float32 pixels already in memory)")
+        lines.append("  (C++: `nn-cpp bench --optimizer sgd`, 1 epoch; numpy: float32 pixels already in memory)")
         inf = r["inference"]
         lines += ["", f"inference: batch 1000 numba {inf['batch1000_samples_per_s']['numba']:,.0f}/s "
                   f"({inf['batch1000_gflops']['numba']:.0f} GFLOP/s), numpy "

@@ -165,18 +165,26 @@ def test_cpp_threads_do_not_change_results(nn_cpp, mnist_path, tmp_path):
 
 
 def test_python_checkpoint_in_cpp(nn_cpp, mnist_path, test_set, tmp_path):
-    # TODO(lead): switch to a checkpoint from a short real `nn-numba train` run once the trainer is
-    # stable; He-initialised weights saved by nn_numba.checkpoint.save exercise the same reader path.
-    ck = he([784, 250, 250, 10], seed=1)
-    path = tmp_path / "py.ck"
-    checkpoint.save(path, ck)
+    """A checkpoint trained by `nn-numba train`, evaluated and predicted by nn-cpp."""
+    from nn_numba.config import from_dict
+    from nn_numba.model import MLP
+    from nn_numba.model import evaluate as py_evaluate
+    from nn_numba.train import train
+
+    cfg = from_dict({"model": {"sizes": [784, 100, 10]}, "train": {"epochs": 1, "batch_size": 256,
+                                                                   "out": str(tmp_path)}})
+    path = train(cfg, data_dir=str(mnist_path), quiet=True) / "best.ck"
+    ck = checkpoint.load(path)
     X, y = test_set
     Z = forward(ck.weights, ck.biases, X)[-1]
+    py_loss, py_acc, _ = py_evaluate(MLP.from_checkpoint(ck), (X * 255).round().astype(np.uint8), y)
     top2 = np.sort(Z, axis=1)[:, -2:]
     tie = (top2[:, 1] - top2[:, 0]) < 1e-5 * np.abs(Z).max(axis=1)  # too close for float32 to settle
 
     ev = json.loads(run(nn_cpp, "evaluate", path, "--data-dir", mnist_path, "--json"))
     assert abs(ev["accuracy"] - float((Z.argmax(1) == y).mean())) <= tie.mean() + 1e-12
+    assert abs(ev["accuracy"] - py_acc) <= tie.mean() + 1e-12  # what `nn-numba evaluate` prints
+    assert ev["loss"] == pytest.approx(py_loss, rel=1e-5)
     assert ev["loss"] == pytest.approx(float(softmax_ce(Z, y)[0].mean()), rel=1e-4)
 
     got = json.loads(run(nn_cpp, "predict", path, mnist_path / "t10k-images-idx3-ubyte.gz",

@@ -35,7 +35,7 @@ const char* USAGE =
     "        [--min-lr X] [--gamma G] [--step-epochs K] [--val-split F] [--seed S] [--threads T]\n"
     "        [--sizes 784,250,250,10] [--init CKPT] [--limit N] [--no-shuffle] [--quiet] [--force]\n"
     "      defaults: 10 epochs, batch 128, adam, lr 1e-3, mean, cosine, val-split 0.1, seed 0\n"
-    "  bench [--batch-size B] [--threads T] [--epochs N] [--json]\n"
+    "  bench [--batch-size B] [--threads T] [--epochs N] [--optimizer sgd|momentum|adam] [--json]\n"
     "      seconds per training epoch on 60,000 random samples (random data, not MNIST)\n"
     "  --version\n";
 
@@ -312,24 +312,25 @@ int cmd_train(int argc, char** argv) {
 }
 
 int cmd_bench(int argc, char** argv) {
-    Args a = parse(argc, argv, 2, {"--batch-size", "--threads", "--epochs", "--sizes"}, {"--json"});
+    Args a = parse(argc, argv, 2, {"--batch-size", "--threads", "--epochs", "--sizes", "--optimizer"}, {"--json"});
     if (!a.pos.empty()) throw UsageError("bench takes no positional arguments");
     int batch = int(to_long("--batch-size", a.get("--batch-size", "64")));
     int threads = int(to_long("--threads", a.get("--threads", "0")));
     int epochs = int(to_long("--epochs", a.get("--epochs", "2")));
     if (batch < 1 || threads < 0 || epochs < 1) throw UsageError("--batch-size, --epochs >= 1, --threads >= 0");
     std::vector<uint32_t> sizes = a.has("--sizes") ? parse_sizes(a.get("--sizes")) : std::vector<uint32_t>{784, 250, 250, 10};
-    BenchResult r = bench(batch, threads, epochs, sizes);
+    std::string optim = a.get("--optimizer", "adam");
+    BenchResult r = bench(batch, threads, epochs, sizes, optim);
     if (a.has("--json"))
-        std::printf("{\"producer\":\"nn-cpp 0.1.0\",\"data\":\"random\",\"samples\":60000,\"optimizer\":\"adam\","
+        std::printf("{\"producer\":\"nn-cpp 0.1.0\",\"data\":\"random\",\"samples\":60000,\"optimizer\":\"%s\","
                     "\"sizes\":%s,\"batch_size\":%d,\"threads\":%d,\"epochs\":%d,\"seconds_per_epoch\":%s,"
                     "\"samples_per_s\":%s,\"cpu_seconds_per_epoch\":%s}\n",
-                    json_str(sizes_str(sizes)).c_str(), batch, r.threads, epochs, json_num(r.seconds_per_epoch, 6).c_str(),
+                    optim.c_str(), json_str(sizes_str(sizes)).c_str(), batch, r.threads, epochs, json_num(r.seconds_per_epoch, 6).c_str(),
                     json_num(r.samples_per_s, 6).c_str(), json_num(r.cpu_seconds_per_epoch, 6).c_str());
     else
-        std::printf("nn-cpp bench (random data, 60000 samples, %s, adam): batch %d, %d thread(s): "
+        std::printf("nn-cpp bench (random data, 60000 samples, %s, %s): batch %d, %d thread(s): "
                     "%.3f s/epoch, %.0f samples/s, %.3f CPU s/epoch (best of %d epochs)\n",
-                    sizes_str(sizes).c_str(), batch, r.threads, r.seconds_per_epoch, r.samples_per_s,
+                    sizes_str(sizes).c_str(), optim.c_str(), batch, r.threads, r.seconds_per_epoch, r.samples_per_s,
                     r.cpu_seconds_per_epoch, epochs);
     return 0;
 }

@@ -204,7 +204,7 @@ double train(const TrainConfig& cfg) {
     return best_test;
 }
 
-BenchResult bench(int batch, int threads, int epochs, const std::vector<uint32_t>& sizes) {
+BenchResult bench(int batch, int threads, int epochs, const std::vector<uint32_t>& sizes, const std::string& optimizer) {
 #ifdef _OPENMP
     if (threads > 0) omp_set_num_threads(threads);
     int used = omp_get_max_threads();
@@ -223,7 +223,7 @@ BenchResult bench(int batch, int threads, int epochs, const std::vector<uint32_t
     }
     for (auto& l : y) l = uint8_t(rng.below(sizes.back()));
     Net net = he_init(sizes, rng);
-    Optimizer opt(2, net);
+    Optimizer opt(optimizer_kind(optimizer), net);
     Work w(net, batch);
     Schedule sch;
     sch.total = long(epochs) * ((N + batch - 1) / batch);

@@ -37,4 +37,4 @@ struct BenchResult {
     int threads;
 };
 // Times `epochs` training epochs (adam, mean) of the default net on 60,000 random samples.
-BenchResult bench(int batch, int threads, int epochs, const std::vector<uint32_t>& sizes);
+BenchResult bench(int batch, int threads, int epochs, const std::vector<uint32_t>& sizes, const std::string& optimizer);

@@ -316,6 +316,10 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
         print(f"run {run}  |  {'-'.join(map(str, cfg.model.sizes))}  {cfg.optim.name} lr {cfg.optim.lr:g}  "
               f"batch {B}  {cfg.train.epochs} epochs  {threads} threads  "
               f"train {len(tr_idx)} / val {len(va_idx)} / test {len(mnist.test_y)}")
+        if aug.enabled:
+            on = {k: v for k, v in asdict(cfg.augment).items() if v and k != "elastic_sigma" or
+                  k == "elastic_sigma" and cfg.augment.elastic_alpha}
+            print("augment " + "  ".join(f"{k} {v:g}" for k, v in on.items()))
     y_all = mnist.train_y.astype(np.int64)
     with _SigInt(run) as sigint:
         while epoch < cfg.train.epochs:

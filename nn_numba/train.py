@@ -79,18 +79,19 @@ class Trainer:
         self.cfg, self.model = cfg, model
         self.kind = KINDS[cfg.optim.name]
         n = model.params.size
-        self.grad = np.zeros(n, np.float32)
-        self.m = np.zeros(n, np.float32)
-        self.v = np.zeros(n, np.float32)
+        zeros = kernels.aligned_zeros  # 64-byte aligned rows: 10-25 % faster products (docs/performance.md)
+        self.grad = zeros(n)
+        self.m = zeros(n)
+        self.v = zeros(n)
         self.step = 0
         self.cap = batch_cap
         sizes = model.sizes
-        self.acts = np.zeros(batch_cap * sum(sizes[1:]), np.float32)
-        self.d0 = np.zeros(batch_cap * max(sizes[1:]), np.float32)
-        self.d1 = np.zeros_like(self.d0)
+        self.acts = zeros(batch_cap * sum(sizes[1:]))
+        self.d0 = zeros(batch_cap * max(sizes[1:]))
+        self.d1 = zeros(batch_cap * max(sizes[1:]))
         self.loss = np.zeros(batch_cap, np.float32)
         self.pred = np.zeros(batch_cap, np.int64)
-        self.xb = np.zeros((batch_cap, sizes[0]), np.float32)
+        self.xb = zeros((batch_cap, sizes[0]))
 
     def train_step(self, X: np.ndarray, y: np.ndarray, lr: float) -> float:
         """One optimiser step on float32 inputs X (B, n_0) and int64 labels y (B,); the summed loss."""

@@ -83,27 +83,26 @@ class NumbaSide:
         return MLP.init(SIZES, np.random.default_rng(0))
 
     def epoch(self, B: int, samples: int, reps: int, warmup: int = 0) -> dict:
-        """Seconds per `samples`-sample pass at batch B, SGD with mean loss; the fastest of `reps`."""
-        np, K = self.np, self.K
-        model = self._model()
-        P, sz = model.params, model.sizes_arr
-        G, M, V = np.zeros_like(P), np.zeros_like(P), np.zeros_like(P)
-        cap = B
-        xb = np.zeros((cap, SIZES[0]), np.float32)
-        yb = np.zeros(cap, np.int64)
-        acts = np.zeros(cap * sum(SIZES[1:]), np.float32)
-        d0 = np.zeros(cap * max(SIZES[1:]), np.float32)
-        d1 = np.zeros_like(d0)
-        loss = np.zeros(cap, np.float32)
-        pred = np.zeros(cap, np.int64)
-        steps = -(-samples // B)
-        lrs = np.full(steps, LR)
+        """Seconds per `samples`-sample pass at batch B, SGD with mean loss; the fastest of `reps`.
+
+        The loop `nn-numba train` runs: per mini-batch one gather and one Trainer.train_step (its buffers).
+        """
+        from .config import from_dict
+        from .train import Trainer
+
+        K = self.K
+
+        tr = Trainer(from_dict({"optim": {"name": "sgd", "lr": LR, "reduction": "mean"}}), self._model(), B)
         times, last = [], 0.0
         for r in range(warmup + reps):  # the first `warmup` passes are not timed
             t0 = time.perf_counter()
             order = self.rng.permutation(N_TRAIN)[:samples]
-            total, _ = K.train_epoch(P, G, M, V, sz, self.X, self.y, order, B, K.PIXEL, xb, yb, acts, d0, d1,
-                                     loss, pred, K.SGD, lrs, r * steps, 0.0, False, 0.0, 0.9, 0.999, 1e-8, True)
+            total = 0.0
+            for i in range(0, samples, B):
+                idx = order[i:i + B]
+                xb = tr.xb[:len(idx)]
+                K.gather(self.X, idx, K.PIXEL, xb)
+                total += tr.train_step(xb, self.y[idx], LR)
             if r >= warmup:
                 times.append(time.perf_counter() - t0)
             last = total / samples
@@ -398,14 +397,14 @@ import numpy as np
 from nn_numba import kernels as K
 from nn_numba.model import MLP
 t1 = time.perf_counter()
+from nn_numba.config import from_dict
+from nn_numba.train import Trainer
 m = MLP.init([784, 250, 250, 10], np.random.default_rng(0)); B = 32
-P = m.params; G, M, V = (np.zeros_like(P) for _ in range(3))
-X = np.zeros((100, 784), np.uint8); y = np.zeros(100, np.int64); order = np.arange(100)
-xb = np.zeros((B, 784), np.float32); yb = np.zeros(B, np.int64); acts = np.zeros(B * 510, np.float32)
-d0 = np.zeros(B * 250, np.float32); d1 = d0.copy(); loss = np.zeros(B, np.float32); pred = np.zeros(B, np.int64)
-K.train_epoch(P, G, M, V, m.sizes_arr, X, y, order[:B], B, K.PIXEL, xb, yb, acts, d0, d1, loss, pred,
-              K.SGD, np.full(1, 0.01), 0, 0.0, False, 0.0, 0.9, 0.999, 1e-8, True)
-m.logits(xb)
+tr = Trainer(from_dict({"optim": {"name": "sgd"}}), m, B)
+X = np.zeros((100, 784), np.uint8); y = np.zeros(B, np.int64); idx = np.arange(B)
+K.gather(X, idx, K.PIXEL, tr.xb)
+tr.train_step(tr.xb, y, 0.01)
+m.logits(tr.xb)
 t2 = time.perf_counter()
 print(t1 - t0, t2 - t1)
 """

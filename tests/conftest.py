@@ -16,14 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def mnist_dir() -> Path:
-    """The real MNIST folder given by NN_NUMBA_DATA (CI points it at ../shared/mnist)."""
-    d = os.environ.get("NN_NUMBA_DATA") or str(ROOT.parent / "shared" / "mnist")
-    return Path(d).resolve()
+    """Real MNIST: $NN_NUMBA_DATA (CI points it at ../shared/mnist), else ../shared/mnist beside the
+    project, else the per-user cache, which a newcomer's first test run fills from the public mirrors."""
+    if os.environ.get("NN_NUMBA_DATA"):
+        return Path(os.environ["NN_NUMBA_DATA"]).resolve()
+    shared = ROOT.parent / "shared" / "mnist"
+    if (shared / "train-images-idx3-ubyte.gz").exists():
+        return shared.resolve()
+    from nn_numba.data import download_command
+
+    return download_command(None)
 
 
 @pytest.fixture(scope="session")
 def mnist_path() -> Path:
     d = mnist_dir()
-    if not (d / "train-images-idx3-ubyte.gz").exists():
+    if not (d / "train-images-idx3-ubyte.gz").exists() and not (d / "train-images-idx3-ubyte").exists():
         pytest.fail(f"real MNIST not found in {d}: set NN_NUMBA_DATA to the folder with the four IDX files")
     return d

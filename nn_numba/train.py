@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__, kernels
-from .checkpoint import Checkpoint, OptimState, load, save
+from .checkpoint import SLOTS, Checkpoint, OptimState, load, save
 from .config import Config, ConfigError, check, from_dict
 from .errors import NNError
 from .model import MLP, evaluate, n_params
@@ -276,7 +276,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
     except OSError as e:
         raise NNError(f"cannot write to the run folder {run}: {e.strerror} (choose another with --out)") from None
     point_latest(run)
-    check_space(run, n_params(cfg.model.sizes), {"sgd": 0, "momentum": 1, "adam": 2}[cfg.optim.name])
+    check_space(run, n_params(cfg.model.sizes), SLOTS[cfg.optim.name])
 
     model = MLP.init(cfg.model.sizes, np.random.default_rng([cfg.train.seed, 0]))
     trainer = Trainer(cfg, model, min(B, len(tr_idx)))

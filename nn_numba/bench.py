@@ -55,6 +55,22 @@ def _best(fn, reps: int, min_time: float = 0.02) -> float:
     return min(times)
 
 
+
+def timed_passes(rng, B: int, samples: int, reps: int, warmup: int, step) -> dict:
+    """Seconds of each of `reps` shuffled passes of `samples` samples in mini-batches of B, after `warmup`
+    untimed ones; step(idx) trains on one mini-batch and returns its summed loss. Both sides use this."""
+    times, loss = [], 0.0
+    for r in range(warmup + reps):
+        t0 = time.perf_counter()
+        order = rng.permutation(N_TRAIN)[:samples]
+        total = 0.0
+        for i in range(0, samples, B):
+            total += step(order[i:i + B])
+        if r >= warmup:
+            times.append(time.perf_counter() - t0)
+        loss = total / samples
+    return {"times": times, "loss": loss}
+
 class NumbaSide:
     """The project's kernels, as `nn-numba train` runs them."""
 
@@ -93,20 +109,13 @@ class NumbaSide:
         K = self.K
 
         tr = Trainer(from_dict({"optim": {"name": "sgd", "lr": LR, "reduction": "mean"}}), self._model(), B)
-        times, last = [], 0.0
-        for r in range(warmup + reps):  # the first `warmup` passes are not timed
-            t0 = time.perf_counter()
-            order = self.rng.permutation(N_TRAIN)[:samples]
-            total = 0.0
-            for i in range(0, samples, B):
-                idx = order[i:i + B]
-                xb = tr.xb[:len(idx)]
-                K.gather(self.X, idx, K.PIXEL, xb)
-                total += tr.train_step(xb, self.y[idx], LR)
-            if r >= warmup:
-                times.append(time.perf_counter() - t0)
-            last = total / samples
-        return {"times": times, "loss": last}
+
+        def step(idx):
+            xb = tr.xb[:len(idx)]
+            K.gather(self.X, idx, K.PIXEL, xb)
+            return tr.train_step(xb, self.y[idx], LR)
+
+        return timed_passes(self.rng, B, samples, reps, warmup, step)
 
     def kernels(self, B: int, reps: int) -> dict:
         """Seconds per call of every kernel of one training step at batch B."""
@@ -239,18 +248,8 @@ class NumpySide:
 
     def epoch(self, B: int, samples: int, reps: int, warmup: int = 0) -> dict:
         ps = self.params()
-        times, loss = [], 0.0
-        for r in range(warmup + reps):  # the first `warmup` passes are not timed
-            t0 = time.perf_counter()
-            order = self.rng.permutation(N_TRAIN)[:samples]
-            total = 0.0
-            for i in range(0, samples, B):
-                idx = order[i:i + B]
-                total += self.step(self.X[idx], self.y[idx], ps, LR) * len(idx)
-            if r >= warmup:
-                times.append(time.perf_counter() - t0)
-            loss = total / samples
-        return {"times": times, "loss": loss}
+        return timed_passes(self.rng, B, samples, reps, warmup,
+                            lambda idx: self.step(self.X[idx], self.y[idx], ps, LR) * len(idx))
 
     def kernels(self, B: int, reps: int) -> dict:
         np = self.np

@@ -71,6 +71,7 @@ def timed_passes(rng, B: int, samples: int, reps: int, warmup: int, step) -> dic
         loss = total / samples
     return {"times": times, "loss": loss}
 
+
 class NumbaSide:
     """The project's kernels, as `nn-numba train` runs them."""
 

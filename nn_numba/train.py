@@ -317,6 +317,8 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
         print(f"run {run}  |  {'-'.join(map(str, cfg.model.sizes))}  {cfg.optim.name} lr {cfg.optim.lr:g}  "
               f"batch {B}  {cfg.train.epochs} epochs  {threads} threads  "
               f"train {len(tr_idx)} / val {len(va_idx)} / test {len(mnist.test_y)}")
+        if _first_compile():
+            print("compiling the Numba kernels: about 20 s on the first run only (they are cached afterwards)")
         if aug.enabled:
             on = {k: v for k, v in asdict(cfg.augment).items() if v and k != "elastic_sigma" or
                   k == "elastic_sigma" and cfg.augment.elastic_alpha}
@@ -403,6 +405,13 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
                 raise Interrupted(f"interrupted after epoch {epoch}; saved {run / 'last.ck'}. "
                                   f"Resume with: nn-numba train CONFIG --resume {run}")
     return run
+
+
+def _first_compile() -> bool:
+    """True when no compiled train_step is cached next to kernels.py (a fresh install)."""
+    if os.environ.get("NUMBA_CACHE_DIR") or os.environ.get("NUMBA_DISABLE_JIT"):
+        return False  # elsewhere, or not compiled at all: say nothing rather than guess
+    return not any((Path(kernels.__file__).parent / "__pycache__").glob("kernels.train_step-*.nbi"))
 
 
 def _resume_source(resume: str) -> tuple[Checkpoint, Path]:

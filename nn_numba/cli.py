@@ -47,7 +47,10 @@ def train(
     resume: Annotated[str | None, typer.Option(help="Continue a run: its folder or its last.ck.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
 ) -> None:
-    """Train a network; writes runs/<timestamp>/ with config.toml, metrics.jsonl, best.ck and last.ck."""
+    """Train a network.
+
+    Writes runs/<timestamp>/ with config.toml, metrics.jsonl, best.ck and last.ck.
+    """
     from .config import load_config
     from .train import apply_overrides
     from .train import train as run_training
@@ -68,7 +71,7 @@ def evaluate(
     data_dir: DataDir = None,
     as_json: Json = False,
 ) -> None:
-    """Test-set loss, accuracy, per-class accuracy and confusion matrix of a checkpoint."""
+    """Test loss, accuracy, per-class accuracy, confusion matrix."""
     import numpy as np
 
     from .checkpoint import load
@@ -103,7 +106,7 @@ def info(
     checkpoint: Annotated[str | None, typer.Argument(help="Checkpoint (default: best of the latest run).")] = None,
     as_json: Json = False,
 ) -> None:
-    """Architecture, parameter count, format version and recorded accuracies of a checkpoint."""
+    """What a checkpoint holds: sizes, parameters, epoch, accuracy."""
     from .checkpoint import describe
 
     path = _default_checkpoint(checkpoint)
@@ -126,7 +129,10 @@ def predict(
     save_preprocessed: Annotated[str | None, typer.Option(help="Write what the network saw into DIR.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image and line.")] = False,
 ) -> None:
-    """Read digits from images: brought into MNIST's convention first (see README)."""
+    """Read digits from image files.
+
+    Each image is brought into MNIST's convention first (see README).
+    """
     from .predict import predict_paths
 
     code = predict_paths(images, checkpoint, top_k=top_k, raw=raw, as_json=as_json,
@@ -138,7 +144,7 @@ def predict(
 def download(
     dir: Annotated[str | None, typer.Option("--dir", help="Where to put the files (default: the cache).")] = None,
 ) -> None:
-    """Download MNIST from the public mirrors and verify its SHA-256 sums."""
+    """Download MNIST and verify its SHA-256 sums."""
     from .data import download_command
 
     download_command(dir)
@@ -151,7 +157,10 @@ def report(
     out: Annotated[str | None, typer.Option(help="Write into DIR/<run-name>/ (default: RUN/report/).")] = None,
     data_dir: DataDir = None,
 ) -> None:
-    """Pictures and a report.md of a run: curves, confusion, mistakes, lr schedule (needs nn-numba[plot])."""
+    """Plots and a report.md of runs (needs nn-numba[plot]).
+
+    Curves, confusion matrix, worst mistakes, the applied lr schedule, augmented samples.
+    """
     from .report import report as make_report
 
     make_report(runs, out=out, data_dir=data_dir)
@@ -166,7 +175,10 @@ def bench(
                                                         "batches 64 and 256, shorter passes.")] = False,
     as_json: Json = False,
 ) -> None:
-    """Speed of every kernel and of whole epochs against NumPy/BLAS (and the C++ port), on random data."""
+    """Speed of kernels and epochs against NumPy/BLAS.
+
+    Also inference, JIT cost and the C++ port when built; random data (speed only).
+    """
     import os
 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: measurements run in child processes

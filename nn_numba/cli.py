@@ -25,6 +25,7 @@ app = typer.Typer(
 
 DataDir = Annotated[str | None, typer.Option("--data-dir", help="Folder with the MNIST IDX files "
                                                 "(default: $NN_NUMBA_DATA, the config, then a per-user cache).")]
+CheckpointArg = typer.Argument(metavar="CHECKPOINT", help="Checkpoint (default: best of the latest run).")
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 
 
@@ -36,7 +37,7 @@ def _default_checkpoint(checkpoint: str | None) -> Path:
 
 @app.command()
 def train(
-    config: Annotated[Path, typer.Argument(help="TOML config, e.g. configs/default.toml.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="TOML config, e.g. configs/default.toml.")],
     epochs: Annotated[int | None, typer.Option(help="Override [train] epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Override [train] batch_size.")] = None,
     lr: Annotated[float | None, typer.Option(help="Override [optim] lr.")] = None,
@@ -67,7 +68,7 @@ def train(
 
 @app.command()
 def evaluate(
-    checkpoint: Annotated[str | None, typer.Argument(help="Checkpoint (default: best of the latest run).")] = None,
+    checkpoint: Annotated[str | None, CheckpointArg] = None,
     data_dir: DataDir = None,
     as_json: Json = False,
 ) -> None:
@@ -103,7 +104,7 @@ def evaluate(
 
 @app.command()
 def info(
-    checkpoint: Annotated[str | None, typer.Argument(help="Checkpoint (default: best of the latest run).")] = None,
+    checkpoint: Annotated[str | None, CheckpointArg] = None,
     as_json: Json = False,
 ) -> None:
     """What a checkpoint holds: sizes, parameters, epoch, accuracy."""
@@ -122,7 +123,8 @@ def info(
 
 @app.command()
 def predict(
-    images: Annotated[list[str], typer.Argument(help="Image files or folders (PNG, JPEG, BMP, GIF, WebP, TIFF).")],
+    images: Annotated[list[str], typer.Argument(
+        metavar="IMAGE", help="Image files or folders (PNG, JPEG, BMP, GIF, WebP, TIFF).")],
     checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: best of the latest run).")] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, max=10, help="How many likeliest digits to show.")] = 3,
     raw: Annotated[bool, typer.Option("--raw", help="Images are already 28x28 MNIST-style: no preprocessing.")] = False,

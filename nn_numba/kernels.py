@@ -16,6 +16,8 @@ cost 10-25 % on the 784-wide products. No data-dependent branches in hot loops: 
 import numpy as np
 from numba import njit, prange
 
+from .simd import vadd, vbload, vfma, vload, vloadn, vmask, vstore, vstoren, vsum, vzero
+
 SGD, MOMENTUM, ADAM, NO_UPDATE = 0, 1, 2, 3  # optimiser codes, as in the checkpoint's OPTM section
 
 # u8 -> float32 pixel, exactly u8 / 255 (a fastmath division could become a multiply by 1/255 and round
@@ -63,65 +65,74 @@ def linear_forward(X, W, b, Y, relu):
     """Y = X Wᵀ + b, then ReLU when `relu`.
 
     X (B, K), W (N, K), b (N,), Y (B, N), all float32.
-    Each task owns a 6x2 tile of Y and keeps its 12 sums in vector registers (vectorised along k), so every
-    vector loaded from W feeds six FMAs and every vector of X two. 6x2 and not 4x4: with AVX2's 16 vector
-    registers the 16 sums of a 4x4 tile plus its 8 operands spill (measured 1.5x slower on a Zen 3 host);
-    12 sums + 2 W vectors + 1 X vector fit, and on AVX-512 (32 registers) it fits too. prange over tiles
-    (row-major, so consecutive tiles of one thread share their X rows in L1); bias and ReLU are applied
-    while the tile is still in registers, without a branch (`_clip`). Ragged rows (B not a multiple of 6)
-    go one row at a time.
+    Dot form: each task owns a 6x2 tile of Y and keeps its 12 sums in 12 vector registers (8 lanes of k
+    each), so every vector loaded from W feeds six FMAs and every vector of X two; then one horizontal
+    sum per output (the K % 8 tail as one more masked step), bias and ReLU while the tile is in registers, no branch
+    (`_clip`). 6x2 and not 4x4: 16 sums + 8 operands spill AVX2's 16 vector registers; 12 + 3 fit.
+    prange over tiles, row-major, so consecutive tiles of one thread share their X rows in L1. The last
+    tile of a ragged edge is moved back to overlap its neighbour and stores only its own outputs.
     """
     B, K = X.shape
     N = W.shape[0]
     lo = np.float32(0) if relu else np.float32(-3.4028235e38)
+    K8 = K - K % 8
     tn = (N + 1) // 2
     for t in prange(((B + 5) // 6) * tn):
         i = (t // tn) * 6
         j = (t % tn) * 2
-        if i + 6 <= B and j + 2 <= N:
-            s00 = s01 = s10 = s11 = s20 = s21 = np.float32(0)
-            s30 = s31 = s40 = s41 = s50 = s51 = np.float32(0)
-            for k in range(K):
-                w0, w1 = W[j, k], W[j + 1, k]
-                x = X[i, k]
-                s00 += x * w0
-                s01 += x * w1
-                x = X[i + 1, k]
-                s10 += x * w0
-                s11 += x * w1
-                x = X[i + 2, k]
-                s20 += x * w0
-                s21 += x * w1
-                x = X[i + 3, k]
-                s30 += x * w0
-                s31 += x * w1
-                x = X[i + 4, k]
-                s40 += x * w0
-                s41 += x * w1
-                x = X[i + 5, k]
-                s50 += x * w0
-                s51 += x * w1
-            b0, b1 = b[j], b[j + 1]
-            Y[i, j], Y[i, j + 1] = _clip(s00 + b0, lo), _clip(s01 + b1, lo)
-            Y[i + 1, j], Y[i + 1, j + 1] = _clip(s10 + b0, lo), _clip(s11 + b1, lo)
-            Y[i + 2, j], Y[i + 2, j + 1] = _clip(s20 + b0, lo), _clip(s21 + b1, lo)
-            Y[i + 3, j], Y[i + 3, j + 1] = _clip(s30 + b0, lo), _clip(s31 + b1, lo)
-            Y[i + 4, j], Y[i + 4, j + 1] = _clip(s40 + b0, lo), _clip(s41 + b1, lo)
-            Y[i + 5, j], Y[i + 5, j + 1] = _clip(s50 + b0, lo), _clip(s51 + b1, lo)
-        else:  # ragged edge of the batch (a 1x2 tile per row) or of the outputs (N odd: one column)
+        if B < 6 or N < 2:  # too small for a tile (e.g. a single sample): plain dot products
             for ii in range(i, min(i + 6, B)):
-                if j + 2 <= N:
-                    s0 = s1 = np.float32(0)
+                for jj in range(j, min(j + 2, N)):
+                    s = np.float32(0)
                     for k in range(K):
-                        x = X[ii, k]
-                        s0 += x * W[j, k]
-                        s1 += x * W[j + 1, k]
-                    Y[ii, j], Y[ii, j + 1] = _clip(s0 + b[j], lo), _clip(s1 + b[j + 1], lo)
-                else:
-                    s0 = np.float32(0)
-                    for k in range(K):
-                        s0 += X[ii, k] * W[j, k]
-                    Y[ii, j] = _clip(s0 + b[j], lo)
+                        s += X[ii, k] * W[jj, k]
+                    Y[ii, jj] = _clip(s + b[jj], lo)
+            continue
+        i0, j0 = min(i, B - 6), min(j, N - 2)
+        s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = s40 = s41 = s50 = s51 = vzero()
+        for k in range(0, K8, 8):
+            w0, w1 = vload(W, j0, k), vload(W, j0 + 1, k)
+            x = vload(X, i0, k)
+            s00, s01 = vfma(x, w0, s00), vfma(x, w1, s01)
+            x = vload(X, i0 + 1, k)
+            s10, s11 = vfma(x, w0, s10), vfma(x, w1, s11)
+            x = vload(X, i0 + 2, k)
+            s20, s21 = vfma(x, w0, s20), vfma(x, w1, s21)
+            x = vload(X, i0 + 3, k)
+            s30, s31 = vfma(x, w0, s30), vfma(x, w1, s31)
+            x = vload(X, i0 + 4, k)
+            s40, s41 = vfma(x, w0, s40), vfma(x, w1, s41)
+            x = vload(X, i0 + 5, k)
+            s50, s51 = vfma(x, w0, s50), vfma(x, w1, s51)
+        if K8 < K:  # the K % 8 tail: one more step with masked loads (zeros past the row)
+            n = K - K8
+            w0, w1 = vloadn(W, j0, K8, n), vloadn(W, j0 + 1, K8, n)
+            x = vloadn(X, i0, K8, n)
+            s00, s01 = vfma(x, w0, s00), vfma(x, w1, s01)
+            x = vloadn(X, i0 + 1, K8, n)
+            s10, s11 = vfma(x, w0, s10), vfma(x, w1, s11)
+            x = vloadn(X, i0 + 2, K8, n)
+            s20, s21 = vfma(x, w0, s20), vfma(x, w1, s21)
+            x = vloadn(X, i0 + 3, K8, n)
+            s30, s31 = vfma(x, w0, s30), vfma(x, w1, s31)
+            x = vloadn(X, i0 + 4, K8, n)
+            s40, s41 = vfma(x, w0, s40), vfma(x, w1, s41)
+            x = vloadn(X, i0 + 5, K8, n)
+            s50, s51 = vfma(x, w0, s50), vfma(x, w1, s51)
+        if i0 == i and j0 == j:  # an inner tile: straight-line epilogue
+            b0, b1 = b[j], b[j + 1]
+            Y[i, j], Y[i, j + 1] = _clip(vsum(s00) + b0, lo), _clip(vsum(s01) + b1, lo)
+            Y[i + 1, j], Y[i + 1, j + 1] = _clip(vsum(s10) + b0, lo), _clip(vsum(s11) + b1, lo)
+            Y[i + 2, j], Y[i + 2, j + 1] = _clip(vsum(s20) + b0, lo), _clip(vsum(s21) + b1, lo)
+            Y[i + 3, j], Y[i + 3, j + 1] = _clip(vsum(s30) + b0, lo), _clip(vsum(s31) + b1, lo)
+            Y[i + 4, j], Y[i + 4, j + 1] = _clip(vsum(s40) + b0, lo), _clip(vsum(s41) + b1, lo)
+            Y[i + 5, j], Y[i + 5, j + 1] = _clip(vsum(s50) + b0, lo), _clip(vsum(s51) + b1, lo)
+        else:  # a tile moved back over its neighbour: store only its own outputs
+            y = (vsum(s00), vsum(s01), vsum(s10), vsum(s11), vsum(s20), vsum(s21),
+                 vsum(s30), vsum(s31), vsum(s40), vsum(s41), vsum(s50), vsum(s51))
+            for q in range(i - i0, 6):
+                for c in range(j - j0, 2):
+                    Y[i0 + q, j0 + c] = _clip(y[2 * q + c] + b[j0 + c], lo)
 
 
 @njit(fastmath=True, cache=True)
@@ -132,94 +143,138 @@ def _clip(v, lo):
     return lo if v < lo else v
 
 
+@njit(fastmath=True, cache=True)
+def _tile(C, r, D, k):
+    """The axpy micro-kernel of both backward products: a 6x16 block of C·D in 12 vector registers.
+
+    Returns acc[2q + h] = Σ_p C[r + q, p] · D[p, k + 8h : k + 8h + 8] for q < 6, h < 2 (rows r..r+5 of C
+    and columns k..k+15 of D must exist). Per p: two vectors of D, six broadcasts of C, 12 FMAs; the sums
+    never leave registers until the whole reduction is done (what LLVM would not do for scalar code).
+    """
+    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = vzero()
+    for p in range(C.shape[1]):
+        x0, x1 = vload(D, p, k), vload(D, p, k + 8)
+        c = vbload(C, r, p)
+        a00, a01 = vfma(c, x0, a00), vfma(c, x1, a01)
+        c = vbload(C, r + 1, p)
+        a10, a11 = vfma(c, x0, a10), vfma(c, x1, a11)
+        c = vbload(C, r + 2, p)
+        a20, a21 = vfma(c, x0, a20), vfma(c, x1, a21)
+        c = vbload(C, r + 3, p)
+        a30, a31 = vfma(c, x0, a30), vfma(c, x1, a31)
+        c = vbload(C, r + 4, p)
+        a40, a41 = vfma(c, x0, a40), vfma(c, x1, a41)
+        c = vbload(C, r + 5, p)
+        a50, a51 = vfma(c, x0, a50), vfma(c, x1, a51)
+    return (a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51)
+
+
+@njit(fastmath=True, cache=True)
+def _tile_n(C, r, D, k, n):
+    """_tile for the last n < 8 + 1 columns of D: acc[q] = Σ_p C[r + q, p] · D[p, k : k + n], zeros past n.
+    A separate 6x8 kernel because the masked loads need registers the 6x16 tile has no room for."""
+    a0 = a1 = a2 = a3 = a4 = a5 = vzero()
+    for p in range(C.shape[1]):
+        x = vloadn(D, p, k, n)
+        a0 = vfma(vbload(C, r, p), x, a0)
+        a1 = vfma(vbload(C, r + 1, p), x, a1)
+        a2 = vfma(vbload(C, r + 2, p), x, a2)
+        a3 = vfma(vbload(C, r + 3, p), x, a3)
+        a4 = vfma(vbload(C, r + 4, p), x, a4)
+        a5 = vfma(vbload(C, r + 5, p), x, a5)
+    return (a0, a1, a2, a3, a4, a5)
+
+
 @njit(**_opts)
 def linear_backward_input(dY, W, A, dX):
     """dX = (dY W) ⊙ [A > 0]: the gradient at the layer's input, through the previous layer's ReLU.
 
     dY (B, N), W (N, K), A (B, K) the layer's input (a ReLU output, so A > 0 exactly where its
-    pre-activation was > 0), dX (B, K). Each task owns 4 rows of dX and adds 4 rows of W at a time
-    (16 coefficients in registers, vectorised along k). prange over 4-row blocks of the batch.
+    pre-activation was > 0), dX (B, K). Axpy form over contiguous rows of W: each task owns a 6x16 tile
+    of dX (`_tile` with C = dY, D = W, summing over the N outputs), masks it and stores it once. prange
+    over tiles, batch blocks fastest, so the 16 columns of W a run of tasks reads stay in L1. The last
+    tile of a ragged edge overlaps its neighbour and stores only its own rows.
     """
     B, N = dY.shape
     K = W.shape[1]
-    for t in prange((B + 3) // 4):
-        i = t * 4
-        ie = min(i + 4, B)
-        for ii in range(i, ie):
-            for k in range(K):
-                dX[ii, k] = 0
-        if ie - i == 4:
-            for jb in range(N // 4):
-                j = jb * 4
-                d00, d01, d02, d03 = dY[i, j], dY[i, j + 1], dY[i, j + 2], dY[i, j + 3]
-                d10, d11, d12, d13 = dY[i + 1, j], dY[i + 1, j + 1], dY[i + 1, j + 2], dY[i + 1, j + 3]
-                d20, d21, d22, d23 = dY[i + 2, j], dY[i + 2, j + 1], dY[i + 2, j + 2], dY[i + 2, j + 3]
-                d30, d31, d32, d33 = dY[i + 3, j], dY[i + 3, j + 1], dY[i + 3, j + 2], dY[i + 3, j + 3]
-                for k in range(K):
-                    w0, w1, w2, w3 = W[j, k], W[j + 1, k], W[j + 2, k], W[j + 3, k]
-                    dX[i, k] += d00 * w0 + d01 * w1 + d02 * w2 + d03 * w3
-                    dX[i + 1, k] += d10 * w0 + d11 * w1 + d12 * w2 + d13 * w3
-                    dX[i + 2, k] += d20 * w0 + d21 * w1 + d22 * w2 + d23 * w3
-                    dX[i + 3, k] += d30 * w0 + d31 * w1 + d32 * w2 + d33 * w3
-            j0 = (N // 4) * 4
+    nb = (B + 5) // 6
+    for t in prange(nb * ((K + 15) // 16)):
+        i = (t % nb) * 6
+        k = (t // nb) * 16
+        if B < 6:  # too few samples for a tile: plain sums
+            for ii in range(i, min(i + 6, B)):
+                for kk in range(k, min(k + 16, K)):
+                    s = np.float32(0)
+                    for j in range(N):
+                        s += dY[ii, j] * W[j, kk]
+                    dX[ii, kk] = s if A[ii, kk] > 0 else np.float32(0)
+            continue
+        i0 = min(i, B - 6)
+        if k + 16 <= K:
+            acc = _tile(dY, i0, W, k)
+            for q in range(i - i0, 6):
+                vstore(dX, i0 + q, k, vmask(acc[2 * q], vload(A, i0 + q, k)))
+                vstore(dX, i0 + q, k + 8, vmask(acc[2 * q + 1], vload(A, i0 + q, k + 8)))
         else:
-            j0 = 0
-        for j in range(j0, N):
-            for ii in range(i, ie):
-                d = dY[ii, j]
-                for k in range(K):
-                    dX[ii, k] += d * W[j, k]
-        for ii in range(i, ie):  # a select and a plain store, not a branch (LLVM made it a masked store)
-            for k in range(K):
-                dX[ii, k] = np.float32(0) if A[ii, k] <= 0 else dX[ii, k]
+            for kk in range(k, K, 8):
+                acc = _tile_n(dY, i0, W, kk, K - kk)
+                for q in range(i - i0, 6):
+                    vstoren(dX, i0 + q, kk, vmask(acc[q], vloadn(A, i0 + q, kk, K - kk)), K - kk)
 
 
 @njit(**_opts)
 def linear_backward_weight(dY, A, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
-    """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step on W and b, fused.
+    """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step on W and b.
 
-    dY (B, N), A (B, K) the layer's input, gW/W/mW/vW (N, K), gb/b/mb/vb (N,). Each task owns 4 rows of
-    gW and walks the batch 4 samples at a time (16 coefficients in registers, vectorised along k); once
-    its rows are complete it updates the same rows of W while they are in L1. prange over 4-row blocks
-    of W: disjoint rows, so no races. Must run after linear_backward_input, which reads the old W.
-    `kind`, the hyper-parameters and the Adam bias corrections c1 = 1/(1-β1ᵗ), c2 = 1/(1-β2ᵗ) are
-    those of `update`; kind NO_UPDATE only computes the gradients.
+    dY (B, N), A (B, K) the layer's input, gW/W/mW/vW (N, K), gb/b/mb/vb (N,). Axpy form over contiguous
+    rows of A: each task owns a 6x16 tile of gW (`_tile` with C = dYᵀ, D = A, summing over the batch) and
+    stores it once. prange over tiles, row blocks
+    fastest, so the 16 columns of A a run of tasks reads stay in L1. Tiles are disjoint, so no races.
+    The optimiser then runs as a second prange over whole rows: applied per 6x16 tile it cost more than
+    the product (1-D slices per tile row are reference-counted atomically; 2-D index ranges do not
+    vectorise), while a row pass over W and gW costs about as much as copying them. Must run after
+    linear_backward_input, which reads the old W. `kind`, the hyper-parameters and the Adam bias
+    corrections c1 = 1/(1-β1ᵗ), c2 = 1/(1-β2ᵗ) are those of `update`; kind NO_UPDATE only computes the
+    gradients.
     """
     B, N = dY.shape
     K = A.shape[1]
-    for t in prange((N + 3) // 4):
-        j = t * 4
-        je = min(j + 4, N)
-        for jj in range(j, je):
-            for k in range(K):
-                gW[jj, k] = 0
-        i0 = 0
-        if je - j == 4:
-            for ib in range(B // 4):
-                i = ib * 4
-                c00, c01, c02, c03 = dY[i, j], dY[i + 1, j], dY[i + 2, j], dY[i + 3, j]
-                c10, c11, c12, c13 = dY[i, j + 1], dY[i + 1, j + 1], dY[i + 2, j + 1], dY[i + 3, j + 1]
-                c20, c21, c22, c23 = dY[i, j + 2], dY[i + 1, j + 2], dY[i + 2, j + 2], dY[i + 3, j + 2]
-                c30, c31, c32, c33 = dY[i, j + 3], dY[i + 1, j + 3], dY[i + 2, j + 3], dY[i + 3, j + 3]
-                for k in range(K):
-                    a0, a1, a2, a3 = A[i, k], A[i + 1, k], A[i + 2, k], A[i + 3, k]
-                    gW[j, k] += c00 * a0 + c01 * a1 + c02 * a2 + c03 * a3
-                    gW[j + 1, k] += c10 * a0 + c11 * a1 + c12 * a2 + c13 * a3
-                    gW[j + 2, k] += c20 * a0 + c21 * a1 + c22 * a2 + c23 * a3
-                    gW[j + 3, k] += c30 * a0 + c31 * a1 + c32 * a2 + c33 * a3
-            i0 = (B // 4) * 4
-        for i in range(i0, B):
-            for jj in range(j, je):
-                c = dY[i, jj]
-                for k in range(K):
-                    gW[jj, k] += c * A[i, k]
-        for jj in range(j, je):
-            s = np.float32(0)
-            for i in range(B):
-                s += dY[i, jj]
-            gb[jj] = s
-            update(W[jj], gW[jj], mW[jj], vW[jj], kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2)
-        update(b[j:je], gb[j:je], mb[j:je], vb[j:je], kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
+    C = dY.T
+    nj = (N + 5) // 6
+    for t in prange(nj * ((K + 15) // 16)):
+        j = (t % nj) * 6
+        k = (t // nj) * 16
+        if N < 6:  # too few outputs for a tile: plain sums
+            for jj in range(j, min(j + 6, N)):
+                for kk in range(k, min(k + 16, K)):
+                    s = np.float32(0)
+                    for i in range(B):
+                        s += dY[i, jj] * A[i, kk]
+                    gW[jj, kk] = s
+        else:
+            j0 = min(j, N - 6)
+            if k + 16 <= K:
+                acc = _tile(C, j0, A, k)
+                for q in range(j - j0, 6):
+                    vstore(gW, j0 + q, k, acc[2 * q])
+                    vstore(gW, j0 + q, k + 8, acc[2 * q + 1])
+            else:
+                for kk in range(k, K, 8):
+                    acc = _tile_n(C, j0, A, kk, K - kk)
+                    for q in range(j - j0, 6):
+                        vstoren(gW, j0 + q, kk, acc[q], K - kk)
+    gb2 = gb.reshape((1, N))
+    for t in prange((N + 7) // 8):  # gb = Σ_i dY[i], eight columns per task, summed down the batch
+        j = t * 8
+        s = vzero()
+        for i in range(B):
+            s = vadd(s, vloadn(dY, i, j, N - j))
+        vstoren(gb2, 0, j, s, N - j)
+    if kind == NO_UPDATE:
+        return
+    for j in prange(N):  # a second pass, by rows: see the docstring
+        update(W[j], gW[j], mW[j], vW[j], kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2)
+    update(b, gb, mb, vb, kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
 
 
 @njit(fastmath=True, cache=True)

@@ -14,7 +14,10 @@ def rel(a, b):
     return float(np.abs(np.asarray(a, np.float64) - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-@pytest.fixture(params=[(1, 7, 5), (4, 8, 4), (37, 784, 250), (64, 250, 250), (13, 250, 10)],
+# (B, K, N): below one 6x16 tile, exactly one, ragged edges that overlap the previous tile in rows and
+# leave 1-15 masked columns, and the real layer shapes.
+@pytest.fixture(params=[(1, 7, 5), (4, 8, 4), (6, 16, 6), (7, 25, 13), (12, 40, 11), (5, 33, 7), (11, 9, 2),
+                        (37, 784, 250), (64, 250, 250), (13, 250, 10)],
                 ids=lambda s: "x".join(map(str, s)))
 def shapes(request):
     return request.param

@@ -1,0 +1,186 @@
+"""Eight float32 lanes as one Numba value: the vector registers a GEMM micro-kernel needs.
+
+LLVM keeps the sums of a *dot-form* tile in registers by itself (`fastmath` lets it vectorise the
+reduction), but not the sums of an *axpy-form* tile: there the accumulators are rows of the output,
+and it reloads and re-stores them every few FMAs (docs/performance.md, rounds 2-3). Numba also turns
+LLVM's SLP vectoriser off, so scalar accumulators are never packed into vectors. `f32x8` closes that
+gap: a value of this type *is* an LLVM `<8 x float>`, which lives in one ymm register (AVX2; also on
+AVX-512, where 256-bit FMAs reach the same FLOP rate on Zen 4), and each function below is one or a
+few LLVM instructions. Kernels stay explicit loops inside `@njit`; there is no BLAS and no x86
+intrinsic here, so LLVM still schedules and allocates registers and the code compiles for any CPU.
+
+    acc = vzero()
+    for i in range(B):
+        acc = vfma(vbload(C, i, j), vload(A, i, k), acc)   # acc[l] += C[i, j] * A[i, k + l], l < 8
+    vstore(Y, j, k, acc)
+
+Arrays are 2-D float32. Vector loads and stores need contiguous rows (C layout, or a view such as
+buf[:, :250]); they are unaligned and unchecked, so callers keep k + 8 <= the row length, or use the
+masked `vloadn`/`vstoren` for the last n < 8 columns. No index wraps around.
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+W = 8  # lanes
+_f32, _i32 = ir.FloatType(), ir.IntType(32)
+_vec, _ivec = ir.VectorType(_f32, W), ir.VectorType(_i32, W)
+_ZERO = ir.Constant(_vec, [0.0] * W)
+
+
+class F32x8(types.Type):
+    def __init__(self) -> None:
+        super().__init__(name="f32x8")
+
+
+f32x8 = F32x8()
+
+
+@register_model(F32x8)
+class _F32x8Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _vec)
+
+
+def _splat(builder, x):
+    """A scalar (float or i32) in every lane."""
+    vty = _ivec if x.type == _i32 else _vec
+    one = builder.insert_element(ir.Constant(vty, ir.Undefined), x, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(one, ir.Constant(vty, ir.Undefined), ir.Constant(_ivec, [0] * W))
+
+
+def _check(ary, rows_contiguous=True):
+    ok = isinstance(ary, types.Array) and ary.dtype == types.float32 and ary.ndim == 2
+    if not ok or (rows_contiguous and ary.layout == "F"):
+        raise TypeError(f"simd: need a 2-D float32 array{' with contiguous rows' * rows_contiguous}, got {ary}")
+
+
+def _addr(context, builder, sig, args, vector=True):
+    """Address of ary[i, k] (args = ary, i, k, ...): a `<8 x float>*`, or a `float*` when not `vector`.
+    The row stride comes from the array; the column stride is 4 bytes for vectors (contiguous rows) and
+    read from the array for scalars (so a transposed view works)."""
+    aryty, ity, kty = sig.args[:3]
+    arr = context.make_array(aryty)(context, builder, args[0])
+    i = context.cast(builder, args[1], ity, types.intp)
+    k = context.cast(builder, args[2], kty, types.intp)
+    row, col = cgutils.unpack_tuple(builder, arr.strides, 2)
+    if vector:
+        col = ir.Constant(i.type, 4)
+    off = builder.add(builder.mul(i, row), builder.mul(k, col))
+    p = builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()), [off], inbounds=True)
+    return builder.bitcast(p, (_vec if vector else _f32).as_pointer())
+
+
+def _lanes(builder, n):
+    """<8 x i1>: lane l < n (n <= 0: none, n >= 8: all)."""
+    n = builder.trunc(n, _i32) if n.type.width > 32 else n
+    return builder.icmp_signed("<", ir.Constant(_ivec, list(range(W))), _splat(builder, n))
+
+
+def _call(builder, name, ret, args):
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+@intrinsic
+def vzero(typingctx):
+    """Eight zeros."""
+    return f32x8(), lambda context, builder, sig, args: _ZERO
+
+
+@intrinsic
+def vbcast(typingctx, x):
+    """The scalar x (cast to float32) in every lane."""
+    def codegen(context, builder, sig, args):
+        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32))
+    return f32x8(types.float32), codegen
+
+
+@intrinsic
+def vbload(typingctx, ary, i, k):
+    """ary[i, k] in every lane (a broadcast load); any layout."""
+    _check(ary, rows_contiguous=False)
+
+    def codegen(context, builder, sig, args):
+        return _splat(builder, builder.load(_addr(context, builder, sig, args, vector=False), align=4))
+    return f32x8(ary, i, k), codegen
+
+
+@intrinsic
+def vload(typingctx, ary, i, k):
+    """ary[i, k : k + 8]."""
+    _check(ary)
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_addr(context, builder, sig, args), align=4)
+    return f32x8(ary, i, k), codegen
+
+
+@intrinsic
+def vstore(typingctx, ary, i, k, v):
+    """ary[i, k : k + 8] = v."""
+    _check(ary)
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[3], _addr(context, builder, sig, args), align=4)
+        return context.get_dummy_value()
+    return types.none(ary, i, k, f32x8), codegen
+
+
+@intrinsic
+def vloadn(typingctx, ary, i, k, n):
+    """ary[i, k : k + n] in the first n lanes, zeros after; nothing past them is read (a masked load)."""
+    _check(ary)
+
+    def codegen(context, builder, sig, args):
+        p = _addr(context, builder, sig, args)
+        return _call(builder, "llvm.masked.load.v8f32.p0", _vec, [p, ir.Constant(_i32, 4), _lanes(builder, args[3]),
+                                                                  _ZERO])
+    return f32x8(ary, i, k, n), codegen
+
+
+@intrinsic
+def vstoren(typingctx, ary, i, k, v, n):
+    """ary[i, k : k + n] = the first n lanes of v (a masked store)."""
+    _check(ary)
+
+    def codegen(context, builder, sig, args):
+        p = _addr(context, builder, sig, args)
+        _call(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), [args[3], p, ir.Constant(_i32, 4),
+                                                                     _lanes(builder, args[4])])
+        return context.get_dummy_value()
+    return types.none(ary, i, k, f32x8, n), codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """a * b + c lane by lane, rounded once (one FMA instruction)."""
+    return f32x8(f32x8, f32x8, f32x8), lambda context, builder, sig, args: _call(builder, "llvm.fma.v8f32", _vec, args)
+
+
+@intrinsic
+def vadd(typingctx, a, b):
+    """a + b lane by lane."""
+    return f32x8(f32x8, f32x8), lambda context, builder, sig, args: builder.fadd(*args)
+
+
+@intrinsic
+def vmask(typingctx, v, a):
+    """v where a > 0, else 0: the ReLU mask of a backward product (a is the ReLU's output)."""
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[1], _ZERO), args[0], _ZERO)
+    return f32x8(f32x8, f32x8), codegen
+
+
+@intrinsic
+def vsum(typingctx, v):
+    """The sum of the eight lanes, always in the same order: three halving steps (l + 4, l + 2, l + 1)."""
+    def codegen(context, builder, sig, args):
+        v = args[0]
+        for half in (4, 2, 1):
+            mask = ir.Constant(_ivec, [(l + half) % W for l in range(W)])
+            v = builder.fadd(v, builder.shuffle_vector(v, ir.Constant(_vec, ir.Undefined), mask))
+        return builder.extract_element(v, ir.Constant(_i32, 0))
+    return types.float32(f32x8), codegen

@@ -124,16 +124,14 @@ class NumbaSide:
         model = self._model()
         rng = np.random.default_rng(1)
         (W1, b1), (W2, b2), (W3, b3) = (model.layer(l) for l in range(3))
-        X = K.PIXEL[self.X[:B]]
-        A1 = np.zeros((B, 250), np.float32)
-        A2 = np.zeros((B, 250), np.float32)
-        Z = np.zeros((B, 10), np.float32)
-        dZ = np.zeros_like(Z)
+        az = K.aligned_zeros  # the trainer's buffers are 64-byte aligned too (docs/performance.md)
+        X = az((B, SIZES[0]))
+        X[:] = K.PIXEL[self.X[:B]]
+        A1, A2, dA1, dA2 = az((B, 250)), az((B, 250)), az((B, 250)), az((B, 250))
+        Z, dZ = az((B, 10)), az((B, 10))
         loss, pred = np.zeros(B, np.float32), np.zeros(B, np.int64)
         y = self.y[:B]
-        dA2 = np.zeros((B, 250), np.float32)
-        dA1 = np.zeros((B, 250), np.float32)
-        G = np.zeros_like(model.params)
+        G = az(model.params.shape)
         out = {}
         K.linear_forward(X, W1, b1, A1, True)
         K.linear_forward(A1, W2, b2, A2, True)
@@ -144,7 +142,7 @@ class NumbaSide:
         def dw(l, A, dY, kind):
             W, b = model.layer(l)
             gW, gb = K._views(G, model.sizes_arr, l)
-            m, v = np.zeros_like(W), np.zeros_like(b)
+            m, v = az(W.shape), az(b.shape)
             return lambda: K.linear_backward_weight(dY, A, gW, gb, W, b, m, v, m, v, kind, 1e-9, 0.0, False, 0.0,
                                                     0.9, 0.999, 1e-8, 1.0, 1.0)
 
@@ -167,11 +165,12 @@ class NumbaSide:
         return out
 
     def infer(self, reps: int) -> dict:
-        np, K = self.np, self.K
+        K = self.K
         model = self._model()
-        X = K.PIXEL[self.X[:10_000]]
-        acts = np.zeros(1000 * sum(SIZES[1:]), np.float32)
-        acts1 = np.zeros(sum(SIZES[1:]), np.float32)
+        X = K.aligned_zeros((10_000, SIZES[0]))  # aligned, as in model.evaluate
+        X[:] = K.PIXEL[self.X[:10_000]]
+        acts = K.aligned_zeros(1000 * sum(SIZES[1:]))
+        acts1 = K.aligned_zeros(sum(SIZES[1:]))
 
         def batch1000():
             for i in range(0, 10_000, 1000):

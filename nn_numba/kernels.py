@@ -16,7 +16,23 @@ cost 10-25 % on the 784-wide products. No data-dependent branches in hot loops: 
 import numpy as np
 from numba import njit, prange
 
-from .simd import vadd, vbload, vfma, vload, vloadn, vmask, vstore, vstoren, vsum, vzero
+from .simd import (
+    vadd,
+    vbcast,
+    vbload,
+    vdiv,
+    vfma,
+    vload,
+    vloadn,
+    vmask,
+    vmul,
+    vsqrt,
+    vstore,
+    vstoren,
+    vsub,
+    vsum,
+    vzero,
+)
 
 SGD, MOMENTUM, ADAM, NO_UPDATE = 0, 1, 2, 3  # optimiser codes, as in the checkpoint's OPTM section
 
@@ -224,18 +240,16 @@ def linear_backward_input(dY, W, A, dX):
 
 @njit(**_opts)
 def linear_backward_weight(dY, A, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
-    """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step on W and b.
+    """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step on W and b, fused.
 
     dY (B, N), A (B, K) the layer's input, gW/W/mW/vW (N, K), gb/b/mb/vb (N,). Axpy form over contiguous
-    rows of A: each task owns a 6x16 tile of gW (`_tile` with C = dYᵀ, D = A, summing over the batch) and
-    stores it once. prange over tiles, row blocks
-    fastest, so the 16 columns of A a run of tasks reads stay in L1. Tiles are disjoint, so no races.
-    The optimiser then runs as a second prange over whole rows: applied per 6x16 tile it cost more than
-    the product (1-D slices per tile row are reference-counted atomically; 2-D index ranges do not
-    vectorise), while a row pass over W and gW costs about as much as copying them. Must run after
-    linear_backward_input, which reads the old W. `kind`, the hyper-parameters and the Adam bias
-    corrections c1 = 1/(1-β1ᵗ), c2 = 1/(1-β2ᵗ) are those of `update`; kind NO_UPDATE only computes the
-    gradients.
+    rows of A: each task owns a 6x16 tile of gW (`_tile` with C = dYᵀ, D = A, summing over the batch),
+    stores it once and takes the optimiser step on the same block of W with the gradient still in
+    registers (`_step`); the tasks of the first column block also own gb and b. prange over tiles, row
+    blocks fastest, so the 16 columns of A a run of tasks reads stay in L1. Tiles are disjoint, so no
+    races, and one parallel region per call. Must run after linear_backward_input, which reads the old
+    W. `kind`, the hyper-parameters and the Adam bias corrections c1 = 1/(1-β1ᵗ), c2 = 1/(1-β2ᵗ) are
+    those of `update`; kind NO_UPDATE only computes the gradients.
     """
     B, N = dY.shape
     K = A.shape[1]
@@ -245,36 +259,78 @@ def linear_backward_weight(dY, A, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, n
         j = (t % nj) * 6
         k = (t // nj) * 16
         if N < 6:  # too few outputs for a tile: plain sums
-            for jj in range(j, min(j + 6, N)):
+            for jj in range(j, N):
                 for kk in range(k, min(k + 16, K)):
                     s = np.float32(0)
                     for i in range(B):
                         s += dY[i, jj] * A[i, kk]
                     gW[jj, kk] = s
+                if kind != NO_UPDATE:
+                    update(W[jj, k:k + 16], gW[jj, k:k + 16], mW[jj, k:k + 16], vW[jj, k:k + 16], kind, lr, mom,
+                           nesterov, wd, b1, b2, eps, c1, c2)
         else:
             j0 = min(j, N - 6)
             if k + 16 <= K:
                 acc = _tile(C, j0, A, k)
                 for q in range(j - j0, 6):
-                    vstore(gW, j0 + q, k, acc[2 * q])
-                    vstore(gW, j0 + q, k + 8, acc[2 * q + 1])
+                    for h in range(2):
+                        vstore(gW, j0 + q, k + 8 * h, acc[2 * q + h])
+                        _step(W, mW, vW, j0 + q, k + 8 * h, acc[2 * q + h], 8, kind, lr, mom, nesterov, wd, b1, b2,
+                              eps, c1, c2)
             else:
                 for kk in range(k, K, 8):
                     acc = _tile_n(C, j0, A, kk, K - kk)
                     for q in range(j - j0, 6):
-                        vstoren(gW, j0 + q, kk, acc[q], K - kk)
-    gb2 = gb.reshape((1, N))
-    for t in prange((N + 7) // 8):  # gb = Σ_i dY[i], eight columns per task, summed down the batch
-        j = t * 8
-        s = vzero()
-        for i in range(B):
-            s = vadd(s, vloadn(dY, i, j, N - j))
-        vstoren(gb2, 0, j, s, N - j)
+                        _st(gW, j0 + q, kk, acc[q], K - kk)
+                        _step(W, mW, vW, j0 + q, kk, acc[q], K - kk, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
+                              c2)
+        if k == 0:  # the first column of tiles also owns gb and b: column sums of dY, 8 at a time
+            je = min(j + 6, N)
+            for jj in range(j, je, 8):
+                s = vzero()
+                for i in range(B):
+                    s = vadd(s, vloadn(dY, i, jj, je - jj))
+                vstoren(gb.reshape((1, N)), 0, jj, s, je - jj)
+            if kind != NO_UPDATE:
+                update(b[j:je], gb[j:je], mb[j:je], vb[j:je], kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
+
+
+@njit(fastmath=True, cache=True, inline="always")  # a call per 8 lanes would cost more than the step
+def _step(P, M, V, r, k, g, n, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
+    """`update` on P[r, k : k + n] (n <= 8) with the gradient g still in a register: the optimiser step of
+    a gW tile, done by the task that computed it while the block of W is in L1 (no second pass over W
+    and gW, no 1-D slice per row, whose reference count Numba would update atomically). Masked loads and
+    stores only for n < 8: AMD's masked stores are slow."""
     if kind == NO_UPDATE:
         return
-    for j in prange(N):  # a second pass, by rows: see the docstring
-        update(W[j], gW[j], mW[j], vW[j], kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2)
-    update(b, gb, mb, vb, kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
+    p = _ld(P, r, k, n)
+    g = vadd(g, vmul(vbcast(wd), p))
+    if kind == SGD:
+        p = vsub(p, vmul(vbcast(lr), g))
+    elif kind == MOMENTUM:
+        m = vadd(vmul(vbcast(mom), _ld(M, r, k, n)), g)
+        _st(M, r, k, m, n)
+        p = vsub(p, vmul(vbcast(lr), vadd(g, vmul(vbcast(mom), m)) if nesterov else m))
+    else:  # ADAM
+        m = vadd(vmul(vbcast(b1), _ld(M, r, k, n)), vmul(vbcast(1 - b1), g))
+        v = vadd(vmul(vbcast(b2), _ld(V, r, k, n)), vmul(vmul(vbcast(1 - b2), g), g))
+        _st(M, r, k, m, n)
+        _st(V, r, k, v, n)
+        p = vsub(p, vdiv(vmul(vbcast(lr), vmul(m, vbcast(c1))), vadd(vsqrt(vmul(v, vbcast(c2))), vbcast(eps))))
+    _st(P, r, k, p, n)
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _ld(A, r, k, n):
+    return vload(A, r, k) if n >= 8 else vloadn(A, r, k, n)
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _st(A, r, k, x, n):
+    if n >= 8:
+        vstore(A, r, k, x)
+    else:
+        vstoren(A, r, k, x, n)
 
 
 @njit(fastmath=True, cache=True)

@@ -160,10 +160,21 @@ def vfma(typingctx, a, b, c):
     return f32x8(f32x8, f32x8, f32x8), lambda context, builder, sig, args: _call(builder, "llvm.fma.v8f32", _vec, args)
 
 
+def _binary(op):
+    @intrinsic
+    def f(typingctx, a, b):
+        return f32x8(f32x8, f32x8), lambda context, builder, sig, args: getattr(builder, op)(*args)
+    return f
+
+
+vadd, vsub, vmul, vdiv = _binary("fadd"), _binary("fsub"), _binary("fmul"), _binary("fdiv")
+vadd.__doc__, vsub.__doc__, vmul.__doc__, vdiv.__doc__ = "a + b", "a - b", "a * b", "a / b (lane by lane)"
+
+
 @intrinsic
-def vadd(typingctx, a, b):
-    """a + b lane by lane."""
-    return f32x8(f32x8, f32x8), lambda context, builder, sig, args: builder.fadd(*args)
+def vsqrt(typingctx, a):
+    """The square root of each lane (correctly rounded, as np.sqrt)."""
+    return f32x8(f32x8), lambda context, builder, sig, args: _call(builder, "llvm.sqrt.v8f32", _vec, args)
 
 
 @intrinsic

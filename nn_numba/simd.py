@@ -22,6 +22,7 @@ masked `vloadn`/`vstoren` for the last n < 8 columns. No index wraps around.
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
 
 W = 8  # lanes
@@ -54,7 +55,7 @@ def _splat(builder, x):
 def _check(ary, rows_contiguous=True):
     ok = isinstance(ary, types.Array) and ary.dtype == types.float32 and ary.ndim == 2
     if not ok or (rows_contiguous and ary.layout == "F"):
-        raise TypeError(f"simd: need a 2-D float32 array{' with contiguous rows' * rows_contiguous}, got {ary}")
+        raise TypingError(f"simd: need a 2-D float32 array{' with contiguous rows' * rows_contiguous}, got {ary}")
 
 
 def _addr(context, builder, sig, args, vector=True):

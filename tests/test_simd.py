@@ -1,0 +1,132 @@
+"""The 8-lane vector functions of simd.py against NumPy, lane by lane, on the layouts the kernels use."""
+
+import numpy as np
+import pytest
+from numba import njit
+from numba.core.errors import TypingError
+
+from nn_numba.simd import (
+    vadd,
+    vbcast,
+    vbload,
+    vdiv,
+    vfma,
+    vload,
+    vloadn,
+    vmask,
+    vmul,
+    vsqrt,
+    vstore,
+    vstoren,
+    vsub,
+    vsum,
+    vzero,
+)
+
+
+@njit
+def _copy_row(src, i, k, dst, r, c):
+    vstore(dst, r, c, vload(src, i, k))
+
+
+@njit
+def _copy_n(src, i, k, dst, r, c, n):
+    vstoren(dst, r, c, vloadn(src, i, k, n), n)
+
+
+@njit
+def _bcast(src, i, k, dst):
+    vstore(dst, 0, 0, vbload(src, i, k))
+    vstore(dst, 1, 0, vbcast(src[i, k] * 2))
+
+
+@njit
+def _arith(a, out):
+    x, y, z = vload(a, 0, 0), vload(a, 1, 0), vload(a, 2, 0)
+    vstore(out, 0, 0, vfma(x, y, z))
+    vstore(out, 1, 0, vadd(x, y))
+    vstore(out, 2, 0, vsub(x, y))
+    vstore(out, 3, 0, vmul(x, y))
+    vstore(out, 4, 0, vdiv(x, y))
+    vstore(out, 5, 0, vsqrt(vmul(x, x)))
+    vstore(out, 6, 0, vmask(x, y))
+    vstore(out, 7, 0, vzero())
+
+
+@njit
+def _sum(a, i):
+    return vsum(vload(a, i, 0))
+
+
+def _data(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def test_load_store_any_offset_and_view():
+    a = _data((5, 250))
+    view = np.zeros((5, 256), np.float32)[:, :250]  # a row stride that is not the row length
+    for i, k in [(0, 0), (3, 1), (4, 242)]:
+        view[:] = 0
+        _copy_row(a, i, k, view, 4 - i, 250 - 8 - k % 3)
+        want = np.zeros_like(view)
+        want[4 - i, 250 - 8 - k % 3:250 - k % 3] = a[i, k:k + 8]
+        np.testing.assert_array_equal(view, want)
+
+
+@pytest.mark.parametrize("n", [-1, 0, 1, 2, 7, 8, 9])
+def test_masked_load_store_touch_only_n_lanes(n):
+    a = _data((2, 20))
+    out = np.full((2, 20), 7.0, np.float32)
+    _copy_n(a, 1, 9, out, 0, 10, n)
+    want = np.full((2, 20), 7.0, np.float32)
+    m = max(0, min(n, 8))
+    want[0, 10:10 + m] = a[1, 9:9 + m]
+    np.testing.assert_array_equal(out, want)
+
+
+def test_masked_load_reads_nothing_past_the_row():
+    # The last element of an exactly sized buffer: an unmasked load of 8 lanes would read past its end.
+    a = _data((1, 3))
+    out = np.zeros((1, 8), np.float32)
+    _copy_n(a, 0, 2, out, 0, 0, 1)
+    np.testing.assert_array_equal(out[0], [a[0, 2]] + [0] * 7)
+
+
+def test_broadcast_load_any_layout():
+    a = _data((6, 9))
+    out = np.zeros((2, 8), np.float32)
+    _bcast(a.T, 7, 2, out)  # a transposed view: element [7, 2] of aᵀ is a[2, 7]
+    np.testing.assert_array_equal(out[0], np.full(8, a[2, 7]))
+    np.testing.assert_array_equal(out[1], np.full(8, a[2, 7] * 2))
+
+
+def test_arithmetic_lane_by_lane():
+    a = _data((3, 8), seed=1)
+    a[1] = np.where(np.abs(a[1]) < 0.1, 0.5, a[1])  # no division by ~0
+    x, y, z = a.astype(np.float64)
+    out = np.zeros((8, 8), np.float32)
+    _arith(a, out)
+    np.testing.assert_allclose(out[0], x * y + z, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(out[1], a[0] + a[1])
+    np.testing.assert_array_equal(out[2], a[0] - a[1])
+    np.testing.assert_array_equal(out[3], a[0] * a[1])
+    np.testing.assert_array_equal(out[4], a[0] / a[1])
+    np.testing.assert_array_equal(out[5], np.sqrt(a[0] * a[0]))
+    np.testing.assert_array_equal(out[6], np.where(a[1] > 0, a[0], 0))
+    np.testing.assert_array_equal(out[7], np.zeros(8))
+
+
+def test_sum_fixed_order():
+    a = _data((4, 8), seed=2)
+    for i in range(4):
+        l = a[i]
+        want = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))  # float32 throughout
+        assert _sum(a, i) == want
+        assert abs(float(_sum(a, i)) - a[i].astype(np.float64).sum()) < 1e-5
+
+
+def test_rejects_arrays_it_cannot_load_rows_from():
+    with pytest.raises(TypingError):
+        _copy_row(np.zeros((8, 8), np.float64), 0, 0, np.zeros((8, 8), np.float32), 0, 0)
+    with pytest.raises(TypingError):
+        _copy_row(np.zeros((8, 8), np.float32).T, 0, 0, np.zeros((8, 8), np.float32), 0, 0)

@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit, prange
 
 from .simd import (
+    prefetch,
     vadd,
     vbcast,
     vbload,
@@ -66,7 +67,11 @@ def gather(X_u8, idx, lut, out):
     prange over samples: each writes its own row.
     """
     K = X_u8.shape[1]
-    for i in prange(idx.shape[0]):
+    B = idx.shape[0]
+    for i in prange(B):
+        if i + 4 < B:  # the rows are random, so DRAM latency dominates unless the row 4 ahead is on its way
+            for k in range(0, K, 64):
+                prefetch(X_u8, idx[i + 4], k)
         r = idx[i]
         for k in range(K):
             out[i, k] = lut[X_u8[r, k]]

@@ -196,3 +196,24 @@ def vsum(typingctx, v):
             v = builder.fadd(v, builder.shuffle_vector(v, ir.Constant(_vec, ir.Undefined), mask))
         return builder.extract_element(v, ir.Constant(_i32, 0))
     return types.float32(f32x8), codegen
+
+
+@intrinsic
+def prefetch(typingctx, ary, i, k):
+    """Ask for the cache line of ary[i, k] ahead of use (a hint: never faults, even past the array's end).
+    Any 2-D array with contiguous rows: random rows of a large array are what the hardware prefetchers
+    cannot guess."""
+    if not (isinstance(ary, types.Array) and ary.ndim == 2 and ary.layout == "C"):
+        raise TypingError(f"simd: need a 2-D C-contiguous array, got {ary}")
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        k = context.cast(builder, args[2], sig.args[2], types.intp)
+        row = cgutils.unpack_tuple(builder, arr.strides, 2)[0]
+        off = builder.add(builder.mul(i, row), builder.mul(k, ir.Constant(i.type, ary.dtype.bitwidth // 8)))
+        p = builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()), [off])
+        _call(builder, "llvm.prefetch.p0", ir.VoidType(), [p, ir.Constant(_i32, 0), ir.Constant(_i32, 3),
+                                                          ir.Constant(_i32, 1)])
+        return context.get_dummy_value()
+    return types.none(ary, i, k), codegen

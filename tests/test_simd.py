@@ -6,6 +6,7 @@ from numba import njit
 from numba.core.errors import TypingError
 
 from nn_numba.simd import (
+    prefetch,
     vadd,
     vbcast,
     vbload,
@@ -130,3 +131,17 @@ def test_rejects_arrays_it_cannot_load_rows_from():
         _copy_row(np.zeros((8, 8), np.float64), 0, 0, np.zeros((8, 8), np.float32), 0, 0)
     with pytest.raises(TypingError):
         _copy_row(np.zeros((8, 8), np.float32).T, 0, 0, np.zeros((8, 8), np.float32), 0, 0)
+
+
+@njit
+def _prefetch(a, i, k):
+    prefetch(a, i, k)
+    return a[0, 0]
+
+
+def test_prefetch_is_only_a_hint():
+    a = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    assert _prefetch(a, 2, 1) == 0
+    assert _prefetch(a, 10**9, 0) == 0  # far past the end: a prefetch never faults
+    with pytest.raises(TypingError):
+        _prefetch(np.zeros((4, 4), np.float32).T, 0, 0)  # columns are not contiguous

@@ -42,6 +42,11 @@ SGD, MOMENTUM, ADAM, NO_UPDATE = 0, 1, 2, 3  # optimiser codes, as in the checkp
 PIXEL = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
 
 _opts = dict(parallel=True, cache=True, fastmath=True)
+# The products and everything inlined into them are compiled *without* fastmath: their vector code fixes
+# every summation order itself, and fastmath would let LLVM reassociate those explicit adds as well, so
+# that the order, and the last bit of the result, depended on where the kernel was compiled in (measured:
+# a freshly compiled train_step and the same one loaded from the cache differed in gb).
+_exact = dict(cache=True)
 
 
 def aligned_zeros(shape: int | tuple[int, ...], dtype=np.float32, align: int = 64) -> np.ndarray:
@@ -81,7 +86,7 @@ def gather(X_u8, idx, lut, out):
 # Linear layer: forward and the two backward products, side by side.
 
 
-@njit(**_opts)
+@njit(parallel=True, **_exact)
 def linear_forward(X, W, b, Y, relu):
     """Y = X Wᵀ + b, then ReLU when `relu`.
 
@@ -156,7 +161,7 @@ def linear_forward(X, W, b, Y, relu):
                     Y[i0 + q, j0 + c] = _clip(y[2 * q + c] + b[j0 + c], lo)
 
 
-@njit(fastmath=True, cache=True)
+@njit(**_exact)
 def _clip(v, lo):
     """max(v, lo) as a select: lo = 0 is the ReLU, lo = the lowest float32 leaves v alone. A branch per
     output (`if Y < 0`, as before) mispredicts on about half of them: the 250-wide forward product ran at
@@ -164,7 +169,7 @@ def _clip(v, lo):
     return lo if v < lo else v
 
 
-@njit(fastmath=True, cache=True)
+@njit(**_exact)
 def _tile(C, r, D, k):
     """The axpy micro-kernel of both backward products: a 6x16 block of C·D in 12 vector registers.
 
@@ -190,7 +195,7 @@ def _tile(C, r, D, k):
     return (a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51)
 
 
-@njit(fastmath=True, cache=True)
+@njit(**_exact)
 def _tile_n(C, r, D, k, n):
     """_tile for the last n < 8 + 1 columns of D: acc[q] = Σ_p C[r + q, p] · D[p, k : k + n], zeros past n.
     A separate 6x8 kernel because the masked loads need registers the 6x16 tile has no room for."""
@@ -206,7 +211,7 @@ def _tile_n(C, r, D, k, n):
     return (a0, a1, a2, a3, a4, a5)
 
 
-@njit(**_opts)
+@njit(parallel=True, **_exact)
 def linear_backward_input(dY, W, A, dX):
     """dX = (dY W) ⊙ [A > 0]: the gradient at the layer's input, through the previous layer's ReLU.
 
@@ -243,7 +248,7 @@ def linear_backward_input(dY, W, A, dX):
                     vstoren(dX, i0 + q, kk, vmask(acc[q], vloadn(A, i0 + q, kk, K - kk)), K - kk)
 
 
-@njit(**_opts)
+@njit(parallel=True, **_exact)
 def linear_backward_weight(dY, A, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
     """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step on W and b, fused.
 
@@ -300,7 +305,7 @@ def linear_backward_weight(dY, A, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, n
                 update(b[j:je], gb[j:je], mb[j:je], vb[j:je], kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
 
 
-@njit(fastmath=True, cache=True, inline="always")  # a call per 8 lanes would cost more than the step
+@njit(**_exact, inline="always")  # a call per 8 lanes would cost more than the step
 def _step(P, M, V, r, k, g, n, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
     """`update` on P[r, k : k + n] (n <= 8) with the gradient g still in a register: the optimiser step of
     a gW tile, done by the task that computed it while the block of W is in L1 (no second pass over W
@@ -325,12 +330,12 @@ def _step(P, M, V, r, k, g, n, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2)
     _st(P, r, k, p, n)
 
 
-@njit(fastmath=True, cache=True, inline="always")
+@njit(**_exact, inline="always")
 def _ld(A, r, k, n):
     return vload(A, r, k) if n >= 8 else vloadn(A, r, k, n)
 
 
-@njit(fastmath=True, cache=True, inline="always")
+@njit(**_exact, inline="always")
 def _st(A, r, k, x, n):
     if n >= 8:
         vstore(A, r, k, x)

@@ -215,6 +215,35 @@ def test_same_result_for_any_thread_count():
     assert np.array_equal(results[0], results[1])
 
 
+_STEPS = """
+import hashlib, numpy as np
+from nn_numba.config import from_dict
+from nn_numba.model import MLP
+from nn_numba.train import Trainer
+rng = np.random.default_rng(0)
+X = rng.random((37, 784), dtype=np.float32)
+y = rng.integers(0, 10, 37)
+tr = Trainer(from_dict({"optim": {"name": "adam", "reduction": "mean"}}), MLP.init([784, 250, 250, 10], rng), 37)
+for _ in range(3):
+    tr.train_step(X, y, 1e-3)
+print(hashlib.sha256(tr.model.params.tobytes() + tr.grad.tobytes()).hexdigest())
+"""
+
+
+def test_same_result_compiled_fresh_or_loaded_from_cache(tmp_path):
+    """A first run compiles the kernels, later runs load them from the cache: the weights must not differ.
+    (They did once, in the last bit of gb, while fastmath let LLVM reorder explicit vector sums.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = [subprocess.run([sys.executable, "-c", _STEPS], env=env, capture_output=True, text=True, check=True)
+           for _ in range(2)]
+    assert any(tmp_path.rglob("*.nbi"))  # the first run did fill the cache
+    assert run[0].stdout == run[1].stdout
+
+
 def test_forward_logits_match_reference():
     model, X, _ = _setup([784, 250, 250, 10], 2500)
     want = ref.forward([W.astype(np.float64) for W in model.weights], model.biases, X)[-1]

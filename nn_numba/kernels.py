@@ -106,13 +106,18 @@ def linear_forward(X, W, b, Y, relu):
     for t in prange(((B + 5) // 6) * tn):
         i = (t // tn) * 6
         j = (t % tn) * 2
-        if B < 6 or N < 2:  # too small for a tile (e.g. a single sample): plain dot products
+        if B < 6 or N < 2:  # too small for a tile (e.g. one sample): one output at a time, 4 x 8 lanes
             for ii in range(i, min(i + 6, B)):
                 for jj in range(j, min(j + 2, N)):
-                    s = np.float32(0)
-                    for k in range(K):
-                        s += X[ii, k] * W[jj, k]
-                    Y[ii, jj] = _clip(s + b[jj], lo)
+                    s0 = s1 = s2 = s3 = vzero()
+                    for k in range(0, K - K % 32, 32):
+                        s0 = vfma(vload(X, ii, k), vload(W, jj, k), s0)
+                        s1 = vfma(vload(X, ii, k + 8), vload(W, jj, k + 8), s1)
+                        s2 = vfma(vload(X, ii, k + 16), vload(W, jj, k + 16), s2)
+                        s3 = vfma(vload(X, ii, k + 24), vload(W, jj, k + 24), s3)
+                    for k in range(K - K % 32, K, 8):
+                        s0 = vfma(_ld(X, ii, k, K - k), _ld(W, jj, k, K - k), s0)
+                    Y[ii, jj] = _clip(vsum(vadd(vadd(s0, s1), vadd(s2, s3))) + b[jj], lo)
             continue
         i0, j0 = min(i, B - 6), min(j, N - 2)
         s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = s40 = s41 = s50 = s51 = vzero()
@@ -227,13 +232,13 @@ def linear_backward_input(dY, W, A, dX):
     for t in prange(nb * ((K + 15) // 16)):
         i = (t % nb) * 6
         k = (t // nb) * 16
-        if B < 6:  # too few samples for a tile: plain sums
+        if B < 6:  # too few samples for a tile: one row of 8 lanes at a time
             for ii in range(i, min(i + 6, B)):
-                for kk in range(k, min(k + 16, K)):
-                    s = np.float32(0)
+                for kk in range(k, min(k + 16, K), 8):
+                    s = vzero()
                     for j in range(N):
-                        s += dY[ii, j] * W[j, kk]
-                    dX[ii, kk] = s if A[ii, kk] > 0 else np.float32(0)
+                        s = vfma(vbload(dY, ii, j), _ld(W, j, kk, K - kk), s)
+                    _st(dX, ii, kk, vmask(s, _ld(A, ii, kk, K - kk)), K - kk)
             continue
         i0 = min(i, B - 6)
         if k + 16 <= K:
@@ -268,16 +273,14 @@ def linear_backward_weight(dY, A, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, n
     for t in prange(nj * ((K + 15) // 16)):
         j = (t % nj) * 6
         k = (t // nj) * 16
-        if N < 6:  # too few outputs for a tile: plain sums
+        if N < 6:  # too few outputs for a tile: one row of 8 lanes at a time
             for jj in range(j, N):
-                for kk in range(k, min(k + 16, K)):
-                    s = np.float32(0)
+                for kk in range(k, min(k + 16, K), 8):
+                    s = vzero()
                     for i in range(B):
-                        s += dY[i, jj] * A[i, kk]
-                    gW[jj, kk] = s
-                if kind != NO_UPDATE:
-                    update(W[jj, k:k + 16], gW[jj, k:k + 16], mW[jj, k:k + 16], vW[jj, k:k + 16], kind, lr, mom,
-                           nesterov, wd, b1, b2, eps, c1, c2)
+                        s = vfma(vbload(dY, i, jj), _ld(A, i, kk, K - kk), s)
+                    _st(gW, jj, kk, s, K - kk)
+                    _step(W, mW, vW, jj, kk, s, K - kk, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2)
         else:
             j0 = min(j, N - 6)
             if k + 16 <= K:

@@ -317,19 +317,19 @@ def _step(P, M, V, r, k, g, n, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2)
     if kind == NO_UPDATE:
         return
     p = _ld(P, r, k, n)
-    g = vadd(g, vmul(vbcast(wd), p))
+    g = vfma(vbcast(wd), p, g)  # explicit FMAs: one rounding each, the same in every compile
     if kind == SGD:
-        p = vsub(p, vmul(vbcast(lr), g))
+        p = vfma(vbcast(-lr), g, p)
     elif kind == MOMENTUM:
-        m = vadd(vmul(vbcast(mom), _ld(M, r, k, n)), g)
+        m = vfma(vbcast(mom), _ld(M, r, k, n), g)
         _st(M, r, k, m, n)
-        p = vsub(p, vmul(vbcast(lr), vadd(g, vmul(vbcast(mom), m)) if nesterov else m))
+        p = vfma(vbcast(-lr), vfma(vbcast(mom), m, g) if nesterov else m, p)
     else:  # ADAM
-        m = vadd(vmul(vbcast(b1), _ld(M, r, k, n)), vmul(vbcast(1 - b1), g))
-        v = vadd(vmul(vbcast(b2), _ld(V, r, k, n)), vmul(vmul(vbcast(1 - b2), g), g))
+        m = vfma(vbcast(b1), _ld(M, r, k, n), vmul(vbcast(1 - b1), g))
+        v = vfma(vbcast(b2), _ld(V, r, k, n), vmul(vmul(vbcast(1 - b2), g), g))
         _st(M, r, k, m, n)
         _st(V, r, k, v, n)
-        p = vsub(p, vdiv(vmul(vbcast(lr), vmul(m, vbcast(c1))), vadd(vsqrt(vmul(v, vbcast(c2))), vbcast(eps))))
+        p = vsub(p, vdiv(vmul(vbcast(lr * c1), m), vadd(vsqrt(vmul(v, vbcast(c2))), vbcast(eps))))
     _st(P, r, k, p, n)
 
 

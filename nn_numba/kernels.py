@@ -92,9 +92,10 @@ def linear_forward(X, W, b, Y, relu):
 
     X (B, K), W (N, K), b (N,), Y (B, N), all float32.
     Dot form: each task owns a 6x2 tile of Y and keeps its 12 sums in 12 vector registers (8 lanes of k
-    each), so every vector loaded from W feeds six FMAs and every vector of X two; then one horizontal
-    sum per output (the K % 8 tail as one more masked step), bias and ReLU while the tile is in registers, no branch
-    (`_clip`). 6x2 and not 4x4: 16 sums + 8 operands spill AVX2's 16 vector registers; 12 + 3 fit.
+    each), so every vector loaded from W feeds six FMAs and every vector of X two; the K % 8 tail is one
+    more masked step; then one horizontal sum per output, bias and ReLU while the tile is in registers,
+    no branch (`_clip`). 6x2 and not 4x4: 16 sums + 8 operands spill AVX2's 16 vector registers; 12 + 3
+    fit.
     prange over tiles, row-major, so consecutive tiles of one thread share their X rows in L1. The last
     tile of a ragged edge is moved back to overlap its neighbour and stores only its own outputs.
     """

@@ -96,7 +96,8 @@ class Trainer:
     def train_step(self, X: np.ndarray, y: np.ndarray, lr: float, update: bool = True) -> float:
         """One optimiser step on float32 inputs X (B, n_0) and int64 labels y (B,); the summed loss.
 
-        update=False computes loss and gradients only: weights and optimiser state stay as they are.
+        update=False computes loss and gradients only (into self.grad): weights and optimiser state stay as
+        they are. An update step fuses the gradient into the optimiser step and leaves self.grad stale.
         """
         o, B = self.cfg.optim, len(y)
         self.step += update

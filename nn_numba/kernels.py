@@ -286,6 +286,15 @@ def linear_backward_weight(dY, A, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, n
                     _step(W, mW, vW, jj, kk, s, K - kk, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2)
         else:
             j0 = min(j, N - 6)
+            if kind == MOMENTUM or kind == ADAM:  # 2-3 blocks from L3 after the reduction: ask for them now
+                for q in range(6):
+                    prefetch(W, j0 + q, k)
+                    prefetch(W, j0 + q, min(k + 15, K - 1))
+                    prefetch(mW, j0 + q, k)
+                    prefetch(mW, j0 + q, min(k + 15, K - 1))
+                    if kind == ADAM:
+                        prefetch(vW, j0 + q, k)
+                        prefetch(vW, j0 + q, min(k + 15, K - 1))
             if k + 16 <= K:
                 acc = _tile(C, j0, A, k)
                 for q in range(j - j0, 6):

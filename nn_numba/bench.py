@@ -142,9 +142,9 @@ class NumbaSide:
         def dw(l, A, dY, kind):
             W, b = model.layer(l)
             gW, gb = K._views(G, model.sizes_arr, l)
-            m, v = az(W.shape), az(b.shape)
-            return lambda: K.linear_backward_weight(dY, A, gW, gb, W, b, m, v, m, v, kind, 1e-9, 0.0, False, 0.0,
-                                                    0.9, 0.999, 1e-8, 1.0, 1.0)
+            m, v, ws = az(W.shape), az(b.shape), az(K.ws_size(W.shape[0], B))
+            return lambda: K.linear_backward_weight(dY, A, ws, gW, gb, W, b, m, v, m, v, kind, 1e-9, 0.0, False,
+                                                    0.0, 0.9, 0.999, 1e-8, 1.0, 1.0)
 
         calls = {
             "fwd1 lin+bias+relu": lambda: K.linear_forward(X, W1, b1, A1, True),

@@ -89,6 +89,7 @@ class Trainer:
         self.acts = zeros(batch_cap * sum(sizes[1:]))
         self.d0 = zeros(batch_cap * max(sizes[1:]))
         self.d1 = zeros(batch_cap * max(sizes[1:]))
+        self.ws = zeros(kernels.ws_size(max(sizes[1:]), batch_cap))
         self.loss = np.zeros(batch_cap, np.float32)
         self.pred = np.zeros(batch_cap, np.int64)
         self.xb = zeros((batch_cap, sizes[0]))
@@ -106,7 +107,7 @@ class Trainer:
         c2 = 1.0 / (1.0 - o.beta2**t)
         scale = 1.0 / B if o.reduction == "mean" else 1.0
         return kernels.train_step(self.model.params, self.grad, self.m, self.v, self.model.sizes_arr, X, y,
-                                  self.acts, self.cap, self.d0, self.d1, self.loss[:B], self.pred[:B],
+                                  self.acts, self.cap, self.d0, self.d1, self.ws, self.loss[:B], self.pred[:B],
                                   self.kind if update else kernels.NO_UPDATE, lr, o.momentum, o.nesterov,
                                   o.weight_decay, o.beta1, o.beta2, o.eps, c1, c2, scale)
 

@@ -58,10 +58,11 @@ def test_linear_backward_weight_and_sgd(shapes):
     gW = np.full((N, Kin), np.nan, np.float32)
     gb = np.full(N, np.nan, np.float32)
     z2, z1 = np.zeros_like(W), np.zeros_like(b)
+    ws = np.full(K.ws_size(N, B), np.nan, np.float32)  # padding lanes must not leak into the result
     want_gW = dY.T.astype(np.float64) @ A
     want_gb = dY.sum(axis=0, dtype=np.float64)
     # NO_UPDATE: the gradients only, weights untouched
-    K.linear_backward_weight(dY, A, gW, gb, W, b, z2, z1, z2.copy(), z1.copy(), K.NO_UPDATE, 0.01, 0.0, False,
+    K.linear_backward_weight(dY, A, ws, gW, gb, W, b, z2, z1, z2.copy(), z1.copy(), K.NO_UPDATE, 0.01, 0.0, False,
                              0.1, 0.9, 0.999, 1e-8, 1.0, 1.0)
     assert rel(gW, want_gW) < 1e-5
     assert rel(gb, want_gb) < 1e-5
@@ -69,7 +70,7 @@ def test_linear_backward_weight_and_sgd(shapes):
     # SGD: the same gradient applied in the fused step; gW itself is not written
     gW[:] = np.nan
     gb[:] = np.nan
-    K.linear_backward_weight(dY, A, gW, gb, W, b, z2, z1, z2.copy(), z1.copy(), K.SGD, 0.01, 0.0, False, 0.1,
+    K.linear_backward_weight(dY, A, ws, gW, gb, W, b, z2, z1, z2.copy(), z1.copy(), K.SGD, 0.01, 0.0, False, 0.1,
                              0.9, 0.999, 1e-8, 1.0, 1.0)
     assert np.isnan(gW).all()
     assert rel(gb, want_gb) < 1e-5

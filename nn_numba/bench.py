@@ -169,8 +169,8 @@ class NumbaSide:
         model = self._model()
         X = K.aligned_zeros((10_000, SIZES[0]))  # aligned, as in model.evaluate
         X[:] = K.PIXEL[self.X[:10_000]]
-        acts = K.aligned_zeros(1000 * sum(SIZES[1:]))
-        acts1 = K.aligned_zeros(sum(SIZES[1:]))
+        acts = K.aligned_zeros(K.acts_size(SIZES, 1000))
+        acts1 = K.aligned_zeros(K.acts_size(SIZES, 1))
 
         def batch1000():
             for i in range(0, 10_000, 1000):

@@ -453,17 +453,42 @@ def _views(P, sizes, l):
 
 
 @njit(cache=True)
+def _pad(n):
+    """Row length in the activation and gradient buffers: n rounded up to 16 floats, so that every row
+    starts 64-byte aligned. Rows of 250 floats 1000 bytes apart made most 32-byte loads of fwd2, dA1 and
+    dW2 straddle two cache lines: the whole step was 3 % slower at B = 256."""
+    return (n + 15) // 16 * 16
+
+
+def acts_size(sizes, cap: int) -> int:
+    """Floats of the activation buffer of `forward` and `train_step` for up to `cap` samples."""
+    return cap * sum(_pad(n) for n in sizes[1:])
+
+
+def grad_size(sizes, cap: int) -> int:
+    """Floats of each of train_step's two gradient buffers d0 and d1."""
+    return cap * max(_pad(n) for n in sizes[1:])
+
+
+@njit(cache=True)
+def _rows(buf, off, B, n):
+    """A (B, n) view into the flat buffer from `off`, each row _pad(n) floats long."""
+    return buf[off:off + B * _pad(n)].reshape((B, _pad(n)))[:, :n]
+
+
+@njit(cache=True)
 def _act(acts, sizes, cap, l, B):
     """The (B, n_l) output buffer of layer l (0-based) inside the flat activation array."""
     off = 0
     for m in range(l):
-        off += cap * sizes[m + 1]
-    return acts[off:off + B * sizes[l + 1]].reshape((B, sizes[l + 1]))
+        off += cap * _pad(sizes[m + 1])
+    return _rows(acts, off, B, sizes[l + 1])
 
 
 @njit(cache=True)
 def forward(P, sizes, X, acts, cap):
-    """Logits (B, n_L) of the batch X (B, n_0); acts holds every layer's output for `cap` samples."""
+    """Logits (B, n_L) of the batch X (B, n_0); acts holds every layer's output for `cap` samples
+    (acts_size(sizes, cap) floats)."""
     L = sizes.shape[0] - 1
     B = X.shape[0]
     A = X
@@ -482,19 +507,19 @@ def train_step(P, G, M, V, sizes, X, y, acts, cap, d0, d1, ws, loss, pred,
 
     P, G, M, V: flat params, gradients (the weights' part is written only by a gradient-only step, kind
     NO_UPDATE), first and second moments. X (B, n_0) float32, y (B,) labels, acts: layer outputs for up
-    to `cap` samples, d0/d1: two gradient buffers of cap·max(n) floats, ws: ws_size(max(n), cap) floats
-    of workspace, loss (B,) float32 and pred (B,) int64 per sample.
+    to `cap` samples (acts_size), d0/d1: two gradient buffers of grad_size floats, ws: ws_size(max(n), cap)
+    floats of workspace, loss (B,) float32 and pred (B,) int64 per sample.
     """
     L = sizes.shape[0] - 1
     B = X.shape[0]
     Z = forward(P, sizes, X, acts, cap)
-    dZ = d0[:B * sizes[L]].reshape((B, sizes[L]))
+    dZ = _rows(d0, 0, B, sizes[L])
     softmax_xent(Z, y, dZ, loss, pred, scale)
     for l in range(L - 1, -1, -1):
         A = X if l == 0 else _act(acts, sizes, cap, l - 1, B)
         W, b = _views(P, sizes, l)
         if l > 0:  # the input gradient needs the old W, so before the update
-            dA = (d1 if (L - 1 - l) % 2 == 0 else d0)[:B * sizes[l]].reshape((B, sizes[l]))
+            dA = _rows(d1 if (L - 1 - l) % 2 == 0 else d0, 0, B, sizes[l])
             linear_backward_input(dZ, W, A, dA)
         gW, gb = _views(G, sizes, l)
         mW, mb = _views(M, sizes, l)

@@ -63,7 +63,7 @@ class MLP:
         if X.ndim != 2 or X.shape[1] != self.sizes[0]:
             raise ValueError(f"expected inputs of shape (N, {self.sizes[0]}), got {X.shape}")
         cap = min(chunk, max(len(X), 1))
-        need = cap * sum(self.sizes[1:])
+        need = kernels.acts_size(self.sizes, cap)
         if self._acts.size < need:
             self._acts = kernels.aligned_zeros(need)
         out = np.empty((len(X), self.sizes[-1]), np.float32)

@@ -86,9 +86,9 @@ class Trainer:
         self.step = 0
         self.cap = batch_cap
         sizes = model.sizes
-        self.acts = zeros(batch_cap * sum(sizes[1:]))
-        self.d0 = zeros(batch_cap * max(sizes[1:]))
-        self.d1 = zeros(batch_cap * max(sizes[1:]))
+        self.acts = zeros(kernels.acts_size(sizes, batch_cap))
+        self.d0 = zeros(kernels.grad_size(sizes, batch_cap))
+        self.d1 = zeros(kernels.grad_size(sizes, batch_cap))
         self.ws = zeros(kernels.ws_size(max(sizes[1:]), batch_cap))
         self.loss = np.zeros(batch_cap, np.float32)
         self.pred = np.zeros(batch_cap, np.int64)

@@ -25,11 +25,13 @@ from .simd import (
     vfma,
     vload,
     vloadn,
+    vloadr,
     vmask,
     vmul,
     vsqrt,
     vstore,
     vstoren,
+    vstorer,
     vsub,
     vsum,
     vzero,
@@ -247,6 +249,15 @@ def linear_backward_input(dY, W, A, dX):
             for q in range(i - i0, 6):
                 vstore(dX, i0 + q, k, vmask(acc[2 * q], vload(A, i0 + q, k)))
                 vstore(dX, i0 + q, k + 8, vmask(acc[2 * q + 1], vload(A, i0 + q, k + 8)))
+        elif K >= 16:  # the ragged last block: the full tile moved back to K - 16 stores its own lanes only
+            k0 = K - 16
+            acc = _tile(dY, i0, W, k0)
+            for q in range(i - i0, 6):
+                for h in range(2):
+                    lo = k - k0 - 8 * h  # first lane of this half that is not the neighbour's
+                    if lo < 8:
+                        kk = k0 + 8 * h
+                        _st(dX, i0 + q, kk, vmask(acc[2 * q + h], _ld(A, i0 + q, kk, 8, lo)), 8, lo)
         else:
             for kk in range(k, K, 8):
                 acc = _tile_n(dY, i0, W, kk, K - kk)
@@ -320,6 +331,18 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
                             vstore(gW, j + q, k + 8 * h, acc[2 * q + h])
                         _step(W, mW, vW, j + q, k + 8 * h, acc[2 * q + h], 8, kind, lr, mom, nesterov, wd, b1, b2,
                               eps, c1, c2)
+            elif K >= 16:  # the ragged last block: the full tile moved back to K - 16 updates its own lanes only
+                k0 = K - 16
+                acc = _tile(C, 0, A, k0)
+                for q in range(nq):
+                    for h in range(2):
+                        lo = k - k0 - 8 * h  # first lane of this half that is not the neighbour's
+                        if lo < 8:
+                            kk = k0 + 8 * h
+                            if kind == NO_UPDATE:
+                                _st(gW, j + q, kk, acc[2 * q + h], 8, lo)
+                            _step(W, mW, vW, j + q, kk, acc[2 * q + h], 8, kind, lr, mom, nesterov, wd, b1, b2, eps,
+                                  c1, c2, lo)
             else:
                 for kk in range(k, K, 8):
                     acc = _tile_n(C, 0, A, kk, K - kk)
@@ -340,41 +363,43 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
 
 
 @njit(**_exact, inline="always")  # a call per 8 lanes would cost more than the step
-def _step(P, M, V, r, k, g, n, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
-    """`update` on P[r, k : k + n] (n <= 8) with the gradient g still in a register: the optimiser step of
-    a gW tile, done by the task that computed it while the block of W is in L1 (no second pass over W
-    and gW, no 1-D slice per row, whose reference count Numba would update atomically). Masked loads and
-    stores only for n < 8: AMD's masked stores are slow."""
+def _step(P, M, V, r, k, g, n, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2, lo=0):
+    """`update` on P[r, k + lo : k + n] (n <= 8) with the gradient g still in a register: the optimiser
+    step of a gW tile, done by the task that computed it while the block of W is in L1 (no second pass
+    over W and gW, no 1-D slice per row, whose reference count Numba would update atomically). Masked
+    loads and stores only for a ragged edge (n < 8 or lo > 0): AMD's masked stores are slow."""
     if kind == NO_UPDATE:
         return
-    p = _ld(P, r, k, n)
+    p = _ld(P, r, k, n, lo)
     g = vfma(vbcast(wd), p, g)  # explicit FMAs: one rounding each, the same in every compile
     if kind == SGD:
         p = vfma(vbcast(-lr), g, p)
     elif kind == MOMENTUM:
-        m = vfma(vbcast(mom), _ld(M, r, k, n), g)
-        _st(M, r, k, m, n)
+        m = vfma(vbcast(mom), _ld(M, r, k, n, lo), g)
+        _st(M, r, k, m, n, lo)
         p = vfma(vbcast(-lr), vfma(vbcast(mom), m, g) if nesterov else m, p)
     else:  # ADAM
-        m = vfma(vbcast(b1), _ld(M, r, k, n), vmul(vbcast(1 - b1), g))
-        v = vfma(vbcast(b2), _ld(V, r, k, n), vmul(vmul(vbcast(1 - b2), g), g))
-        _st(M, r, k, m, n)
-        _st(V, r, k, v, n)
+        m = vfma(vbcast(b1), _ld(M, r, k, n, lo), vmul(vbcast(1 - b1), g))
+        v = vfma(vbcast(b2), _ld(V, r, k, n, lo), vmul(vmul(vbcast(1 - b2), g), g))
+        _st(M, r, k, m, n, lo)
+        _st(V, r, k, v, n, lo)
         p = vsub(p, vdiv(vmul(vbcast(lr * c1), m), vadd(vsqrt(vmul(v, vbcast(c2))), vbcast(eps))))
-    _st(P, r, k, p, n)
+    _st(P, r, k, p, n, lo)
 
 
 @njit(**_exact, inline="always")
-def _ld(A, r, k, n):
-    return vload(A, r, k) if n >= 8 else vloadn(A, r, k, n)
+def _ld(A, r, k, n, lo=0):
+    """A[r, k + l] for lanes lo <= l < n, zeros elsewhere; a plain load when that is all 8."""
+    return vload(A, r, k) if n >= 8 and lo <= 0 else vloadr(A, r, k, lo, n)
 
 
 @njit(**_exact, inline="always")
-def _st(A, r, k, x, n):
-    if n >= 8:
+def _st(A, r, k, x, n, lo=0):
+    """A[r, k + l] = x[l] for lanes lo <= l < n; a plain store when that is all 8."""
+    if n >= 8 and lo <= 0:
         vstore(A, r, k, x)
     else:
-        vstoren(A, r, k, x, n)
+        vstorer(A, r, k, x, lo, n)
 
 
 @njit(fastmath=True, cache=True)

@@ -74,10 +74,12 @@ def _addr(context, builder, sig, args, vector=True):
     return builder.bitcast(p, (_vec if vector else _f32).as_pointer())
 
 
-def _lanes(builder, n):
-    """<8 x i1>: lane l < n (n <= 0: none, n >= 8: all)."""
-    n = builder.trunc(n, _i32) if n.type.width > 32 else n
-    return builder.icmp_signed("<", ir.Constant(_ivec, list(range(W))), _splat(builder, n))
+def _lanes(builder, n, lo=None):
+    """<8 x i1>: lane l < n (n <= 0: none, n >= 8: all), and l >= lo when lo is given."""
+    def lanes(cmp, x):
+        x = builder.trunc(x, _i32) if x.type.width > 32 else x
+        return builder.icmp_signed(cmp, ir.Constant(_ivec, list(range(W))), _splat(builder, x))
+    return lanes("<", n) if lo is None else builder.and_(lanes("<", n), lanes(">=", lo))
 
 
 def _call(builder, name, ret, args):
@@ -153,6 +155,32 @@ def vstoren(typingctx, ary, i, k, v, n):
                                                                      _lanes(builder, args[4])])
         return context.get_dummy_value()
     return types.none(ary, i, k, f32x8, n), codegen
+
+
+@intrinsic
+def vloadr(typingctx, ary, i, k, lo, hi):
+    """ary[i, k + l] in lanes lo <= l < hi, zeros elsewhere; nothing else is read."""
+    _check(ary)
+
+    def codegen(context, builder, sig, args):
+        p = _addr(context, builder, sig, args)
+        return _call(builder, "llvm.masked.load.v8f32.p0", _vec, [p, ir.Constant(_i32, 4),
+                                                                  _lanes(builder, args[4], args[3]), _ZERO])
+    return f32x8(ary, i, k, lo, hi), codegen
+
+
+@intrinsic
+def vstorer(typingctx, ary, i, k, v, lo, hi):
+    """ary[i, k + l] = v[l] for lanes lo <= l < hi only: how a tile moved back over its neighbour stores
+    just its own columns."""
+    _check(ary)
+
+    def codegen(context, builder, sig, args):
+        p = _addr(context, builder, sig, args)
+        _call(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), [args[3], p, ir.Constant(_i32, 4),
+                                                                     _lanes(builder, args[5], args[4])])
+        return context.get_dummy_value()
+    return types.none(ary, i, k, f32x8, lo, hi), codegen
 
 
 @intrinsic

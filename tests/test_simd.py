@@ -14,11 +14,13 @@ from nn_numba.simd import (
     vfma,
     vload,
     vloadn,
+    vloadr,
     vmask,
     vmul,
     vsqrt,
     vstore,
     vstoren,
+    vstorer,
     vsub,
     vsum,
     vzero,
@@ -33,6 +35,16 @@ def _copy_row(src, i, k, dst, r, c):
 @njit
 def _copy_n(src, i, k, dst, r, c, n):
     vstoren(dst, r, c, vloadn(src, i, k, n), n)
+
+
+@njit
+def _copy_range(src, i, k, dst, r, c, lo, hi):
+    vstorer(dst, r, c, vloadr(src, i, k, lo, hi), lo, hi)
+
+
+@njit
+def _load_range(src, i, k, dst, lo, hi):
+    vstore(dst, 0, 0, vloadr(src, i, k, lo, hi))
 
 
 @njit
@@ -91,6 +103,20 @@ def test_masked_load_reads_nothing_past_the_row():
     out = np.zeros((1, 8), np.float32)
     _copy_n(a, 0, 2, out, 0, 0, 1)
     np.testing.assert_array_equal(out[0], [a[0, 2]] + [0] * 7)
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 8), (6, 8), (3, 5), (2, 2), (5, 3), (-1, 9), (7, 12)])
+def test_range_load_store_touch_only_lanes_lo_to_hi(lo, hi):
+    a = _data((2, 20))
+    out = np.full((2, 20), 7.0, np.float32)
+    _copy_range(a, 1, 9, out, 0, 10, lo, hi)
+    want = np.full((2, 20), 7.0, np.float32)
+    a_, b_ = max(lo, 0), min(hi, 8)
+    want[0, 10 + a_:10 + max(a_, b_)] = a[1, 9 + a_:9 + max(a_, b_)]
+    np.testing.assert_array_equal(out, want)
+    vec = np.full((1, 8), 7.0, np.float32)
+    _load_range(a, 1, 9, vec, lo, hi)
+    np.testing.assert_array_equal(vec[0], [a[1, 9 + l] if a_ <= l < b_ else 0 for l in range(8)])
 
 
 def test_broadcast_load_any_layout():

@@ -227,7 +227,8 @@ def linear_backward_input(dY, W, A, dX):
     pre-activation was > 0), dX (B, K). Axpy form over contiguous rows of W: each task owns a 6x16 tile
     of dX (`_tile` with C = dY, D = W, summing over the N outputs), masks it and stores it once. prange
     over tiles, batch blocks fastest, so the 16 columns of W a run of tasks reads stay in L1. The last
-    tile of a ragged edge overlaps its neighbour and stores only its own rows.
+    tile of a ragged edge overlaps its neighbour and stores only its own rows, or its own columns (the
+    K % 16 last ones: one full tile, 4 % faster at K = 250 than two masked 6x8 passes).
     """
     B, N = dY.shape
     K = W.shape[1]
@@ -257,7 +258,7 @@ def linear_backward_input(dY, W, A, dX):
                     lo = k - k0 - 8 * h  # first lane of this half that is not the neighbour's
                     if lo < 8:
                         kk = k0 + 8 * h
-                        _st(dX, i0 + q, kk, vmask(acc[2 * q + h], _ld(A, i0 + q, kk, 8, lo)), 8, lo)
+                        vstorer(dX, i0 + q, kk, vmask(acc[2 * q + h], vloadr(A, i0 + q, kk, lo, 8)), lo, 8)
         else:
             for kk in range(k, K, 8):
                 acc = _tile_n(dY, i0, W, kk, K - kk)
@@ -295,6 +296,7 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
     K = A.shape[1]
     nj = (N + 5) // 6
     pk = ws[:nj * B * 8].reshape((nj, B, 8))
+    br, gbr, mbr, vbr = b.reshape((1, N)), gb.reshape((1, N)), mb.reshape((1, N)), vb.reshape((1, N))  # as rows
     if N >= 6:
         for t in prange(nj):
             for p in range(B):
@@ -331,18 +333,6 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
                             vstore(gW, j + q, k + 8 * h, acc[2 * q + h])
                         _step(W, mW, vW, j + q, k + 8 * h, acc[2 * q + h], 8, kind, lr, mom, nesterov, wd, b1, b2,
                               eps, c1, c2)
-            elif K >= 16:  # the ragged last block: the full tile moved back to K - 16 updates its own lanes only
-                k0 = K - 16
-                acc = _tile(C, 0, A, k0)
-                for q in range(nq):
-                    for h in range(2):
-                        lo = k - k0 - 8 * h  # first lane of this half that is not the neighbour's
-                        if lo < 8:
-                            kk = k0 + 8 * h
-                            if kind == NO_UPDATE:
-                                _st(gW, j + q, kk, acc[2 * q + h], 8, lo)
-                            _step(W, mW, vW, j + q, kk, acc[2 * q + h], 8, kind, lr, mom, nesterov, wd, b1, b2, eps,
-                                  c1, c2, lo)
             else:
                 for kk in range(k, K, 8):
                     acc = _tile_n(C, 0, A, kk, K - kk)
@@ -357,75 +347,82 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
                 s = vzero()
                 for i in range(B):
                     s = vadd(s, vloadn(dY, i, jj, je - jj))
-                vstoren(gb.reshape((1, N)), 0, jj, s, je - jj)
+                vstoren(gbr, 0, jj, s, je - jj)
             if kind != NO_UPDATE:
-                update(b[j:je], gb[j:je], mb[j:je], vb[j:je], kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
+                update_row(br, gbr, mbr, vbr, 0, j, je, kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
 
 
 @njit(**_exact, inline="always")  # a call per 8 lanes would cost more than the step
-def _step(P, M, V, r, k, g, n, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2, lo=0):
-    """`update` on P[r, k + lo : k + n] (n <= 8) with the gradient g still in a register: the optimiser
-    step of a gW tile, done by the task that computed it while the block of W is in L1 (no second pass
-    over W and gW, no 1-D slice per row, whose reference count Numba would update atomically). Masked
-    loads and stores only for a ragged edge (n < 8 or lo > 0): AMD's masked stores are slow."""
+def _step(P, M, V, r, k, g, n, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
+    """`update` on P[r, k : k + n] (n <= 8) with the gradient g still in a register: the optimiser step of
+    a gW tile, done by the task that computed it while the block of W is in L1 (no second pass over W
+    and gW, no 1-D slice per row, whose reference count Numba would update atomically). Masked loads and
+    stores only for n < 8: AMD's masked stores are slow."""
     if kind == NO_UPDATE:
         return
-    p = _ld(P, r, k, n, lo)
+    p = _ld(P, r, k, n)
     g = vfma(vbcast(wd), p, g)  # explicit FMAs: one rounding each, the same in every compile
     if kind == SGD:
         p = vfma(vbcast(-lr), g, p)
     elif kind == MOMENTUM:
-        m = vfma(vbcast(mom), _ld(M, r, k, n, lo), g)
-        _st(M, r, k, m, n, lo)
+        m = vfma(vbcast(mom), _ld(M, r, k, n), g)
+        _st(M, r, k, m, n)
         p = vfma(vbcast(-lr), vfma(vbcast(mom), m, g) if nesterov else m, p)
     else:  # ADAM
-        m = vfma(vbcast(b1), _ld(M, r, k, n, lo), vmul(vbcast(1 - b1), g))
-        v = vfma(vbcast(b2), _ld(V, r, k, n, lo), vmul(vmul(vbcast(1 - b2), g), g))
-        _st(M, r, k, m, n, lo)
-        _st(V, r, k, v, n, lo)
+        m = vfma(vbcast(b1), _ld(M, r, k, n), vmul(vbcast(1 - b1), g))
+        v = vfma(vbcast(b2), _ld(V, r, k, n), vmul(vmul(vbcast(1 - b2), g), g))
+        _st(M, r, k, m, n)
+        _st(V, r, k, v, n)
         p = vsub(p, vdiv(vmul(vbcast(lr * c1), m), vadd(vsqrt(vmul(v, vbcast(c2))), vbcast(eps))))
-    _st(P, r, k, p, n, lo)
+    _st(P, r, k, p, n)
 
 
 @njit(**_exact, inline="always")
-def _ld(A, r, k, n, lo=0):
-    """A[r, k + l] for lanes lo <= l < n, zeros elsewhere; a plain load when that is all 8."""
-    return vload(A, r, k) if n >= 8 and lo <= 0 else vloadr(A, r, k, lo, n)
+def _ld(A, r, k, n):
+    return vload(A, r, k) if n >= 8 else vloadn(A, r, k, n)
 
 
 @njit(**_exact, inline="always")
-def _st(A, r, k, x, n, lo=0):
-    """A[r, k + l] = x[l] for lanes lo <= l < n; a plain store when that is all 8."""
-    if n >= 8 and lo <= 0:
+def _st(A, r, k, x, n):
+    if n >= 8:
         vstore(A, r, k, x)
     else:
-        vstorer(A, r, k, x, lo, n)
+        vstoren(A, r, k, x, n)
 
 
 @njit(fastmath=True, cache=True)
 def update(p, g, m, v, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
-    """One optimiser step on a 1-D slice, PyTorch semantics (docs/training.md).
+    """One optimiser step on 1-D arrays (all (n,) float32): `update_row` on their only row."""
+    n = p.shape[0]
+    update_row(p.reshape((1, n)), g.reshape((1, n)), m.reshape((1, n)), v.reshape((1, n)), 0, 0, n, kind, lr, mom,
+               nesterov, wd, b1, b2, eps, c1, c2)
 
-    p params, g gradient, m momentum / Adam first moment, v Adam second moment: all (n,) float32.
-    Serial: it is called on a row by the task that owns that row.
+
+@njit(fastmath=True, cache=True)
+def update_row(P, G, M, V, r, k0, k1, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
+    """One optimiser step on P[r, k0:k1], PyTorch semantics (docs/training.md).
+
+    P params, G gradient, M momentum / Adam first moment, V Adam second moment: 2-D float32 arrays of one
+    shape. Serial: called by the task that owns those elements (the biases, as a row); indexing a 2-D
+    array instead of taking 1-D slices spares Numba four reference counts per call.
     """
     lr, mom, wd = np.float32(lr), np.float32(mom), np.float32(wd)
     b1, b2, eps, c1, c2 = np.float32(b1), np.float32(b2), np.float32(eps), np.float32(c1), np.float32(c2)
     one = np.float32(1)
     if kind == SGD:
-        for k in range(p.shape[0]):
-            p[k] -= lr * (g[k] + wd * p[k])
+        for k in range(k0, k1):
+            P[r, k] -= lr * (G[r, k] + wd * P[r, k])
     elif kind == MOMENTUM:
-        for k in range(p.shape[0]):
-            gk = g[k] + wd * p[k]
-            m[k] = mom * m[k] + gk
-            p[k] -= lr * (gk + mom * m[k]) if nesterov else lr * m[k]
+        for k in range(k0, k1):
+            gk = G[r, k] + wd * P[r, k]
+            M[r, k] = mom * M[r, k] + gk
+            P[r, k] -= lr * (gk + mom * M[r, k]) if nesterov else lr * M[r, k]
     elif kind == ADAM:
-        for k in range(p.shape[0]):
-            gk = g[k] + wd * p[k]
-            m[k] = b1 * m[k] + (one - b1) * gk
-            v[k] = b2 * v[k] + (one - b2) * gk * gk
-            p[k] -= lr * (m[k] * c1) / (np.sqrt(v[k] * c2) + eps)
+        for k in range(k0, k1):
+            gk = G[r, k] + wd * P[r, k]
+            M[r, k] = b1 * M[r, k] + (one - b1) * gk
+            V[r, k] = b2 * V[r, k] + (one - b2) * gk * gk
+            P[r, k] -= lr * (M[r, k] * c1) / (np.sqrt(V[r, k] * c2) + eps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -516,7 +513,7 @@ def forward(P, sizes, X, acts, cap):
     (acts_size(sizes, cap) floats)."""
     L = sizes.shape[0] - 1
     B = X.shape[0]
-    A = X
+    A = X[:, :X.shape[1]]  # typed as a strided view like the activations: one compiled linear_forward, not two
     for l in range(L):
         W, b = _views(P, sizes, l)
         Y = _act(acts, sizes, cap, l, B)

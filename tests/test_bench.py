@@ -51,8 +51,11 @@ def test_kernel_rows_are_complete_and_positive(report):
 def test_epoch_rows(report):
     t = report["threads"]["1"]
     assert positive(t["gemm2048_gflops"])
+    assert t["gemm_samples"] == 1 + len(t["epochs"])  # sampled at the start and before each batch size
+    assert 0 < t["gemm2048_gflops_min"] <= t["gemm2048_gflops"]  # the limit is the fastest sample
     assert t["gemm_limited_epoch_s"] == pytest.approx(70.38e9 / (t["gemm2048_gflops"] * 1e9))
     (e,) = t["epochs"]
+    assert e["gemm_fraction"] == pytest.approx(t["gemm_limited_epoch_s"] / e["numba_s"])
     assert e["batch"] == 256
     for key in ("numba_s", "numba_median_s", "numpy_s", "numpy_median_s", "ratio", "numba_samples_per_s",
                 "numba_gflops", "gemm_fraction"):

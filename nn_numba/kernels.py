@@ -3,14 +3,16 @@
 Layout (the PyTorch one): a layer's weights W are (out, in) row-major and it computes Y = X Wᵀ + b.
 With that layout no product needs a transpose:
   forward      Y  = X Wᵀ     dot form, contiguous rows of X and W            -> 6x2 register tiles
-  backward dX  dX = dY W     axpy form over contiguous rows of W             -> 4 rows x 4 outputs jammed
-  backward dW  dW = dYᵀ X    axpy form over contiguous rows of X             -> 4 rows x 4 samples jammed
-Every output element is written by exactly one prange task with a fixed summation order, so results
-are bit-identical run after run *and* for any thread count. `fastmath` lets LLVM reassociate the
-reductions into vector FMAs (256-bit on AVX2, 512-bit on AVX-512; without it the dot-form loops stay scalar
-and run ~9x slower); float32 accumulators are spelled np.float32(0) because a bare 0.0 is float64 in Numba.
-Callers should hand in 64-byte aligned arrays (`aligned_zeros`): 32-byte loads that straddle cache lines
-cost 10-25 % on the 784-wide products. No data-dependent branches in hot loops: ReLU signs are random.
+  backward dX  dX = dY W     axpy form over contiguous rows of W             -> 6x16 register tiles
+  backward dW  dW = dYᵀ X    axpy form over contiguous rows of X, dYᵀ packed -> 6x16 register tiles
+The tiles' sums live in 8-lane vector registers (`simd.f32x8`) for a whole reduction. Every output
+element is written by exactly one prange task with a summation order the code spells out, so results
+are bit-identical run after run, for any thread count, and whether a kernel was compiled now or loaded
+from the cache; that is why the products are compiled without `fastmath`, which would let LLVM reorder
+even the explicit vector adds. Float32 scalars are spelled np.float32(0): a bare 0.0 is float64 in Numba.
+Callers hand in 64-byte aligned arrays (`aligned_zeros`; activation rows padded to 16 floats): 32-byte
+loads that straddle cache lines cost 10-25 % on the products. No data-dependent branches in hot loops:
+ReLU signs are random.
 """
 
 import numpy as np

@@ -215,6 +215,15 @@ def vmask(typingctx, v, a):
 
 
 @intrinsic
+def vany(typingctx, v):
+    """True when any lane is non-zero (or NaN): one compare and a movemask, to skip a block of zeros."""
+    def codegen(context, builder, sig, args):
+        bits = builder.bitcast(builder.fcmp_unordered("!=", args[0], _ZERO), ir.IntType(W))
+        return builder.icmp_unsigned("!=", bits, ir.Constant(ir.IntType(W), 0))
+    return types.boolean(f32x8), codegen
+
+
+@intrinsic
 def vsum(typingctx, v):
     """The sum of the eight lanes, always in the same order: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)),
     halving the width at each step (256 -> 128 -> 64 -> 32 bits, the cheap instructions)."""

@@ -8,6 +8,7 @@ from numba.core.errors import TypingError
 from nn_numba.simd import (
     prefetch,
     vadd,
+    vany,
     vbcast,
     vbload,
     vdiv,
@@ -69,6 +70,11 @@ def _arith(a, out):
 @njit
 def _sum(a, i):
     return vsum(vload(a, i, 0))
+
+
+@njit
+def _any(a, i):
+    return vany(vload(a, i, 0))
 
 
 def _data(shape, seed=0):
@@ -171,3 +177,13 @@ def test_prefetch_is_only_a_hint():
     assert _prefetch(a, 10**9, 0) == 0  # far past the end: a prefetch never faults
     with pytest.raises(TypingError):
         _prefetch(np.zeros((4, 4), np.float32).T, 0, 0)  # columns are not contiguous
+
+
+def test_any_is_true_when_one_lane_is_non_zero():
+    a = np.zeros((10, 8), np.float32)
+    for lane in range(8):
+        a[lane, lane] = 1e-45 if lane % 2 else -3.0  # a denormal and a negative count too
+    a[8, 3] = np.nan
+    assert [_any(a, i) for i in range(10)] == [True] * 9 + [False]
+    a[9, 0] = -0.0  # equal to zero
+    assert not _any(a, 9)

@@ -21,6 +21,7 @@ from numba import njit, prange
 from .simd import (
     prefetch,
     vadd,
+    vany,
     vbcast,
     vbload,
     vdiv,
@@ -275,7 +276,7 @@ def ws_size(n_out: int, batch: int) -> int:
 
 @njit(parallel=True, **_exact)
 def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
-                           c2):
+                           c2, bias=True):
     """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step on W and b, fused.
 
     dY (B, N), A (B, K) the layer's input, gW/W/mW/vW (N, K), gb/b/mb/vb (N,), ws a float32 workspace of
@@ -287,7 +288,9 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
     after linear_backward_input, which reads the old W. `kind`, the hyper-parameters and the Adam bias
     corrections c1 = 1/(1-β1ᵗ), c2 = 1/(1-β2ᵗ) are those of `update`; kind NO_UPDATE only computes the
     gradients. gW is stored only then: a training step never reads it back, and writing 0.8 MB of gW1
-    per step cost 2-6 % of the step (gb is always stored).
+    per step cost 2-6 % of the step (gb is always stored). bias=False leaves gb and b alone: the first
+    layer's dense path calls this with the roles of dY and A swapped (gWᵀ = Xᵀ dZ), where "gb" would be
+    the column sums of X.
 
     dYᵀ is first packed, as OpenBLAS packs its operands: ws[jb, p, :6] = dY[p, 6jb : 6jb + 6], zeros past
     N. The tile's six broadcasts per sample then come from one 32-byte slot instead of a fresh cache line
@@ -298,7 +301,6 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
     K = A.shape[1]
     nj = (N + 5) // 6
     pk = ws[:nj * B * 8].reshape((nj, B, 8))
-    br, gbr, mbr, vbr = b.reshape((1, N)), gb.reshape((1, N)), mb.reshape((1, N)), vb.reshape((1, N))  # as rows
     if N >= 6:
         for t in prange(nj):
             for p in range(B):
@@ -343,7 +345,8 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
                             _st(gW, j + q, kk, acc[q], K - kk)
                         _step(W, mW, vW, j + q, kk, acc[q], K - kk, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
                               c2)
-        if k == 0:  # the first column of tiles also owns gb and b: column sums of dY, 8 at a time
+        if k == 0 and bias:  # the first column of tiles also owns gb and b: column sums of dY, 8 at a time
+            br, gbr, mbr, vbr = b.reshape((1, -1)), gb.reshape((1, -1)), mb.reshape((1, -1)), vb.reshape((1, -1))
             je = min(j + 6, N)
             for jj in range(j, je, 8):
                 s = vzero()
@@ -428,6 +431,207 @@ def update_row(P, G, M, V, r, k0, k1, kind, lr, mom, nesterov, wd, b1, b2, eps, 
 
 
 # ---------------------------------------------------------------------------------------------------
+# The first layer, whose input is pixels. 81 % of MNIST's pixels are 0 (the background), so a product
+# that skips them does a fifth of the FLOPs of a dense one. Skipping needs the weights the other way
+# round, so during training the first layer keeps them transposed, WT (K, pad64(N)) (train.Trainer
+# converts at the edges; checkpoints and inference keep the (out, in) layout): row k of WT is what
+# pixel k adds to every output, so a sample's outputs are the sum of its ~150 lit rows (forward), and
+# row k of gWᵀ sums the samples in which pixel k is lit (backward). Both run over 64-column chunks of
+# those rows, eight vector sums in registers; a chunk of WT (784 rows x 256 bytes) stays in L2.
+
+
+def pad_t(n: int) -> int:
+    """Row length of the transposed first-layer weights (and their gradient and moments) for n outputs."""
+    return (n + 63) // 64 * 64
+
+
+@njit(cache=True)
+def density(X, rows):
+    """The share of non-zero values in the first `rows` rows of X (B, K): picks the first layer's path."""
+    r = min(rows, X.shape[0])
+    n = 0
+    for i in range(r):
+        for k in range(X.shape[1]):
+            n += X[i, k] != 0
+    return n / max(r * X.shape[1], 1)
+
+
+@njit(parallel=True, **_exact)
+def nonzeros(X, cnt, cols, vals):
+    """Each sample's non-zero pixels in pixel order: cols[i, :cnt[i]] their indices, vals[i, :cnt[i]] their
+    values (a compressed-row copy of X).
+
+    X (B, K) float32, cnt (B,) int32, cols (B, K) int32, vals (B, K) float32. prange over samples. An
+    all-zero block of 8 pixels (60 % of MNIST's) costs one vector compare; the pixels of the others are
+    appended branch-free (a zero is written, then overwritten), because a branch per pixel mispredicts at
+    every stroke edge.
+    """
+    B, K = X.shape
+    K8 = K - K % 8
+    for i in prange(B):
+        c = 0
+        for k in range(0, K8, 8):
+            if vany(vload(X, i, k)):
+                for kk in range(k, k + 8):
+                    x = X[i, kk]
+                    cols[i, c] = kk
+                    vals[i, c] = x
+                    c += x != 0
+        for kk in range(K8, K):
+            x = X[i, kk]
+            cols[i, c] = kk
+            vals[i, c] = x
+            c += x != 0
+        cnt[i] = c
+
+
+@njit(parallel=True, **_exact)
+def nonzeros_t(X, cnt, rows, vals):
+    """Each pixel's non-zero samples in sample order: rows[k, :cnt[k]] their indices, vals[k, :cnt[k]] the
+    values (a compressed-column copy of X, for the weight gradient).
+
+    X (B, K) float32, cnt (K,) int32, rows (K, B) int32, vals (K, B) float32. prange over blocks of 8
+    pixels: a task reads its 32 bytes of every sample and owns those 8 columns, so no two tasks write the
+    same list; zero blocks and zero pixels are skipped as in `nonzeros`.
+    """
+    B, K = X.shape
+    for kb in prange((K + 7) // 8):
+        k0 = kb * 8
+        k1 = min(k0 + 8, K)
+        for k in range(k0, k1):
+            cnt[k] = 0
+        for i in range(B):
+            if k1 - k0 == 8 and not vany(vload(X, i, k0)):
+                continue
+            for k in range(k0, k1):
+                x = X[i, k]
+                c = cnt[k]
+                rows[k, c] = i
+                vals[k, c] = x
+                cnt[k] = c + (x != 0)
+
+
+@njit(parallel=True, **_exact)
+def sparse_forward(cnt, cols, vals, WT, b, Y, relu):
+    """Y = X W + b (then ReLU when `relu`) from X's non-zeros (`nonzeros`), W kept transposed.
+
+    cnt/cols/vals as `nonzeros` makes them for B samples, WT (K, Np) with Np = pad_t(N) and zeros past
+    column N, b (N,), Y (B, N). Each task owns 64 outputs of one sample: eight vector sums, to which each
+    lit pixel k adds vals · WT[k, chunk] (eight FMAs, their operands straight from L1/L2). prange over
+    (chunk, sample), chunk slowest, so a thread works through one 200 KB chunk of WT at a time.
+    """
+    B = cnt.shape[0]
+    N = Y.shape[1]
+    br = b.reshape((1, N))
+    for t in prange(((N + 63) // 64) * B):
+        c = (t // B) * 64
+        i = t % B
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+        for e in range(cnt[i]):
+            k = cols[i, e]
+            x = vbload(vals, i, e)
+            a0 = vfma(x, vload(WT, k, c), a0)
+            a1 = vfma(x, vload(WT, k, c + 8), a1)
+            a2 = vfma(x, vload(WT, k, c + 16), a2)
+            a3 = vfma(x, vload(WT, k, c + 24), a3)
+            a4 = vfma(x, vload(WT, k, c + 32), a4)
+            a5 = vfma(x, vload(WT, k, c + 40), a5)
+            a6 = vfma(x, vload(WT, k, c + 48), a6)
+            a7 = vfma(x, vload(WT, k, c + 56), a7)
+        acc = (a0, a1, a2, a3, a4, a5, a6, a7)
+        for h in range(8):
+            n = N - c - 8 * h
+            if n > 0:
+                v = vadd(acc[h], _ld(br, 0, c + 8 * h, n))
+                _st(Y, i, c + 8 * h, vmask(v, v) if relu else v, n)
+
+
+@njit(parallel=True, **_exact)
+def linear_forward_t(X, WT, b, Y, relu):
+    """The dense path of the same product, for inputs with few zeros (the bench's random pixels): Y = X W
+    + b (ReLU) with W kept transposed, by the axpy micro-kernel (`_tile` with C = X, D = WT), a 6x16 tile
+    of Y per task. X (B >= 6, K), WT (K, pad_t(N)), b (N,), Y (B, N). prange over tiles, batch blocks
+    fastest (a run of tasks shares its 16 columns of WT); the last row block moves back and stores only
+    its own rows."""
+    B = X.shape[0]
+    N = Y.shape[1]
+    br = b.reshape((1, N))
+    nb = (B + 5) // 6
+    for t in prange(nb * ((N + 15) // 16)):
+        i = (t % nb) * 6
+        j = (t // nb) * 16
+        i0 = min(i, B - 6)
+        acc = _tile(X, i0, WT, j)
+        for q in range(i - i0, 6):
+            for h in range(2):
+                n = N - j - 8 * h
+                if n > 0:
+                    v = vadd(acc[2 * q + h], _ld(br, 0, j + 8 * h, n))
+                    _st(Y, i0 + q, j + 8 * h, vmask(v, v) if relu else v, n)
+
+
+@njit(parallel=True, **_exact)
+def sparse_backward_weight(cnt, rows, vals, dY, gWT, WT, mWT, vWT, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
+                           c2):
+    """gWᵀ = Xᵀ dY from X's non-zeros (`nonzeros_t`), then the optimiser step on WT, fused.
+
+    cnt/rows/vals as `nonzeros_t` makes them for K pixels, dY (B, N) with rows at least pad_t(N) floats
+    apart (whole chunks are read; lanes past N are never stored), gWT/WT/mWT/vWT (K, pad_t(N)). Each task
+    owns 64 columns of one row k: eight vector sums over the samples in which pixel k is lit, then
+    `_step` with the gradient still in registers. Rows are disjoint, so no races, and each sum runs in
+    sample order for any thread count. With plain SGD and no weight decay a pixel no sample lit has a
+    zero gradient and its row is skipped (exactly what the step would leave). The bias is
+    `bias_backward`'s. prange over (row, chunk), rows slowest: the two threads take the top and the
+    bottom half of the image.
+    """
+    K = cnt.shape[0]
+    N = dY.shape[1]
+    nch = (N + 63) // 64
+    idle = kind == SGD and wd == 0
+    for t in prange(K * nch):
+        k = t // nch
+        c = (t % nch) * 64
+        if cnt[k] == 0 and idle:
+            continue
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
+        for e in range(cnt[k]):
+            i = rows[k, e]
+            x = vbload(vals, k, e)
+            a0 = vfma(x, vload(dY, i, c), a0)
+            a1 = vfma(x, vload(dY, i, c + 8), a1)
+            a2 = vfma(x, vload(dY, i, c + 16), a2)
+            a3 = vfma(x, vload(dY, i, c + 24), a3)
+            a4 = vfma(x, vload(dY, i, c + 32), a4)
+            a5 = vfma(x, vload(dY, i, c + 40), a5)
+            a6 = vfma(x, vload(dY, i, c + 48), a6)
+            a7 = vfma(x, vload(dY, i, c + 56), a7)
+        acc = (a0, a1, a2, a3, a4, a5, a6, a7)
+        for h in range(8):
+            n = N - c - 8 * h
+            if n > 0:
+                if kind == NO_UPDATE:
+                    _st(gWT, k, c + 8 * h, acc[h], n)
+                _step(WT, mWT, vWT, k, c + 8 * h, acc[h], min(n, 8), kind, lr, mom, nesterov, wd, b1, b2, eps,
+                      c1, c2)
+
+
+@njit(parallel=True, **_exact)
+def bias_backward(dY, gb, b, mb, vb, kind, lr, mom, nesterov, b1, b2, eps, c1, c2):
+    """gb = Σ_batch dY and the optimiser step on b (no weight decay on biases), 8 columns per task, the
+    same sums in the same order as linear_backward_weight's. dY (B, N), gb/b/mb/vb (N,)."""
+    B, N = dY.shape
+    br, gbr, mbr, vbr = b.reshape((1, N)), gb.reshape((1, N)), mb.reshape((1, N)), vb.reshape((1, N))
+    for t in prange((N + 7) // 8):
+        j = t * 8
+        s = vzero()
+        for i in range(B):
+            s = vadd(s, vloadn(dY, i, j, N - j))
+        vstoren(gbr, 0, j, s, N - j)
+        if kind != NO_UPDATE:
+            update_row(br, gbr, mbr, vbr, 0, j, min(j + 8, N), kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Softmax + cross-entropy + its gradient, fused.
 
 
@@ -478,10 +682,11 @@ def _views(P, sizes, l):
 
 @njit(cache=True)
 def _pad(n):
-    """Row length in the activation and gradient buffers: n rounded up to 16 floats, so that every row
-    starts 64-byte aligned. Rows of 250 floats 1000 bytes apart made most 32-byte loads of fwd2, dA1 and
-    dW2 straddle two cache lines: the whole step was 3 % slower at B = 256."""
-    return (n + 15) // 16 * 16
+    """Row length in the activation and gradient buffers: n rounded up to 64 floats (pad_t). Every row
+    starts 64-byte aligned (rows of 250 floats 1000 bytes apart made most 32-byte loads of fwd2, dA1 and
+    dW2 straddle two cache lines: the whole step was 3 % slower at B = 256), and the first layer's sparse
+    backward product may read whole 64-column chunks of its dY."""
+    return (n + 63) // 64 * 64
 
 
 def acts_size(sizes, cap: int) -> int:
@@ -525,34 +730,67 @@ def forward(P, sizes, X, acts, cap):
 
 
 @njit(cache=True)
-def train_step(P, G, M, V, sizes, X, y, acts, cap, d0, d1, ws, loss, pred,
+def train_step(P, G, M, V, WT, GT, MT, VT, sizes, X, y, acts, cap, d0, d1, ws, nz, loss, pred,
                kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2, scale):
     """Forward, loss, backward and optimiser step on one mini-batch; returns the summed loss.
 
     P, G, M, V: flat params, gradients (the weights' part is written only by a gradient-only step, kind
-    NO_UPDATE), first and second moments. X (B, n_0) float32, y (B,) labels, acts: layer outputs for up
-    to `cap` samples (acts_size), d0/d1: two gradient buffers of grad_size floats, ws: ws_size(max(n), cap)
-    floats of workspace, loss (B,) float32 and pred (B,) int64 per sample.
+    NO_UPDATE), first and second moments, all in checkpoint order, except that the first layer's weights
+    are used from WT and its gradient and moments from GT, MT, VT (K, pad_t(n_1)), kept transposed (P's
+    copy of W1 is not read or written). X (B, n_0) float32, y (B,) labels, acts: layer outputs for up to
+    `cap` samples (acts_size), d0/d1: two gradient buffers of grad_size floats, ws: ws_size(max(sizes),
+    cap) floats of workspace, nz: the six index buffers of `nonzeros_bufs`, loss (B,) float32 and pred
+    (B,) int64 per sample.
+
+    The first layer skips X's zeros (`sparse_forward`, `sparse_backward_weight`) unless X is dense: when
+    more than 40 % of the first 8 samples' pixels are non-zero the dense tiles are faster.
     """
     L = sizes.shape[0] - 1
     B = X.shape[0]
-    Z = forward(P, sizes, X, acts, cap)
-    dZ = _rows(d0, 0, B, sizes[L])
-    softmax_xent(Z, y, dZ, loss, pred, scale)
-    for l in range(L - 1, -1, -1):
-        A = X if l == 0 else _act(acts, sizes, cap, l - 1, B)
+    cnt, cols, vals, ccnt, crows, cvals = nz
+    sparse = B < 6 or density(X, 8) <= 0.4
+    A = _act(acts, sizes, cap, 0, B)
+    b0 = _views(P, sizes, 0)[1]
+    if sparse:
+        nonzeros(X, cnt, cols, vals)
+        sparse_forward(cnt, cols, vals, WT, b0, A, L > 1)
+    else:
+        linear_forward_t(X, WT, b0, A, L > 1)
+    for l in range(1, L):
         W, b = _views(P, sizes, l)
-        if l > 0:  # the input gradient needs the old W, so before the update
-            dA = _rows(d1 if (L - 1 - l) % 2 == 0 else d0, 0, B, sizes[l])
-            linear_backward_input(dZ, W, A, dA)
+        Y = _act(acts, sizes, cap, l, B)
+        linear_forward(A, W, b, Y, l < L - 1)
+        A = Y
+    dZ = _rows(d0, 0, B, sizes[L])
+    softmax_xent(A, y, dZ, loss, pred, scale)
+    for l in range(L - 1, 0, -1):
+        A = _act(acts, sizes, cap, l - 1, B)
+        W, b = _views(P, sizes, l)
+        dA = _rows(d1 if (L - 1 - l) % 2 == 0 else d0, 0, B, sizes[l])
+        linear_backward_input(dZ, W, A, dA)  # needs the old W, so before the update
         gW, gb = _views(G, sizes, l)
         mW, mb = _views(M, sizes, l)
         vW, vb = _views(V, sizes, l)
         linear_backward_weight(dZ, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2, eps,
                                c1, c2)
-        if l > 0:
-            dZ = dA
+        dZ = dA
+    if sparse:
+        nonzeros_t(X, ccnt, crows, cvals)
+        sparse_backward_weight(ccnt, crows, cvals, dZ, GT, WT, MT, VT, kind, lr, mom, nesterov, wd, b1, b2, eps,
+                               c1, c2)
+    else:  # gWᵀ = Xᵀ dZ: linear_backward_weight with the roles of its two operands swapped
+        linear_backward_weight(X, dZ, ws, GT, b0, WT, b0, MT, b0, VT, b0, kind, lr, mom, nesterov, wd, b1, b2, eps,
+                               c1, c2, False)  # columns past N of the padded rows are not touched
+    gb, mb, vb = _views(G, sizes, 0)[1], _views(M, sizes, 0)[1], _views(V, sizes, 0)[1]
+    bias_backward(dZ, gb, b0, mb, vb, kind, lr, mom, nesterov, b1, b2, eps, c1, c2)
     total = 0.0
     for i in range(B):
         total += loss[i]
     return total
+
+
+def nonzeros_bufs(cap: int, n_in: int) -> tuple[np.ndarray, ...]:
+    """The index buffers train_step's first layer fills per batch: `nonzeros` (cnt, cols, vals) and
+    `nonzeros_t` (cnt, rows, vals) for up to `cap` samples of n_in pixels."""
+    return (np.zeros(cap, np.int32), np.zeros((cap, n_in), np.int32), aligned_zeros((cap, n_in)),
+            np.zeros(n_in, np.int32), np.zeros((n_in, cap), np.int32), aligned_zeros((n_in, cap)))

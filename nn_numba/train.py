@@ -73,7 +73,12 @@ def split(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class Trainer:
-    """Model, optimiser state and the reusable buffers of one training run."""
+    """Model, optimiser state and the reusable buffers of one training run.
+
+    The first layer's weights, their gradient and moments are trained in a transposed copy (wt, gt, mt,
+    vt: kernels.train_step says why); `sync` writes them back into the model and the flat arrays, which
+    is what checkpoints, evaluation and the tests read. Call it before reading any of those.
+    """
 
     def __init__(self, cfg: Config, model: MLP, batch_cap: int):
         self.cfg, self.model = cfg, model
@@ -83,22 +88,45 @@ class Trainer:
         self.grad = zeros(n)
         self.m = zeros(n)
         self.v = zeros(n)
+        sizes = model.sizes
+        shape_t = (sizes[0], kernels.pad_t(sizes[1]))
+        self.wt, self.gt, self.mt, self.vt = (zeros(shape_t) for _ in range(4))
         self.step = 0
         self.cap = batch_cap
-        sizes = model.sizes
         self.acts = zeros(kernels.acts_size(sizes, batch_cap))
         self.d0 = zeros(kernels.grad_size(sizes, batch_cap))
         self.d1 = zeros(kernels.grad_size(sizes, batch_cap))
-        self.ws = zeros(kernels.ws_size(max(sizes[1:]), batch_cap))
+        self.ws = zeros(kernels.ws_size(max(sizes), batch_cap))
+        self.nz = kernels.nonzeros_bufs(batch_cap, sizes[0])
         self.loss = np.zeros(batch_cap, np.float32)
         self.pred = np.zeros(batch_cap, np.int64)
         self.xb = zeros((batch_cap, sizes[0]))
+        self.load()
+
+    def _first(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(flat view, transposed copy) pairs of the first layer's weights, gradient and moments."""
+        sa = self.model.sizes_arr
+        return [(kernels._views(flat, sa, 0)[0], t[:, :self.model.sizes[1]])
+                for flat, t in ((self.model.params, self.wt), (self.grad, self.gt), (self.m, self.mt),
+                                (self.v, self.vt))]
+
+    def load(self) -> None:
+        """Take the first layer from the model and the flat arrays (after they were set from outside)."""
+        for flat, t in self._first():
+            t[:] = flat.T
+
+    def sync(self) -> MLP:
+        """Write the first layer back into the model and the flat arrays; returns the model."""
+        for flat, t in self._first():
+            flat[:] = t.T
+        return self.model
 
     def train_step(self, X: np.ndarray, y: np.ndarray, lr: float, update: bool = True) -> float:
         """One optimiser step on float32 inputs X (B, n_0) and int64 labels y (B,); the summed loss.
 
-        update=False computes loss and gradients only (into self.grad): weights and optimiser state stay as
-        they are. An update step fuses the gradient into the optimiser step and leaves self.grad stale.
+        update=False computes loss and gradients only (into self.grad, after `sync`): weights and optimiser
+        state stay as they are. An update step fuses the gradient into the optimiser step and leaves the
+        gradient stale.
         """
         o, B = self.cfg.optim, len(y)
         self.step += update
@@ -106,12 +134,14 @@ class Trainer:
         c1 = 1.0 / (1.0 - o.beta1**t)
         c2 = 1.0 / (1.0 - o.beta2**t)
         scale = 1.0 / B if o.reduction == "mean" else 1.0
-        return kernels.train_step(self.model.params, self.grad, self.m, self.v, self.model.sizes_arr, X, y,
-                                  self.acts, self.cap, self.d0, self.d1, self.ws, self.loss[:B], self.pred[:B],
+        return kernels.train_step(self.model.params, self.grad, self.m, self.v, self.wt, self.gt, self.mt, self.vt,
+                                  self.model.sizes_arr, X, y, self.acts, self.cap, self.d0, self.d1, self.ws,
+                                  self.nz, self.loss[:B], self.pred[:B],
                                   self.kind if update else kernels.NO_UPDATE, lr, o.momentum, o.nesterov,
                                   o.weight_decay, o.beta1, o.beta2, o.eps, c1, c2, scale)
 
     def optim_state(self) -> OptimState:
+        self.sync()
         slots = {kernels.SGD: [], kernels.MOMENTUM: [self.m], kernels.ADAM: [self.m, self.v]}[self.kind]
         return OptimState(self.cfg.optim.name, self.step, [_split_flat(self.model, s) for s in slots])
 
@@ -122,6 +152,7 @@ class Trainer:
         for flat, arrays in zip((self.m, self.v), st.slots):
             flat[:] = np.concatenate([a.ravel() for a in arrays])
         self.step = st.step
+        self.load()
 
 
 def _split_flat(model: MLP, flat: np.ndarray) -> list[np.ndarray]:
@@ -368,6 +399,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
                     bar.set_postfix(loss=f"{loss / nb:.4f}", refresh=False)
                 if sigint.hit:
                     bar.close()
+                    trainer.sync()
                     if not np.isfinite(model.params).all():
                         raise Diverged(f"training diverged at epoch {epoch + 1}, step {bi + 1}: the weights hold "
                                        f"NaN or Inf (learning rate {lr:g}); try a smaller --lr. Checkpoints in "
@@ -384,6 +416,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
             bar.close()
             seconds = time.perf_counter() - t0
             elapsed += seconds
+            trainer.sync()  # the first layer back into the model: evaluation and checkpoints read it
             if not np.isfinite(model.params).all():
                 raise Diverged(f"training diverged in epoch {epoch + 1}: the weights hold NaN or Inf "
                                f"(learning rate {lr:g}); try a smaller --lr. Checkpoints in {run} are the last "

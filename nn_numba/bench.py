@@ -4,8 +4,10 @@ Every measurement runs in a child process whose environment fits it: the Numba s
 OPENBLAS_NUM_THREADS=1 (spinning OpenBLAS workers slow parallel Numba kernels tenfold), the NumPy side
 with OPENBLAS_NUM_THREADS=T, one pair of children per thread count. The parent only sends requests and
 alternates A and B, so the two sides see the same machine state; it imports neither numpy nor numba.
-Data are random (speed does not depend on the pixel values); the network is 784-250-250-10, float32,
-softmax cross-entropy with mean loss, plain SGD.
+Data are MNIST's training images when they are on this machine (`--data mnist`, the default): speed
+does depend on the pixels, because the first layer skips the 81 % of them that are 0. `--data random`
+(uniform pixels, none 0) times the dense path. The network is 784-250-250-10, float32, softmax
+cross-entropy with mean loss, plain SGD.
 """
 
 from __future__ import annotations
@@ -72,10 +74,32 @@ def timed_passes(rng, B: int, samples: int, reps: int, warmup: int, step) -> dic
     return {"times": times, "loss": loss}
 
 
+def load_data(data: str):
+    """(uint8 images (60000, 784), int64 labels, description): MNIST's training set, found where `nn-numba
+    train` finds it but never downloaded here, or random pixels and labels (`data` "random", or MNIST is
+    missing: the description says so)."""
+    import numpy as np
+
+    why = ""
+    if data == "mnist":
+        from .data import load_mnist
+        from .errors import NNError
+
+        try:
+            m = load_mnist(download_ok=False)
+            nz = float(np.count_nonzero(m.train_x[:6000])) / m.train_x[:6000].size
+            return m.train_x, m.train_y.astype(np.int64), f"MNIST training images ({100 * nz:.0f} % of pixels non-zero)"
+        except NNError as e:
+            why = f" (MNIST not found: {str(e).split(';')[0]})"
+    rng = np.random.default_rng(0)
+    X = rng.integers(1, 256, (N_TRAIN, SIZES[0]), dtype=np.uint8)
+    return X, rng.integers(0, SIZES[-1], N_TRAIN).astype(np.int64), "random (uniform pixels, none 0)" + why
+
+
 class NumbaSide:
     """The project's kernels, as `nn-numba train` runs them."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, data: str):
         import numba
         import numpy as np
 
@@ -83,15 +107,13 @@ class NumbaSide:
 
         numba.set_num_threads(threads)
         self.np, self.K, self.numba = np, K, numba
-        rng = np.random.default_rng(0)
-        self.X = rng.integers(0, 256, (N_TRAIN, SIZES[0]), dtype=np.uint8)
-        self.y = rng.integers(0, SIZES[-1], N_TRAIN).astype(np.int64)
-        self.rng = rng
+        self.X, self.y, self.data = load_data(data)
+        self.rng = np.random.default_rng(0)
 
     def info(self) -> dict:
         self.kernels(64, 1)  # a parallel kernel must have run before the threading layer is known
         return {"numba": self.numba.__version__, "threading_layer": self.numba.threading_layer(),
-                "numba_threads": self.numba.get_num_threads()}
+                "numba_threads": self.numba.get_num_threads(), "data": self.data}
 
     def _model(self):
         from .model import MLP
@@ -146,7 +168,24 @@ class NumbaSide:
             return lambda: K.linear_backward_weight(dY, A, ws, gW, gb, W, b, m, v, m, v, kind, 1e-9, 0.0, False,
                                                     0.0, 0.9, 0.999, 1e-8, 1.0, 1.0)
 
+        # the first layer as train_step runs it on sparse inputs: transposed weights, X's non-zeros
+        WT, GT = az((SIZES[0], K.pad_t(250))), az((SIZES[0], K.pad_t(250)))
+        WT[:, :250] = W1.T
+        cnt, cols, vals, off, rows, tvals = K.nonzeros_bufs(B, SIZES[0])
+        K.nonzeros(X, cnt, cols, vals)
+        K.nonzeros_t(cnt, cols, vals, off, rows, tvals)
+
+        def sparse_dw(kind):
+            return lambda: (K.sparse_backward_weight(off, rows, tvals, dA1, GT, WT, GT, GT, kind, 1e-9, 0.0, False,
+                                                     0.0, 0.9, 0.999, 1e-8, 1.0, 1.0),
+                            K.bias_backward(dA1, b1, b1, b1, b1, K.NO_UPDATE, 0.0, 0.0, False, 0.9, 0.999, 1e-8,
+                                            1.0, 1.0))
+
         calls = {
+            "nonzeros rows + columns": lambda: (K.nonzeros(X, cnt, cols, vals),
+                                                K.nonzeros_t(cnt, cols, vals, off, rows, tvals)),
+            "fwd1 sparse +bias+relu": lambda: K.sparse_forward(cnt, cols, vals, WT, b1, A1, True),
+            "dW1 sparse + db1 + sgd": sparse_dw(K.SGD),
             "fwd1 lin+bias+relu": lambda: K.linear_forward(X, W1, b1, A1, True),
             "fwd2 lin+bias+relu": lambda: K.linear_forward(A1, W2, b2, A2, True),
             "fwd3 lin+bias": lambda: K.linear_forward(A2, W3, b3, Z, False),
@@ -185,15 +224,14 @@ class NumbaSide:
 class NumpySide:
     """The reference: the same network trained by hand in NumPy, every product a BLAS call."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, data: str):
         import numpy as np
 
         self.np = np
-        rng = np.random.default_rng(0)
+        X, self.y, _ = load_data(data)
         # float32 pixels ready in memory: NumPy's most favourable start (the Numba side gathers from uint8)
-        self.X = rng.random((N_TRAIN, SIZES[0]), dtype=np.float32)
-        self.y = rng.integers(0, SIZES[-1], N_TRAIN).astype(np.int64)
-        self.rng = rng
+        self.X = X.astype(np.float32) / np.float32(255)
+        self.rng = np.random.default_rng(0)
 
     def info(self) -> dict:
         np = self.np
@@ -287,6 +325,9 @@ class NumpySide:
             b1.__isub__(np.float32(1e-9) * gb)
 
         calls = {
+            "nonzeros rows + columns": lambda: (np.nonzero(x), np.nonzero(x.T)),
+            "fwd1 sparse +bias+relu": lambda: fwd(x, W1, b1, True),
+            "dW1 sparse + db1 + sgd": sgd_fused,
             "fwd1 lin+bias+relu": lambda: fwd(x, W1, b1, True),
             "fwd2 lin+bias+relu": lambda: fwd(A1, W2, b2, True),
             "fwd3 lin+bias": lambda: fwd(A2, W3, b3, False),
@@ -327,11 +368,11 @@ class NumpySide:
         return {"batch1000_s_per_10k": _best(batch1000, reps, 0.1), "batch1_s": _best(lambda: fwd(x1), reps)}
 
 
-def worker(kind: str, threads: int) -> None:
+def worker(kind: str, threads: int, data: str) -> None:
     """Serve JSON requests {"op": name, ...args} from stdin, one JSON answer per line on stdout."""
     out = os.fdopen(os.dup(1), "w")
     sys.stdout = sys.stderr  # nothing else may write into the answer channel
-    side = (NumbaSide if kind == "numba" else NumpySide)(threads)
+    side = (NumbaSide if kind == "numba" else NumpySide)(threads, data)
     for line in sys.stdin:
         req = json.loads(line)
         op = req.pop("op")
@@ -348,12 +389,12 @@ def worker(kind: str, threads: int) -> None:
 
 
 class Child:
-    def __init__(self, kind: str, threads: int):
+    def __init__(self, kind: str, threads: int, data: str):
         env = dict(os.environ)
         env["OPENBLAS_NUM_THREADS"] = "1" if kind == "numba" else str(threads)
         env["OMP_NUM_THREADS"] = str(threads)
         self.kind, self.threads = kind, threads
-        self.p = subprocess.Popen([sys.executable, "-m", "nn_numba.bench", "--worker", kind, str(threads)],
+        self.p = subprocess.Popen([sys.executable, "-m", "nn_numba.bench", "--worker", kind, str(threads), data],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                   cwd=Path(__file__).resolve().parent.parent)
 
@@ -363,7 +404,7 @@ class Child:
         line = self.p.stdout.readline()
         if not line:
             raise NNError(f"bench: the {self.kind} worker ({self.threads} threads) died; run "
-                          f"`python -m nn_numba.bench --worker {self.kind} {self.threads}` to see why")
+                          f"`python -m nn_numba.bench --worker {self.kind} {self.threads} mnist` to see why")
         ans = json.loads(line)
         if "error" in ans:
             raise NNError(f"bench: {self.kind} worker, {op}: {ans['error']}")
@@ -445,18 +486,19 @@ def cpp_epoch(B: int, threads: int, timeout: float) -> dict | None:
 
 
 def run(threads: list[int], batches: list[int], quick: bool = False, kernel_batch: int = 256,
-        cpp: bool = True, progress=None) -> dict:
+        cpp: bool = True, progress=None, data: str = "mnist") -> dict:
     """All measurements; returns the report dict (see docs/performance.md for the keys)."""
     say = progress or (lambda s: None)
     samples, reps = (12_000, 2) if quick else (N_TRAIN, 3)
-    res = {"machine": machine(), "data": "random (uniform pixels, uniform labels): speed only, not accuracy",
+    res = {"machine": machine(), "data": data,
            "network": "-".join(map(str, SIZES)), "flop_per_sample": FLOP_PER_SAMPLE,
            "epoch_samples": N_TRAIN, "measured_samples": samples, "reps": reps, "threads": {}}
     for T in threads:
         say(f"{T} thread(s): starting workers")
-        a, b = Child("numba", T), Child("numpy", T)
+        a, b = Child("numba", T, data), Child("numpy", T, data)
         try:
             r = {"info": {**a.ask("info"), **b.ask("info")}}
+            res["data"] = r["info"]["data"]
             # The GEMM rate is sampled at the start and before each batch size: one slow stretch of the
             # host during a single sample made the limit look low and an epoch "118 % of the limit".
             gemm = [b.ask("gemm", reps=3 if quick else 5)["gflops"]]
@@ -527,6 +569,8 @@ def _kernel_rate(name: str, B: int, t: float) -> dict:
         return {"gflops": 2 * B * n_in[l] * (10 if l == "3" else 250) / t / 1e9}
     if name.startswith("softmax"):
         return {"gbps": B * 10 * 4 * 2 / t / 1e9}
+    if name.startswith("nonzeros"):
+        return {"gbps": 2 * B * SIZES[0] * 4 / t / 1e9}  # X read twice
     n = sum(SIZES[l] * SIZES[l + 1] + SIZES[l + 1] for l in range(len(SIZES) - 1))
     return {"gbps": 3 * 4 * n / t / 1e9}  # read p and g, write p
 
@@ -574,7 +618,9 @@ def table(res: dict) -> str:
             rate = f"{k['gflops']:.1f} GFLOP/s" if "gflops" in k else f"{k['gbps']:.1f} GB/s"
             lines.append(f"  {k['name']:26} {k['numba_s'] * 1e6:9.1f} {rate:>12} {k['numpy_s'] * 1e6:9.1f} "
                          f"{k['ratio']:11.2f}")
-        lines += ["", "training epoch (60,000 samples, SGD, mean loss):",
+        lines.append("  (sparse rows: the first layer as training runs it on inputs with zeros, against NumPy's dense "
+                     "product; their GFLOP/s count the dense product's FLOPs)")
+        lines += ["", "training epoch (60,000 samples, SGD, mean loss; GFLOP/s and the GEMM limit count dense FLOPs):",
                   f"  {'batch':>5} {'numba s':>15} {'samples/s':>10} {'GFLOP/s':>8} {'numpy s':>15} "
                   f"{'numba/numpy':>11} {'of GEMM limit':>13} {'C++ s':>8}"]
         for e in r["epochs"]:
@@ -610,7 +656,7 @@ def table(res: dict) -> str:
 
 
 def bench(threads: str = "1,2", batches: str = "32,64,256,1024", quick: bool = False, as_json: bool = False,
-          kernel_batch: int = 256) -> None:
+          kernel_batch: int = 256, data: str = "mnist") -> None:
     """The `nn-numba bench` command."""
     try:
         ts = [int(t) for t in threads.split(",") if t.strip()]
@@ -622,15 +668,17 @@ def bench(threads: str = "1,2", batches: str = "32,64,256,1024", quick: bool = F
         raise NNError("bench: --threads, --batches and --kernel-batch need positive numbers")
     if max(ts) > (os.cpu_count() or 1):
         raise NNError(f"bench: --threads {threads}: this machine has {os.cpu_count()} cores")
+    if data not in ("mnist", "random"):
+        raise NNError(f"bench: --data {data!r}: choose mnist (the training images, if present) or random")
     if quick:
         ts, bs = ts[:1], [b for b in bs if b in (64, 256)] or bs[:1]
-    res = run(ts, bs, quick=quick, kernel_batch=kernel_batch,
+    res = run(ts, bs, quick=quick, kernel_batch=kernel_batch, data=data,
               progress=None if as_json else lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
     print(json.dumps(res) if as_json else table(res))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        worker(sys.argv[2], int(sys.argv[3]))
+    if len(sys.argv) == 5 and sys.argv[1] == "--worker":
+        worker(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     else:
         bench(*sys.argv[1:2])

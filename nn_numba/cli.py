@@ -175,18 +175,20 @@ def bench(
     kernel_batch: Annotated[int, typer.Option(help="Batch size of the per-kernel table.")] = 256,
     quick: Annotated[bool, typer.Option("--quick", help="A short run (under 30 s): first thread count, "
                                                         "batches 64 and 256, shorter passes.")] = False,
+    data: Annotated[str, typer.Option(help="mnist: the training images, if on this machine (the first layer "
+                                                "skips their zero pixels); random: dense pixels.")] = "mnist",
     as_json: Json = False,
 ) -> None:
     """Speed of kernels and epochs against NumPy/BLAS.
 
-    Also inference, JIT cost and the C++ port when built; random data (speed only).
+    Also inference, JIT cost and the C++ port when built. MNIST's images when present, else random.
     """
     import os
 
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: measurements run in child processes
     from .bench import bench as run_bench
 
-    run_bench(threads, batches, quick=quick, as_json=as_json, kernel_batch=kernel_batch)
+    run_bench(threads, batches, quick=quick, as_json=as_json, kernel_batch=kernel_batch, data=data)
 
 
 def main() -> None:

@@ -486,29 +486,42 @@ def nonzeros(X, cnt, cols, vals):
 
 
 @njit(parallel=True, **_exact)
-def nonzeros_t(X, cnt, rows, vals):
-    """Each pixel's non-zero samples in sample order: rows[k, :cnt[k]] their indices, vals[k, :cnt[k]] the
-    values (a compressed-column copy of X, for the weight gradient).
+def nonzeros_t(cnt, cols, vals, off, rows, tvals):
+    """The same non-zeros grouped by pixel (compressed columns, for the weight gradient): the samples in
+    which pixel k is lit are rows[off[0, k]:off[0, k + 1]], in sample order, with their values in tvals.
 
-    X (B, K) float32, cnt (K,) int32, rows (K, B) int32, vals (K, B) float32. prange over blocks of 8
-    pixels: a task reads its 32 bytes of every sample and owns those 8 columns, so no two tasks write the
-    same list; zero blocks and zero pixels are skipped as in `nonzeros`.
+    cnt/cols/vals as `nonzeros` makes them for B samples; off (3, K + 1) int32 (rows 1 and 2 are
+    scratch), rows (>= nnz,) int32, tvals (>= nnz,) float32. A counting sort of the compressed rows:
+    count per pixel, prefix sums, scatter. It reads only the ~19 % of pixels that are lit and writes
+    compact lists (2.5x faster at B = 256 than scanning X by columns into a (K, B) table, whose 1568
+    write fronts missed L1 at every append). prange over two halves of the batch, each with its own
+    counts, so the second half's samples go after the first's in every list: the same lists for any
+    thread count.
     """
-    B, K = X.shape
-    for kb in prange((K + 7) // 8):
-        k0 = kb * 8
-        k1 = min(k0 + 8, K)
-        for k in range(k0, k1):
-            cnt[k] = 0
-        for i in range(B):
-            if k1 - k0 == 8 and not vany(vload(X, i, k0)):
-                continue
-            for k in range(k0, k1):
-                x = X[i, k]
-                c = cnt[k]
-                rows[k, c] = i
-                vals[k, c] = x
-                cnt[k] = c + (x != 0)
+    B = cnt.shape[0]
+    K = off.shape[1] - 1
+    for h in prange(2):
+        c = off[h + 1]
+        c[:] = 0
+        for i in range(B * h // 2, B * (h + 1) // 2):
+            for e in range(cnt[i]):
+                c[cols[i, e]] += 1
+    s = 0
+    for k in range(K):  # list k starts at off[0, k]; the first half writes from there, the second after it
+        off[0, k] = s
+        n1, n2 = off[1, k], off[2, k]
+        off[1, k] = s
+        off[2, k] = s + n1
+        s += n1 + n2
+    off[0, K] = s
+    for h in prange(2):
+        p = off[h + 1]
+        for i in range(B * h // 2, B * (h + 1) // 2):
+            for e in range(cnt[i]):
+                k = cols[i, e]
+                rows[p[k]] = i
+                tvals[p[k]] = vals[i, e]
+                p[k] += 1
 
 
 @njit(parallel=True, **_exact)
@@ -571,12 +584,13 @@ def linear_forward_t(X, WT, b, Y, relu):
 
 
 @njit(parallel=True, **_exact)
-def sparse_backward_weight(cnt, rows, vals, dY, gWT, WT, mWT, vWT, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
+def sparse_backward_weight(off, rows, tvals, dY, gWT, WT, mWT, vWT, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
                            c2):
     """gWᵀ = Xᵀ dY from X's non-zeros (`nonzeros_t`), then the optimiser step on WT, fused.
 
-    cnt/rows/vals as `nonzeros_t` makes them for K pixels, dY (B, N) with rows at least pad_t(N) floats
-    apart (whole chunks are read; lanes past N are never stored), gWT/WT/mWT/vWT (K, pad_t(N)). Each task
+    off/rows/tvals as `nonzeros_t` makes them for K pixels (only off[0] is read), dY (B, N) with rows at
+    least pad_t(N) floats apart (whole chunks are read; lanes past N are never stored), gWT/WT/mWT/vWT
+    (K, pad_t(N)). Each task
     owns 64 columns of one row k: eight vector sums over the samples in which pixel k is lit, then
     `_step` with the gradient still in registers. Rows are disjoint, so no races, and each sum runs in
     sample order for any thread count. With plain SGD and no weight decay a pixel no sample lit has a
@@ -584,19 +598,19 @@ def sparse_backward_weight(cnt, rows, vals, dY, gWT, WT, mWT, vWT, kind, lr, mom
     `bias_backward`'s. prange over (row, chunk), rows slowest: the two threads take the top and the
     bottom half of the image.
     """
-    K = cnt.shape[0]
+    K = off.shape[1] - 1
     N = dY.shape[1]
     nch = (N + 63) // 64
     idle = kind == SGD and wd == 0
     for t in prange(K * nch):
         k = t // nch
         c = (t % nch) * 64
-        if cnt[k] == 0 and idle:
+        if off[0, k + 1] == off[0, k] and idle:
             continue
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
-        for e in range(cnt[k]):
-            i = rows[k, e]
-            x = vbload(vals, k, e)
+        for e in range(off[0, k], off[0, k + 1]):
+            i = rows[e]
+            x = vbcast(tvals[e])
             a0 = vfma(x, vload(dY, i, c), a0)
             a1 = vfma(x, vload(dY, i, c + 8), a1)
             a2 = vfma(x, vload(dY, i, c + 16), a2)
@@ -747,7 +761,7 @@ def train_step(P, G, M, V, WT, GT, MT, VT, sizes, X, y, acts, cap, d0, d1, ws, n
     """
     L = sizes.shape[0] - 1
     B = X.shape[0]
-    cnt, cols, vals, ccnt, crows, cvals = nz
+    cnt, cols, vals, off, rows, tvals = nz
     sparse = B < 6 or density(X, 8) <= 0.4
     A = _act(acts, sizes, cap, 0, B)
     b0 = _views(P, sizes, 0)[1]
@@ -775,8 +789,8 @@ def train_step(P, G, M, V, WT, GT, MT, VT, sizes, X, y, acts, cap, d0, d1, ws, n
                                c1, c2)
         dZ = dA
     if sparse:
-        nonzeros_t(X, ccnt, crows, cvals)
-        sparse_backward_weight(ccnt, crows, cvals, dZ, GT, WT, MT, VT, kind, lr, mom, nesterov, wd, b1, b2, eps,
+        nonzeros_t(cnt, cols, vals, off, rows, tvals)
+        sparse_backward_weight(off, rows, tvals, dZ, GT, WT, MT, VT, kind, lr, mom, nesterov, wd, b1, b2, eps,
                                c1, c2)
     else:  # gWᵀ = Xᵀ dZ: linear_backward_weight with the roles of its two operands swapped
         linear_backward_weight(X, dZ, ws, GT, b0, WT, b0, MT, b0, VT, b0, kind, lr, mom, nesterov, wd, b1, b2, eps,
@@ -791,6 +805,6 @@ def train_step(P, G, M, V, WT, GT, MT, VT, sizes, X, y, acts, cap, d0, d1, ws, n
 
 def nonzeros_bufs(cap: int, n_in: int) -> tuple[np.ndarray, ...]:
     """The index buffers train_step's first layer fills per batch: `nonzeros` (cnt, cols, vals) and
-    `nonzeros_t` (cnt, rows, vals) for up to `cap` samples of n_in pixels."""
+    `nonzeros_t` (off, rows, tvals) for up to `cap` samples of n_in pixels."""
     return (np.zeros(cap, np.int32), np.zeros((cap, n_in), np.int32), aligned_zeros((cap, n_in)),
-            np.zeros(n_in, np.int32), np.zeros((n_in, cap), np.int32), aligned_zeros((n_in, cap)))
+            np.zeros((3, n_in + 1), np.int32), np.zeros(cap * n_in, np.int32), np.zeros(cap * n_in, np.float32))

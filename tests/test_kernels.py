@@ -310,17 +310,18 @@ def test_nonzeros_rows_and_columns_match_numpy(K_in):
     X[4] = 0
     X[7] = rng.random(K_in, dtype=np.float32) + 0.1
     X[:, 0] = 0
-    cnt, cols, vals, ccnt, crows, cvals = K.nonzeros_bufs(30, K_in)
+    cnt, cols, vals, off, rows, tvals = K.nonzeros_bufs(30, K_in)
     K.nonzeros(X, cnt, cols, vals)
-    K.nonzeros_t(X, ccnt, crows, cvals)
+    K.nonzeros_t(cnt, cols, vals, off, rows, tvals)
     for i in range(len(X)):
         (want,) = np.nonzero(X[i])
         assert cnt[i] == len(want) and np.array_equal(cols[i, :cnt[i]], want)
         assert np.array_equal(vals[i, :cnt[i]], X[i, want])
     for k in range(K_in):
         (want,) = np.nonzero(X[:, k])
-        assert ccnt[k] == len(want) and np.array_equal(crows[k, :ccnt[k]], want)
-        assert np.array_equal(cvals[k, :ccnt[k]], X[want, k])
+        assert np.array_equal(rows[off[0, k]:off[0, k + 1]], want)
+        assert np.array_equal(tvals[off[0, k]:off[0, k + 1]], X[want, k])
+    assert off[0, 0] == 0 and off[0, -1] == cnt[:len(X)].sum()
 
 
 @pytest.mark.parametrize("N", [250, 10, 70])

@@ -171,19 +171,19 @@ class NumbaSide:
         # the first layer as train_step runs it on sparse inputs: transposed weights, X's non-zeros
         WT, GT = az((SIZES[0], K.pad_t(250))), az((SIZES[0], K.pad_t(250)))
         WT[:, :250] = W1.T
-        cnt, cols, vals, off, rows, tvals = K.nonzeros_bufs(B, SIZES[0])
+        cnt, cols, vals, bcnt, bidx = K.nonzeros_bufs(B, SIZES[0])
+        pk = az(K.ws_size(SIZES[0], B)).reshape((len(bcnt), B, 8))
         K.nonzeros(X, cnt, cols, vals)
-        K.nonzeros_t(cnt, cols, vals, off, rows, tvals)
+        K.nonzero_blocks(X, bcnt, bidx, pk)
 
         def sparse_dw(kind):
-            return lambda: (K.sparse_backward_weight(off, rows, tvals, dA1, GT, WT, GT, GT, kind, 1e-9, 0.0, False,
+            return lambda: (K.sparse_backward_weight(bcnt, bidx, pk, dA1, GT, WT, GT, GT, kind, 1e-9, 0.0, False,
                                                      0.0, 0.9, 0.999, 1e-8, 1.0, 1.0),
                             K.bias_backward(dA1, b1, b1, b1, b1, K.NO_UPDATE, 0.0, 0.0, False, 0.9, 0.999, 1e-8,
                                             1.0, 1.0))
 
         calls = {
-            "nonzeros rows + columns": lambda: (K.nonzeros(X, cnt, cols, vals),
-                                                K.nonzeros_t(cnt, cols, vals, off, rows, tvals)),
+            "nonzeros rows + blocks": lambda: (K.nonzeros(X, cnt, cols, vals), K.nonzero_blocks(X, bcnt, bidx, pk)),
             "fwd1 sparse +bias+relu": lambda: K.sparse_forward(cnt, cols, vals, WT, b1, A1, True),
             "dW1 sparse + db1 + sgd": sparse_dw(K.SGD),
             "fwd1 lin+bias+relu": lambda: K.linear_forward(X, W1, b1, A1, True),
@@ -325,7 +325,7 @@ class NumpySide:
             b1.__isub__(np.float32(1e-9) * gb)
 
         calls = {
-            "nonzeros rows + columns": lambda: (np.nonzero(x), np.nonzero(x.T)),
+            "nonzeros rows + blocks": lambda: (np.nonzero(x), np.nonzero(x.T)),
             "fwd1 sparse +bias+relu": lambda: fwd(x, W1, b1, True),
             "dW1 sparse + db1 + sgd": sgd_fused,
             "fwd1 lin+bias+relu": lambda: fwd(x, W1, b1, True),

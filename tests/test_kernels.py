@@ -301,27 +301,32 @@ def test_forward_logits_match_reference():
 
 
 @pytest.mark.parametrize("K_in", [784, 787, 5])
-def test_nonzeros_rows_and_columns_match_numpy(K_in):
-    """The compressed rows and columns of the first layer's sparse path list exactly X's non-zeros, in
-    order: an all-zero sample, a dense one, ragged widths (K % 8 != 0) and a pixel lit in no sample."""
+def test_nonzeros_rows_and_blocks_match_numpy(K_in):
+    """The compressed rows and the lit blocks of the first layer's sparse path list exactly X's non-zeros,
+    in order: an all-zero sample, a dense one, ragged widths (K % 8, K % 6 != 0), a pixel lit nowhere."""
     rng = np.random.default_rng(3)
-    X = rng.random((23, K_in), dtype=np.float32)
+    B = 23
+    X = rng.random((B, K_in), dtype=np.float32)
     X[rng.random(X.shape) < 0.8] = 0
     X[4] = 0
     X[7] = rng.random(K_in, dtype=np.float32) + 0.1
     X[:, 0] = 0
-    cnt, cols, vals, off, rows, tvals = K.nonzeros_bufs(30, K_in)
+    cnt, cols, vals, bcnt, bidx = K.nonzeros_bufs(30, K_in)
+    pk = np.full((len(bcnt), 30, 8), np.nan, np.float32)
     K.nonzeros(X, cnt, cols, vals)
-    K.nonzeros_t(cnt, cols, vals, off, rows, tvals)
-    for i in range(len(X)):
+    K.nonzero_blocks(X, bcnt, bidx, pk)
+    for i in range(B):
         (want,) = np.nonzero(X[i])
         assert cnt[i] == len(want) and np.array_equal(cols[i, :cnt[i]], want)
         assert np.array_equal(vals[i, :cnt[i]], X[i, want])
-    for k in range(K_in):
-        (want,) = np.nonzero(X[:, k])
-        assert np.array_equal(rows[off[0, k]:off[0, k + 1]], want)
-        assert np.array_equal(tvals[off[0, k]:off[0, k + 1]], X[want, k])
-    assert off[0, 0] == 0 and off[0, -1] == cnt[:len(X)].sum()
+    Xp = np.zeros((B, 6 * len(bcnt)), np.float32)
+    Xp[:, :K_in] = X
+    for kb in range(len(bcnt)):
+        block = Xp[:, 6 * kb:6 * kb + 6]
+        (want,) = np.nonzero(block.any(axis=1))
+        assert bcnt[kb] == len(want) and np.array_equal(bidx[kb, :bcnt[kb]], want)
+        assert np.array_equal(pk[kb, :bcnt[kb], :6], block[want])
+        assert not pk[kb, :bcnt[kb], 6:].any()
 
 
 @pytest.mark.parametrize("N", [250, 10, 70])

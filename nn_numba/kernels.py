@@ -5,6 +5,10 @@ With that layout no product needs a transpose:
   forward      Y  = X Wᵀ     dot form, contiguous rows of X and W            -> 6x2 register tiles
   backward dX  dX = dY W     axpy form over contiguous rows of W             -> 6x16 register tiles
   backward dW  dW = dYᵀ X    axpy form over contiguous rows of X, dYᵀ packed -> 6x16 register tiles
+The first layer is the exception in training: 81 % of MNIST's pixels are 0, and skipping them needs its
+weights transposed, WT = W1ᵀ (see "The first layer" below):
+  forward      Y  = X WT     the ~150 lit rows of WT per sample              -> 64-column chunks
+  backward dW  gWT = Xᵀ dY   the samples that light a block of 6 pixels      -> 6x16 register tiles
 The tiles' sums live in 8-lane vector registers (`simd.f32x8`) for a whole reduction. Every output
 element is written by exactly one prange task with a summation order the code spells out, so results
 are bit-identical run after run, for any thread count, and whether a kernel was compiled now or loaded
@@ -276,7 +280,7 @@ def ws_size(n_out: int, batch: int) -> int:
 
 @njit(parallel=True, **_exact)
 def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
-                           c2, bias=True):
+                           c2):
     """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step on W and b, fused.
 
     dY (B, N), A (B, K) the layer's input, gW/W/mW/vW (N, K), gb/b/mb/vb (N,), ws a float32 workspace of
@@ -288,9 +292,7 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
     after linear_backward_input, which reads the old W. `kind`, the hyper-parameters and the Adam bias
     corrections c1 = 1/(1-β1ᵗ), c2 = 1/(1-β2ᵗ) are those of `update`; kind NO_UPDATE only computes the
     gradients. gW is stored only then: a training step never reads it back, and writing 0.8 MB of gW1
-    per step cost 2-6 % of the step (gb is always stored). bias=False leaves gb and b alone: the first
-    layer's dense path calls this with the roles of dY and A swapped (gWᵀ = Xᵀ dZ), where "gb" would be
-    the column sums of X.
+    per step cost 2-6 % of the step (gb is always stored).
 
     dYᵀ is first packed, as OpenBLAS packs its operands: ws[jb, p, :6] = dY[p, 6jb : 6jb + 6], zeros past
     N. The tile's six broadcasts per sample then come from one 32-byte slot instead of a fresh cache line
@@ -301,6 +303,7 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
     K = A.shape[1]
     nj = (N + 5) // 6
     pk = ws[:nj * B * 8].reshape((nj, B, 8))
+    br, gbr, mbr, vbr = b.reshape((1, N)), gb.reshape((1, N)), mb.reshape((1, N)), vb.reshape((1, N))  # as rows
     if N >= 6:
         for t in prange(nj):
             for p in range(B):
@@ -345,8 +348,7 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
                             _st(gW, j + q, kk, acc[q], K - kk)
                         _step(W, mW, vW, j + q, kk, acc[q], K - kk, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
                               c2)
-        if k == 0 and bias:  # the first column of tiles also owns gb and b: column sums of dY, 8 at a time
-            br, gbr, mbr, vbr = b.reshape((1, -1)), gb.reshape((1, -1)), mb.reshape((1, -1)), vb.reshape((1, -1))
+        if k == 0:  # the first column of tiles also owns gb and b: column sums of dY, 8 at a time
             je = min(j + 6, N)
             for jj in range(j, je, 8):
                 s = vzero()
@@ -545,30 +547,6 @@ def sparse_forward(cnt, cols, vals, WT, b, Y, relu):
                 _st(Y, i, c + 8 * h, vmask(v, v) if relu else v, n)
 
 
-@njit(parallel=True, **_exact)
-def linear_forward_t(X, WT, b, Y, relu):
-    """The dense path of the same product, for inputs with few zeros (the bench's random pixels): Y = X W
-    + b (ReLU) with W kept transposed, by the axpy micro-kernel (`_tile` with C = X, D = WT), a 6x16 tile
-    of Y per task. X (B >= 6, K), WT (K, pad_t(N)), b (N,), Y (B, N). prange over tiles, batch blocks
-    fastest (a run of tasks shares its 16 columns of WT); the last row block moves back and stores only
-    its own rows."""
-    B = X.shape[0]
-    N = Y.shape[1]
-    br = b.reshape((1, N))
-    nb = (B + 5) // 6
-    for t in prange(nb * ((N + 15) // 16)):
-        i = (t % nb) * 6
-        j = (t // nb) * 16
-        i0 = min(i, B - 6)
-        acc = _tile(X, i0, WT, j)
-        for q in range(i - i0, 6):
-            for h in range(2):
-                n = N - j - 8 * h
-                if n > 0:
-                    v = vadd(acc[2 * q + h], _ld(br, 0, j + 8 * h, n))
-                    _st(Y, i0 + q, j + 8 * h, vmask(v, v) if relu else v, n)
-
-
 @njit(**_exact)
 def _tile_rows(C, D, rows, k):
     """`_tile` over a list of D's rows: acc[2q + h] = Σ_p C[q, p] · D[rows[p], k + 8h : k + 8h + 8]."""
@@ -757,32 +735,38 @@ def forward(P, sizes, X, acts, cap):
 
 
 @njit(cache=True)
-def train_step(P, G, M, V, WT, GT, MT, VT, sizes, X, y, acts, cap, d0, d1, ws, nz, loss, pred,
+def train_step(P, G, M, V, WT, GT, MT, VT, where, sizes, X, y, acts, cap, d0, d1, ws, nz, loss, pred,
                kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2, scale):
     """Forward, loss, backward and optimiser step on one mini-batch; returns the summed loss.
 
     P, G, M, V: flat params, gradients (the weights' part is written only by a gradient-only step, kind
-    NO_UPDATE), first and second moments, all in checkpoint order, except that the first layer's weights
-    are used from WT and its gradient and moments from GT, MT, VT (K, pad_t(n_1)), kept transposed (P's
-    copy of W1 is not read or written). X (B, n_0) float32, y (B,) labels, acts: layer outputs for up to
-    `cap` samples (acts_size), d0/d1: two gradient buffers of grad_size floats, ws: ws_size(max(sizes),
-    cap) floats of workspace, nz: the six index buffers of `nonzeros_bufs`, loss (B,) float32 and pred
-    (B,) int64 per sample.
+    NO_UPDATE), first and second moments, in checkpoint order. WT, GT, MT, VT (n_0, pad_t(n_1)): the
+    first layer's weights, gradient and moments transposed, which the sparse path trains; where[0] says
+    which copy is current (0: P, G, M, V; 1: the transposed one), and a batch that takes the other path
+    first moves them over (`move_first`). X (B, n_0) float32, y (B,) labels, acts: layer outputs for up
+    to `cap` samples (acts_size), d0/d1: two gradient buffers of grad_size floats, ws: ws_size(max(sizes),
+    cap) floats of workspace, nz: the index buffers of `nonzeros_bufs`, loss (B,) float32 and pred (B,)
+    int64 per sample.
 
     The first layer skips X's zeros (`sparse_forward`, `sparse_backward_weight`) unless X is dense: when
-    more than 40 % of the first 8 samples' pixels are non-zero the dense tiles are faster.
+    more than 40 % of the first 8 samples' pixels are non-zero, the dense tiles on (out, in) weights are
+    faster. Real data stays on one path, so the move happens once, at the first step.
     """
     L = sizes.shape[0] - 1
     B = X.shape[0]
     cnt, cols, vals, bcnt, bidx = nz
     sparse = B < 6 or density(X, 8) <= 0.4
+    if sparse != (where[0] == 1):
+        move_first(P, G, M, V, WT, GT, MT, VT, sizes, sparse)
+        where[0] = 1 if sparse else 0
+    W, b = _views(P, sizes, 0)
     A = _act(acts, sizes, cap, 0, B)
-    b0 = _views(P, sizes, 0)[1]
+    X = X[:, :X.shape[1]]  # typed as a strided view like the activations: each product compiles once
     if sparse:
         nonzeros(X, cnt, cols, vals)
-        sparse_forward(cnt, cols, vals, WT, b0, A, L > 1)
+        sparse_forward(cnt, cols, vals, WT, b, A, L > 1)
     else:
-        linear_forward_t(X, WT, b0, A, L > 1)
+        linear_forward(X, W, b, A, L > 1)
     for l in range(1, L):
         W, b = _views(P, sizes, l)
         Y = _act(acts, sizes, cap, l, B)
@@ -790,31 +774,53 @@ def train_step(P, G, M, V, WT, GT, MT, VT, sizes, X, y, acts, cap, d0, d1, ws, n
         A = Y
     dZ = _rows(d0, 0, B, sizes[L])
     softmax_xent(A, y, dZ, loss, pred, scale)
-    for l in range(L - 1, 0, -1):
-        A = _act(acts, sizes, cap, l - 1, B)
+    for l in range(L - 1, -1, -1):
+        A = X if l == 0 else _act(acts, sizes, cap, l - 1, B)
         W, b = _views(P, sizes, l)
-        dA = _rows(d1 if (L - 1 - l) % 2 == 0 else d0, 0, B, sizes[l])
-        linear_backward_input(dZ, W, A, dA)  # needs the old W, so before the update
+        if l > 0:  # the input gradient needs the old W, so before the update
+            dA = _rows(d1 if (L - 1 - l) % 2 == 0 else d0, 0, B, sizes[l])
+            linear_backward_input(dZ, W, A, dA)
         gW, gb = _views(G, sizes, l)
         mW, mb = _views(M, sizes, l)
         vW, vb = _views(V, sizes, l)
-        linear_backward_weight(dZ, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2, eps,
-                               c1, c2)
-        dZ = dA
-    if sparse:
-        pk = ws[:bcnt.shape[0] * B * 8].reshape((bcnt.shape[0], B, 8))  # ws is free again after layer 2
-        nonzero_blocks(X, bcnt, bidx, pk)
-        sparse_backward_weight(bcnt, bidx, pk, dZ, GT, WT, MT, VT, kind, lr, mom, nesterov, wd, b1, b2, eps,
-                               c1, c2)
-    else:  # gWᵀ = Xᵀ dZ: linear_backward_weight with the roles of its two operands swapped
-        linear_backward_weight(X, dZ, ws, GT, b0, WT, b0, MT, b0, VT, b0, kind, lr, mom, nesterov, wd, b1, b2, eps,
-                               c1, c2, False)  # columns past N of the padded rows are not touched
-    gb, mb, vb = _views(G, sizes, 0)[1], _views(M, sizes, 0)[1], _views(V, sizes, 0)[1]
-    bias_backward(dZ, gb, b0, mb, vb, kind, lr, mom, nesterov, b1, b2, eps, c1, c2)
+        if l > 0 or not sparse:
+            linear_backward_weight(dZ, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2,
+                                   eps, c1, c2)
+        else:
+            pk = ws[:bcnt.shape[0] * B * 8].reshape((bcnt.shape[0], B, 8))  # ws is free again after layer 2
+            nonzero_blocks(X, bcnt, bidx, pk)
+            sparse_backward_weight(bcnt, bidx, pk, dZ, GT, WT, MT, VT, kind, lr, mom, nesterov, wd, b1, b2, eps,
+                                   c1, c2)
+            bias_backward(dZ, gb, b, mb, vb, kind, lr, mom, nesterov, b1, b2, eps, c1, c2)
+        if l > 0:
+            dZ = dA
     total = 0.0
     for i in range(B):
         total += loss[i]
     return total
+
+
+@njit(cache=True)
+def move_first(P, G, M, V, WT, GT, MT, VT, sizes, to_t):
+    """Copy the first layer's weights, gradient and moments into the transposed arrays (to_t) or back."""
+    _move(_views(P, sizes, 0)[0], WT, to_t)
+    _move(_views(G, sizes, 0)[0], GT, to_t)
+    _move(_views(M, sizes, 0)[0], MT, to_t)
+    _move(_views(V, sizes, 0)[0], VT, to_t)
+
+
+@njit(parallel=True, cache=True)
+def _move(W, WT, to_t):
+    """WT[:, :N] = Wᵀ (to_t) or W = WT[:, :N]ᵀ, W (N, K). prange over k: each task writes its own row of
+    WT, or its own column of W."""
+    N, K = W.shape
+    for k in prange(K):
+        if to_t:
+            for n in range(N):
+                WT[k, n] = W[n, k]
+        else:
+            for n in range(N):
+                W[n, k] = WT[k, n]
 
 
 def nonzeros_bufs(cap: int, n_in: int) -> tuple[np.ndarray, ...]:

@@ -75,9 +75,10 @@ def split(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 class Trainer:
     """Model, optimiser state and the reusable buffers of one training run.
 
-    The first layer's weights, their gradient and moments are trained in a transposed copy (wt, gt, mt,
-    vt: kernels.train_step says why); `sync` writes them back into the model and the flat arrays, which
-    is what checkpoints, evaluation and the tests read. Call it before reading any of those.
+    While batches are sparse (MNIST's are) the first layer's weights, gradient and moments are trained
+    in a transposed copy (wt, gt, mt, vt; kernels.train_step says why). `sync` writes them back into the
+    model and the flat arrays, which checkpoints, evaluation and the tests read: call it before reading
+    any of those. After changing those from outside, call `load`.
     """
 
     def __init__(self, cfg: Config, model: MLP, batch_cap: int):
@@ -91,6 +92,7 @@ class Trainer:
         sizes = model.sizes
         shape_t = (sizes[0], kernels.pad_t(sizes[1]))
         self.wt, self.gt, self.mt, self.vt = (zeros(shape_t) for _ in range(4))
+        self.where = np.zeros(1, np.int64)  # 0: the flat arrays hold the first layer, 1: the transposed ones
         self.step = 0
         self.cap = batch_cap
         self.acts = zeros(kernels.acts_size(sizes, batch_cap))
@@ -101,24 +103,19 @@ class Trainer:
         self.loss = np.zeros(batch_cap, np.float32)
         self.pred = np.zeros(batch_cap, np.int64)
         self.xb = zeros((batch_cap, sizes[0]))
-        self.load()
-
-    def _first(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(flat view, transposed copy) pairs of the first layer's weights, gradient and moments."""
-        sa = self.model.sizes_arr
-        return [(kernels._views(flat, sa, 0)[0], t[:, :self.model.sizes[1]])
-                for flat, t in ((self.model.params, self.wt), (self.grad, self.gt), (self.m, self.mt),
-                                (self.v, self.vt))]
 
     def load(self) -> None:
-        """Take the first layer from the model and the flat arrays (after they were set from outside)."""
-        for flat, t in self._first():
-            t[:] = flat.T
+        """Take the first layer from the model and the flat arrays again (after they were set from outside)."""
+        self.where[0] = 0
 
     def sync(self) -> MLP:
-        """Write the first layer back into the model and the flat arrays; returns the model."""
-        for flat, t in self._first():
-            flat[:] = t.T
+        """Make the model and the flat arrays current (the first layer back from its transposed copy)."""
+        if self.where[0] == 1:
+            sa = self.model.sizes_arr
+            for flat, t in ((self.model.params, self.wt), (self.grad, self.gt), (self.m, self.mt),
+                            (self.v, self.vt)):
+                flat_w = kernels._views(flat, sa, 0)[0]
+                flat_w[:] = t[:, :flat_w.shape[0]].T
         return self.model
 
     def train_step(self, X: np.ndarray, y: np.ndarray, lr: float, update: bool = True) -> float:
@@ -135,7 +132,7 @@ class Trainer:
         c2 = 1.0 / (1.0 - o.beta2**t)
         scale = 1.0 / B if o.reduction == "mean" else 1.0
         return kernels.train_step(self.model.params, self.grad, self.m, self.v, self.wt, self.gt, self.mt, self.vt,
-                                  self.model.sizes_arr, X, y, self.acts, self.cap, self.d0, self.d1, self.ws,
+                                  self.where, self.model.sizes_arr, X, y, self.acts, self.cap, self.d0, self.d1, self.ws,
                                   self.nz, self.loss[:B], self.pred[:B],
                                   self.kind if update else kernels.NO_UPDATE, lr, o.momentum, o.nesterov,
                                   o.weight_decay, o.beta1, o.beta2, o.eps, c1, c2, scale)

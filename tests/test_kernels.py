@@ -331,8 +331,8 @@ def test_nonzeros_rows_and_blocks_match_numpy(K_in):
 
 @pytest.mark.parametrize("N", [250, 10, 70])
 @pytest.mark.parametrize("relu", [True, False])
-def test_first_layer_forward_sparse_and_dense_paths(N, relu):
-    """Both forward paths of the transposed first layer against float64, on ragged shapes."""
+def test_sparse_forward_against_reference(N, relu):
+    """The first layer's sparse forward product (transposed weights, X's non-zeros) against float64."""
     rng = np.random.default_rng(4)
     B, K_in = 37, 784
     X = rng.random((B, K_in), dtype=np.float32)
@@ -345,9 +345,28 @@ def test_first_layer_forward_sparse_and_dense_paths(N, relu):
     want = np.maximum(want, 0) if relu else want
     cnt, cols, vals, *_ = K.nonzeros_bufs(B, K_in)
     K.nonzeros(X, cnt, cols, vals)
-    for run in (lambda Y: K.sparse_forward(cnt, cols, vals, WT, b, Y, relu),
-                lambda Y: K.linear_forward_t(X, WT, b, Y, relu)):
-        buf = K.aligned_zeros((B, K.pad_t(N)))
-        run(buf[:, :N])
-        assert rel(buf[:, :N], want) < 1e-5
-        assert not buf[:, N:].any()  # nothing stored past the row's N outputs
+    buf = K.aligned_zeros((B, K.pad_t(N)))
+    K.sparse_forward(cnt, cols, vals, WT, b, buf[:, :N], relu)
+    assert rel(buf[:, :N], want) < 1e-5
+    assert not buf[:, N:].any()  # nothing stored past the row's N outputs
+
+
+def test_first_layer_moves_between_paths():
+    """A dense batch after sparse ones (and back) trains the same weights: the first layer moves between
+    its transposed and its (out, in) copy, and both paths agree with the float64 reference."""
+    sizes, B = [784, 40, 10], 12
+    model, X, y = _setup(sizes, B, density=0.2)
+    Ws = [W.astype(np.float64) for W in model.weights]
+    bs = [b.astype(np.float64) for b in model.biases]
+    opt = ref.Optimizer("momentum", 0.01, momentum=0.9)
+    tr, _ = _step(model, X, y, "momentum", 0.01, "mean")
+    ref.step(Ws, bs, X, y, opt, "mean")
+    Xd = np.random.default_rng(9).random((B, 784), dtype=np.float32)
+    for x, path in ((Xd, 0), (X, 1), (Xd, 0)):
+        tr.train_step(x, y, 0.01)
+        ref.step(Ws, bs, x, y, opt, "mean")
+        assert tr.where[0] == path
+    tr.sync()
+    for l in range(2):
+        assert rel(model.layer(l)[0], Ws[l]) < 1e-5
+        assert rel(model.layer(l)[1], bs[l]) < 1e-5

@@ -132,8 +132,8 @@ class Trainer:
         c2 = 1.0 / (1.0 - o.beta2**t)
         scale = 1.0 / B if o.reduction == "mean" else 1.0
         return kernels.train_step(self.model.params, self.grad, self.m, self.v, self.wt, self.gt, self.mt, self.vt,
-                                  self.where, self.model.sizes_arr, X, y, self.acts, self.cap, self.d0, self.d1, self.ws,
-                                  self.nz, self.loss[:B], self.pred[:B],
+                                  self.where, self.model.sizes_arr, X, y, self.acts, self.cap, self.d0, self.d1,
+                                  self.ws, self.nz, self.loss[:B], self.pred[:B],
                                   self.kind if update else kernels.NO_UPDATE, lr, o.momentum, o.nesterov,
                                   o.weight_decay, o.beta1, o.beta2, o.eps, c1, c2, scale)
 

@@ -177,10 +177,9 @@ class NumbaSide:
         K.nonzero_blocks(X, bcnt, bidx, pk)
 
         def sparse_dw(kind):
-            return lambda: (K.sparse_backward_weight(bcnt, bidx, pk, dA1, GT, WT, GT, GT, kind, 1e-9, 0.0, False,
-                                                     0.0, 0.9, 0.999, 1e-8, 1.0, 1.0),
-                            K.bias_backward(dA1, b1, b1, b1, b1, K.NO_UPDATE, 0.0, 0.0, False, 0.9, 0.999, 1e-8,
-                                            1.0, 1.0))
+            gb = np.zeros_like(b1)
+            return lambda: K.sparse_backward_weight(bcnt, bidx, pk, dA1, GT, WT, GT, GT, gb, b1, gb, gb, kind, 1e-9,
+                                                    0.0, False, 0.0, 0.9, 0.999, 1e-8, 1.0, 1.0)
 
         calls = {
             "nonzeros rows + blocks": lambda: (K.nonzeros(X, cnt, cols, vals), K.nonzero_blocks(X, bcnt, bidx, pk)),

@@ -570,20 +570,23 @@ def _tile_rows(C, D, rows, k):
 
 
 @njit(parallel=True, **_exact)
-def sparse_backward_weight(cnt, idx, pk, dY, gWT, WT, mWT, vWT, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
+def sparse_backward_weight(cnt, idx, pk, dY, gWT, WT, mWT, vWT, gb, b, mb, vb, kind, lr, mom, nesterov, wd, b1, b2,
+                           eps, c1, c2):
     """gWᵀ = Xᵀ dY over the samples that light each block of pixels (`nonzero_blocks`), then the
     optimiser step on WT, fused.
 
     cnt/idx/pk as `nonzero_blocks` makes them for K pixels, dY (B, N) with rows at least pad_t(N) floats
-    apart (the last tile reads 16 columns; lanes past N are never stored), gWT/WT/mWT/vWT (K, pad_t(N)).
-    Each task owns a 6x16 tile of gWᵀ (6 pixels x 16 outputs): `_tile_rows` with C = the block's packed
+    apart (the last tile reads 16 columns; lanes past N are never stored), gWT/WT/mWT/vWT (K, pad_t(N)),
+    gb/b/mb/vb (N,). Each task owns a 6x16 tile of gWᵀ (6 pixels x 16 outputs): `_tile_rows` with C = the block's packed
     pixels and D = the rows of dY of its samples, then `_step` with the gradient still in registers. The
     sums run over 33 % of the batch instead of 100 %, with the register blocking of the dense product
     (12 FMAs per 2 loads and 6 broadcasts); a sample with the block lit but this pixel 0 adds an exact 0.
     Tiles are disjoint and sum in sample order: no races, the same bits for any thread count. With
     plain SGD and no weight decay a block no sample lit has a zero gradient and is skipped (what the step
-    would leave). The bias is `bias_backward`'s. prange over (block, column tile), blocks slowest: the two
-    threads take the top and the bottom half of the image.
+    would leave). The tasks of block 0 (the image's corner, never lit) also own gb and b, 16 columns each
+    (`_bias_step`; one parallel region fewer than a kernel of their own, which counts at two threads and
+    small batches). prange over (block, column tile), blocks slowest: the two threads take the top and
+    the bottom half of the image.
     """
     nb = cnt.shape[0]
     K = WT.shape[0]
@@ -593,6 +596,8 @@ def sparse_backward_weight(cnt, idx, pk, dY, gWT, WT, mWT, vWT, kind, lr, mom, n
     for t in prange(nb * nt):
         kb = t // nt
         j = (t % nt) * 16
+        if kb == 0:
+            _bias_step(dY, gb, b, mb, vb, j, min(j + 16, N), kind, lr, mom, nesterov, b1, b2, eps, c1, c2)
         m = cnt[kb]
         if m == 0 and idle:
             continue
@@ -620,20 +625,19 @@ def _step_tile(acc, gW, W, mW, vW, k, j, nq, N, kind, lr, mom, nesterov, wd, b1,
                       eps, c1, c2)
 
 
-@njit(parallel=True, **_exact)
-def bias_backward(dY, gb, b, mb, vb, kind, lr, mom, nesterov, b1, b2, eps, c1, c2):
-    """gb = Σ_batch dY and the optimiser step on b (no weight decay on biases), 8 columns per task, the
-    same sums in the same order as linear_backward_weight's. dY (B, N), gb/b/mb/vb (N,)."""
+@njit(**_exact)
+def _bias_step(dY, gb, b, mb, vb, j0, j1, kind, lr, mom, nesterov, b1, b2, eps, c1, c2):
+    """gb[j0:j1] = Σ_batch dY[:, j0:j1], 8 columns at a time in sample order (as linear_backward_weight sums
+    its gb), and the optimiser step on b[j0:j1] (no weight decay on biases). dY (B, N), gb/b/mb/vb (N,)."""
     B, N = dY.shape
     br, gbr, mbr, vbr = b.reshape((1, N)), gb.reshape((1, N)), mb.reshape((1, N)), vb.reshape((1, N))
-    for t in prange((N + 7) // 8):
-        j = t * 8
+    for j in range(j0, j1, 8):
         s = vzero()
         for i in range(B):
-            s = vadd(s, vloadn(dY, i, j, N - j))
-        vstoren(gbr, 0, j, s, N - j)
-        if kind != NO_UPDATE:
-            update_row(br, gbr, mbr, vbr, 0, j, min(j + 8, N), kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
+            s = vadd(s, vloadn(dY, i, j, j1 - j))
+        vstoren(gbr, 0, j, s, j1 - j)
+    if kind != NO_UPDATE:
+        update_row(br, gbr, mbr, vbr, 0, j0, j1, kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -789,9 +793,8 @@ def train_step(P, G, M, V, WT, GT, MT, VT, where, sizes, X, y, acts, cap, d0, d1
         else:
             pk = ws[:bcnt.shape[0] * B * 8].reshape((bcnt.shape[0], B, 8))  # ws is free again after layer 2
             nonzero_blocks(X, bcnt, bidx, pk)
-            sparse_backward_weight(bcnt, bidx, pk, dZ, GT, WT, MT, VT, kind, lr, mom, nesterov, wd, b1, b2, eps,
-                                   c1, c2)
-            bias_backward(dZ, gb, b, mb, vb, kind, lr, mom, nesterov, b1, b2, eps, c1, c2)
+            sparse_backward_weight(bcnt, bidx, pk, dZ, GT, WT, MT, VT, gb, b, mb, vb, kind, lr, mom, nesterov, wd,
+                                   b1, b2, eps, c1, c2)
         if l > 0:
             dZ = dA
     total = 0.0

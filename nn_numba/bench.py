@@ -124,19 +124,16 @@ class NumbaSide:
     def epoch(self, B: int, samples: int, reps: int, warmup: int = 0) -> dict:
         """Seconds per `samples`-sample pass at batch B, SGD with mean loss; the fastest of `reps`.
 
-        The loop `nn-numba train` runs: per mini-batch one gather and one Trainer.train_step (its buffers).
+        The loop `nn-numba train` runs without augmentation: per mini-batch one Trainer.gather and one
+        Trainer.train_step (its buffers).
         """
         from .config import from_dict
         from .train import Trainer
 
-        K = self.K
-
         tr = Trainer(from_dict({"optim": {"name": "sgd", "lr": LR, "reduction": "mean"}}), self._model(), B)
 
         def step(idx):
-            xb = tr.xb[:len(idx)]
-            K.gather(self.X, idx, K.PIXEL, xb)
-            return tr.train_step(xb, self.y[idx], LR)
+            return tr.train_step(tr.gather(self.X, idx), self.y[idx], LR, rows=True)
 
         return timed_passes(self.rng, B, samples, reps, warmup, step)
 
@@ -441,8 +438,7 @@ from nn_numba.train import Trainer
 m = MLP.init([784, 250, 250, 10], np.random.default_rng(0)); B = 32
 tr = Trainer(from_dict({"optim": {"name": "sgd"}}), m, B)
 X = np.zeros((100, 784), np.uint8); y = np.zeros(B, np.int64); idx = np.arange(B)
-K.gather(X, idx, K.PIXEL, tr.xb)
-tr.train_step(tr.xb, y, 0.01)
+tr.train_step(tr.gather(X, idx), y, 0.01, rows=True)
 m.logits(tr.xb)
 t2 = time.perf_counter()
 print(t1 - t0, t2 - t1)

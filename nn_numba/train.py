@@ -118,12 +118,23 @@ class Trainer:
                 flat_w[:] = t[:, :flat_w.shape[0]].T
         return self.model
 
-    def train_step(self, X: np.ndarray, y: np.ndarray, lr: float, update: bool = True) -> float:
+    def gather(self, X_u8: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """The mini-batch X_u8[idx] / 255 into self.xb (returned, (B, n_0)), with its non-zero pixels listed
+        for the next train_step(..., rows=True) in the same pass (kernels.gather_nonzeros)."""
+        xb = self.xb[:len(idx)]
+        if X_u8.shape[1] % 8 or not X_u8.flags.c_contiguous:
+            kernels.gather(X_u8, idx, kernels.PIXEL, xb)
+            kernels.nonzeros(xb, *self.nz[:3])
+        else:
+            kernels.gather_nonzeros(X_u8, X_u8.view(np.uint64), idx, kernels.PIXEL, xb, *self.nz[:3])
+        return xb
+
+    def train_step(self, X: np.ndarray, y: np.ndarray, lr: float, update: bool = True, rows: bool = False) -> float:
         """One optimiser step on float32 inputs X (B, n_0) and int64 labels y (B,); the summed loss.
 
         update=False computes loss and gradients only (into self.grad, after `sync`): weights and optimiser
         state stay as they are. An update step fuses the gradient into the optimiser step and leaves the
-        gradient stale.
+        gradient stale. rows=True: X is the batch `gather` just wrote, whose non-zeros it listed.
         """
         o, B = self.cfg.optim, len(y)
         self.step += update
@@ -133,7 +144,7 @@ class Trainer:
         scale = 1.0 / B if o.reduction == "mean" else 1.0
         return kernels.train_step(self.model.params, self.grad, self.m, self.v, self.wt, self.gt, self.mt, self.vt,
                                   self.where, self.model.sizes_arr, X, y, self.acts, self.cap, self.d0, self.d1,
-                                  self.ws, self.nz, self.loss[:B], self.pred[:B],
+                                  self.ws, self.nz, rows, self.loss[:B], self.pred[:B],
                                   self.kind if update else kernels.NO_UPDATE, lr, o.momentum, o.nesterov,
                                   o.weight_decay, o.beta1, o.beta2, o.eps, c1, c2, scale)
 
@@ -363,8 +374,8 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
     idx = tr_idx[:1]
     if aug.enabled:
         augment_batch(mnist.train_x, idx, trainer.xb[:1], aug, np.random.default_rng(0))
-    kernels.gather(mnist.train_x, idx, kernels.PIXEL, trainer.xb[:1])
-    trainer.train_step(trainer.xb[:1], y_all[idx], 0.0, update=False)
+    kernels.gather(mnist.train_x, idx, kernels.PIXEL, trainer.xb[:1])  # for evaluate
+    trainer.train_step(trainer.gather(mnist.train_x, idx), y_all[idx], 0.0, update=False, rows=True)
     with _SigInt(run) as sigint:
         while epoch < cfg.train.epochs:
             epoch_rng_state = shuffle_rng.bit_generator.state  # the permutation is re-drawn on resume
@@ -380,10 +391,10 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
                 if aug.enabled:
                     augment_batch(mnist.train_x, idx, xb, aug, aug_rng)
                 else:
-                    kernels.gather(mnist.train_x, idx, kernels.PIXEL, xb)
+                    trainer.gather(mnist.train_x, idx)
                 yb = y_all[idx]
                 lr = lr_at(cfg, trainer.step, steps_per_epoch)
-                loss = trainer.train_step(xb, yb, lr)
+                loss = trainer.train_step(xb, yb, lr, rows=not aug.enabled)
                 if not math.isfinite(loss):
                     bar.close()
                     raise Diverged(f"training diverged at epoch {epoch + 1}, step {bi + 1}: the loss is {loss} "

@@ -370,3 +370,41 @@ def test_first_layer_moves_between_paths():
     for l in range(2):
         assert rel(model.layer(l)[0], Ws[l]) < 1e-5
         assert rel(model.layer(l)[1], bs[l]) < 1e-5
+
+
+def test_gather_with_nonzeros_is_gather_then_nonzeros():
+    """Trainer.gather (one pass: pixels and their non-zeros) then train_step(rows=True) is bit for bit
+    gather, then train_step listing the non-zeros itself; also the fallback for a width that is not a
+    multiple of 8."""
+    from nn_numba.config import from_dict
+    from nn_numba.train import Trainer
+
+    rng = np.random.default_rng(5)
+    X_u8 = rng.integers(0, 256, (300, 784), dtype=np.uint8)
+    X_u8[rng.random(X_u8.shape) < 0.8] = 0
+    X_u8[:, 100:116] = 0  # whole zero blocks in every sample
+    X_u8[3] = 0
+    y = rng.integers(0, 10, 300).astype(np.int64)
+    idx = rng.permutation(300)[:64].astype(np.int64)
+    cfg = from_dict({"optim": {"name": "adam", "reduction": "mean"}})
+    a = Trainer(cfg, MLP.init([784, 50, 10], np.random.default_rng(0)), 64)
+    b = Trainer(cfg, MLP.init([784, 50, 10], np.random.default_rng(0)), 64)
+    xa = a.gather(X_u8, idx)
+    xb = b.xb[:64]
+    K.gather(X_u8, idx, K.PIXEL, xb)
+    assert np.array_equal(xa, xb)
+    cnt, cols, vals = K.nonzeros_bufs(64, 784)[:3]
+    K.nonzeros(xb, cnt, cols, vals)
+    assert np.array_equal(a.nz[0], cnt)
+    for i in range(64):
+        assert np.array_equal(a.nz[1][i, :cnt[i]], cols[i, :cnt[i]])
+        assert np.array_equal(a.nz[2][i, :cnt[i]], vals[i, :cnt[i]])
+    for _ in range(2):
+        a.train_step(a.gather(X_u8, idx), y[idx], 1e-3, rows=True)
+        K.gather(X_u8, idx, K.PIXEL, b.xb[:64])
+        b.train_step(b.xb[:64], y[idx], 1e-3)
+    assert np.array_equal(a.sync().params, b.sync().params)
+    odd = np.ascontiguousarray(X_u8[:, :780])  # 780 % 8 != 0: gather, then nonzeros
+    c = Trainer(cfg, MLP.init([780, 50, 10], np.random.default_rng(0)), 64)
+    assert np.array_equal(c.gather(odd, idx), odd[idx] / np.float32(255))
+    assert np.array_equal(c.nz[0], np.count_nonzero(odd[idx], axis=1))

@@ -336,7 +336,6 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
     K = A.shape[1]
     nj = (N + 5) // 6
     pk = ws[:nj * B * 8].reshape((nj, B, 8))
-    br, gbr, mbr, vbr = b.reshape((1, N)), gb.reshape((1, N)), mb.reshape((1, N)), vb.reshape((1, N))  # as rows
     if N >= 6:
         for t in prange(nj):
             for p in range(B):
@@ -381,15 +380,8 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
                             _st(gW, j + q, kk, acc[q], K - kk)
                         _step(W, mW, vW, j + q, kk, acc[q], K - kk, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
                               c2)
-        if k == 0:  # the first column of tiles also owns gb and b: column sums of dY, 8 at a time
-            je = min(j + 6, N)
-            for jj in range(j, je, 8):
-                s = vzero()
-                for i in range(B):
-                    s = vadd(s, vloadn(dY, i, jj, je - jj))
-                vstoren(gbr, 0, jj, s, je - jj)
-            if kind != NO_UPDATE:
-                update_row(br, gbr, mbr, vbr, 0, j, je, kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
+        if k == 0:  # the first column of tiles also owns gb and b: column sums of dY
+            _bias_step(dY, gb, b, mb, vb, j, min(j + 6, N), kind, lr, mom, nesterov, b1, b2, eps, c1, c2)
 
 
 @njit(**_exact, inline="always")  # a call per 8 lanes would cost more than the step
@@ -660,8 +652,10 @@ def _step_tile(acc, gW, W, mW, vW, k, j, nq, N, kind, lr, mom, nesterov, wd, b1,
 
 @njit(**_exact)
 def _bias_step(dY, gb, b, mb, vb, j0, j1, kind, lr, mom, nesterov, b1, b2, eps, c1, c2):
-    """gb[j0:j1] = Σ_batch dY[:, j0:j1], 8 columns at a time in sample order (as linear_backward_weight sums
-    its gb), and the optimiser step on b[j0:j1] (no weight decay on biases). dY (B, N), gb/b/mb/vb (N,)."""
+    """gb[j0:j1] = Σ_batch dY[:, j0:j1], 8 columns at a time in sample order, and the optimiser step on
+    b[j0:j1] (no weight decay on biases): the bias part of both weight-gradient kernels, done by the tasks
+    of their first block. dY (B, N), gb/b/mb/vb (N,); b as a row, so update_row indexes instead of
+    slicing."""
     B, N = dY.shape
     br, gbr, mbr, vbr = b.reshape((1, N)), gb.reshape((1, N)), mb.reshape((1, N)), vb.reshape((1, N))
     for j in range(j0, j1, 8):

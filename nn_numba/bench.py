@@ -389,7 +389,7 @@ class Child:
         env = dict(os.environ)
         env["OPENBLAS_NUM_THREADS"] = "1" if kind == "numba" else str(threads)
         env["OMP_NUM_THREADS"] = str(threads)
-        self.kind, self.threads = kind, threads
+        self.kind, self.threads, self.data = kind, threads, data
         self.p = subprocess.Popen([sys.executable, "-m", "nn_numba.bench", "--worker", kind, str(threads), data],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                                   cwd=Path(__file__).resolve().parent.parent)
@@ -400,7 +400,7 @@ class Child:
         line = self.p.stdout.readline()
         if not line:
             raise NNError(f"bench: the {self.kind} worker ({self.threads} threads) died; run "
-                          f"`python -m nn_numba.bench --worker {self.kind} {self.threads} mnist` to see why")
+                          f"`python -m nn_numba.bench --worker {self.kind} {self.threads} {self.data}` to see why")
         ans = json.loads(line)
         if "error" in ans:
             raise NNError(f"bench: {self.kind} worker, {op}: {ans['error']}")

@@ -460,11 +460,11 @@ def update_row(P, G, M, V, r, k0, k1, kind, lr, mom, nesterov, wd, b1, b2, eps, 
 # ---------------------------------------------------------------------------------------------------
 # The first layer, whose input is pixels. 81 % of MNIST's pixels are 0 (the background), so a product
 # that skips them does a fifth of the FLOPs of a dense one. Skipping needs the weights the other way
-# round, so during training the first layer keeps them transposed, WT (K, pad64(N)) (train.Trainer
-# converts at the edges; checkpoints and inference keep the (out, in) layout): row k of WT is what
-# pixel k adds to every output, so a sample's outputs are the sum of its ~150 lit rows (forward), and
-# row k of gWᵀ sums the samples in which pixel k is lit (backward). Both run over 64-column chunks of
-# those rows, eight vector sums in registers; a chunk of WT (784 rows x 256 bytes) stays in L2.
+# round, so during training the first layer keeps them transposed, WT (K, pad_t(N)) (train_step moves
+# them between the layouts; checkpoints and inference keep (out, in)): row k of WT is what pixel k adds
+# to every output. Forward: a sample's outputs are the sum of its ~150 lit rows, in 64-column chunks
+# with eight vector sums in registers (a chunk of WT, 784 rows x 256 bytes, stays in L2). Weight
+# gradient: the dense 6x16 tile, summed only over the samples that light each block of 6 pixels.
 
 
 def pad_t(n: int) -> int:
@@ -602,8 +602,9 @@ def sparse_backward_weight(cnt, idx, pk, dY, gWT, WT, mWT, vWT, gb, b, mb, vb, k
 
     cnt/idx/pk as `nonzero_blocks` makes them for K pixels, dY (B, N) with rows at least pad_t(N) floats
     apart (the last tile reads 16 columns; lanes past N are never stored), gWT/WT/mWT/vWT (K, pad_t(N)),
-    gb/b/mb/vb (N,). Each task owns a 6x16 tile of gWᵀ (6 pixels x 16 outputs): `_tile_rows` with C = the block's packed
-    pixels and D = the rows of dY of its samples, then `_step` with the gradient still in registers. The
+    gb/b/mb/vb (N,). Each task owns a 6x16 tile of gWᵀ (6 pixels x 16 outputs): `_tile_rows` with C =
+    the block's packed pixels and D = the rows of dY of its samples, then `_step` with the gradient
+    still in registers. The
     sums run over 33 % of the batch instead of 100 %, with the register blocking of the dense product
     (12 FMAs per 2 loads and 6 broadcasts); a sample with the block lit but this pixel 0 adds an exact 0.
     Tiles are disjoint and sum in sample order: no races, the same bits for any thread count. With

@@ -110,12 +110,9 @@ class Trainer:
 
     def sync(self) -> MLP:
         """Make the model and the flat arrays current (the first layer back from its transposed copy)."""
-        if self.where[0] == 1:
-            sa = self.model.sizes_arr
-            for flat, t in ((self.model.params, self.wt), (self.grad, self.gt), (self.m, self.mt),
-                            (self.v, self.vt)):
-                flat_w = kernels._views(flat, sa, 0)[0]
-                flat_w[:] = t[:, :flat_w.shape[0]].T
+        if self.where[0] == 1:  # both copies agree afterwards; training goes on from the transposed one
+            kernels.move_first(self.model.params, self.grad, self.m, self.v, self.wt, self.gt, self.mt, self.vt,
+                               self.model.sizes_arr, False)
         return self.model
 
     def gather(self, X_u8: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -374,7 +371,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
     idx = tr_idx[:1]
     if aug.enabled:
         augment_batch(mnist.train_x, idx, trainer.xb[:1], aug, np.random.default_rng(0))
-    kernels.gather(mnist.train_x, idx, kernels.PIXEL, trainer.xb[:1])  # for evaluate
+    kernels.gather(mnist.train_x, idx, kernels.PIXEL, trainer.xb[:1])  # compiled for evaluate()
     trainer.train_step(trainer.gather(mnist.train_x, idx), y_all[idx], 0.0, update=False, rows=True)
     with _SigInt(run) as sigint:
         while epoch < cfg.train.epochs:

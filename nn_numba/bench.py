@@ -168,8 +168,7 @@ class NumbaSide:
         # the first layer as train_step runs it on sparse inputs: transposed weights, X's non-zeros
         WT, GT = az((SIZES[0], K.pad_t(250))), az((SIZES[0], K.pad_t(250)))
         WT[:, :250] = W1.T
-        cnt, cols, vals, bcnt, bidx = K.nonzeros_bufs(B, SIZES[0])
-        pk = az(K.ws_size(SIZES[0], B)).reshape((len(bcnt), B, 8))
+        cnt, cols, vals, bcnt, bidx, pk = K.nonzeros_bufs(B, SIZES[0])
         K.nonzeros(X, cnt, cols, vals)
         K.nonzero_blocks(X, bcnt, bidx, pk)
 

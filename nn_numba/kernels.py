@@ -776,7 +776,7 @@ def train_step(P, G, M, V, WT, GT, MT, VT, where, sizes, X, y, acts, cap, d0, d1
     first layer's weights, gradient and moments transposed, which the sparse path trains; where[0] says
     which copy is current (0: P, G, M, V; 1: the transposed one), and a batch that takes the other path
     first moves them over (`move_first`). X (B, n_0) float32, y (B,) labels, acts: layer outputs for up
-    to `cap` samples (acts_size), d0/d1: two gradient buffers of grad_size floats, ws: ws_size(max(sizes),
+    to `cap` samples (acts_size), d0/d1: two gradient buffers of grad_size floats, ws: ws_size(max(sizes[1:]),
     cap) floats of workspace, nz: the index buffers of `nonzeros_bufs` (rows: X's compressed rows are in
     them already, from `gather_nonzeros`), loss (B,) float32 and pred (B,) int64 per sample.
 
@@ -786,7 +786,7 @@ def train_step(P, G, M, V, WT, GT, MT, VT, where, sizes, X, y, acts, cap, d0, d1
     """
     L = sizes.shape[0] - 1
     B = X.shape[0]
-    cnt, cols, vals, bcnt, bidx = nz
+    cnt, cols, vals, bcnt, bidx, pk = nz
     sparse = B < 6 or density(X, 8) <= 0.4
     if sparse != (where[0] == 1):
         move_first(P, G, M, V, WT, GT, MT, VT, sizes, sparse)
@@ -797,6 +797,9 @@ def train_step(P, G, M, V, WT, GT, MT, VT, where, sizes, X, y, acts, cap, d0, d1
     if sparse:
         if not rows:
             nonzeros(X, cnt, cols, vals)
+        # now, while the gather's X is still in L2: at the end of the step, after the forward and backward
+        # products have passed through, reading X back from L3 made this 3-4 times slower (B = 256)
+        nonzero_blocks(X, bcnt, bidx, pk)
         sparse_forward(cnt, cols, vals, WT, b, A, L > 1)
     else:
         linear_forward(X, W, b, A, L > 1)
@@ -820,8 +823,6 @@ def train_step(P, G, M, V, WT, GT, MT, VT, where, sizes, X, y, acts, cap, d0, d1
             linear_backward_weight(dZ, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2,
                                    eps, c1, c2)
         else:
-            pk = ws[:bcnt.shape[0] * B * 8].reshape((bcnt.shape[0], B, 8))  # ws is free again after layer 2
-            nonzero_blocks(X, bcnt, bidx, pk)
             sparse_backward_weight(bcnt, bidx, pk, dZ, GT, WT, MT, VT, gb, b, mb, vb, kind, lr, mom, nesterov, wd,
                                    b1, b2, eps, c1, c2)
         if l > 0:
@@ -857,7 +858,7 @@ def _move(W, WT, to_t):
 
 def nonzeros_bufs(cap: int, n_in: int) -> tuple[np.ndarray, ...]:
     """The index buffers train_step's first layer fills per batch for up to `cap` samples of n_in pixels:
-    `nonzeros`' (cnt, cols, vals) and `nonzero_blocks`' (cnt, idx); its packed pixels go in ws."""
+    `nonzeros`' (cnt, cols, vals) and `nonzero_blocks`' (cnt, idx, pk)."""
     nb = (n_in + 5) // 6
     return (np.zeros(cap, np.int32), np.zeros((cap, n_in), np.int32), aligned_zeros((cap, n_in)),
-            np.zeros(nb, np.int32), np.zeros((nb, cap), np.int32))
+            np.zeros(nb, np.int32), np.zeros((nb, cap), np.int32), aligned_zeros((nb, cap, 8)))

@@ -98,7 +98,7 @@ class Trainer:
         self.acts = zeros(kernels.acts_size(sizes, batch_cap))
         self.d0 = zeros(kernels.grad_size(sizes, batch_cap))
         self.d1 = zeros(kernels.grad_size(sizes, batch_cap))
-        self.ws = zeros(kernels.ws_size(max(sizes), batch_cap))
+        self.ws = zeros(kernels.ws_size(max(sizes[1:]), batch_cap))
         self.nz = kernels.nonzeros_bufs(batch_cap, sizes[0])
         self.loss = np.zeros(batch_cap, np.float32)
         self.pred = np.zeros(batch_cap, np.int64)

@@ -311,8 +311,8 @@ def test_nonzeros_rows_and_blocks_match_numpy(K_in):
     X[4] = 0
     X[7] = rng.random(K_in, dtype=np.float32) + 0.1
     X[:, 0] = 0
-    cnt, cols, vals, bcnt, bidx = K.nonzeros_bufs(30, K_in)
-    pk = np.full((len(bcnt), 30, 8), np.nan, np.float32)
+    cnt, cols, vals, bcnt, bidx, pk = K.nonzeros_bufs(30, K_in)
+    pk[:] = np.nan
     K.nonzeros(X, cnt, cols, vals)
     K.nonzero_blocks(X, bcnt, bidx, pk)
     for i in range(B):

@@ -480,10 +480,12 @@ def cpp_epoch(B: int, threads: int, timeout: float) -> dict | None:
 
 
 def run(threads: list[int], batches: list[int], quick: bool = False, kernel_batch: int = 256,
-        cpp: bool = True, progress=None, data: str = "mnist") -> dict:
-    """All measurements; returns the report dict (see docs/performance.md for the keys)."""
+        cpp: bool = True, progress=None, data: str = "mnist", passes: int | None = None) -> dict:
+    """All measurements; returns the report dict (see docs/performance.md for the keys). `passes`: timed
+    epoch passes per side and batch size (default 3, 2 with `quick`)."""
     say = progress or (lambda s: None)
     samples, reps = (12_000, 2) if quick else (N_TRAIN, 3)
+    reps = passes or reps
     res = {"machine": machine(), "data": data,
            "network": "-".join(map(str, SIZES)), "flop_per_sample": FLOP_PER_SAMPLE,
            "epoch_samples": N_TRAIN, "measured_samples": samples, "reps": reps, "threads": {}}
@@ -650,7 +652,7 @@ def table(res: dict) -> str:
 
 
 def bench(threads: str = "1,2", batches: str = "32,64,256,1024", quick: bool = False, as_json: bool = False,
-          kernel_batch: int = 256, data: str = "mnist") -> None:
+          kernel_batch: int = 256, data: str = "mnist", passes: int | None = None) -> None:
     """The `nn-numba bench` command."""
     try:
         ts = [int(t) for t in threads.split(",") if t.strip()]
@@ -658,15 +660,15 @@ def bench(threads: str = "1,2", batches: str = "32,64,256,1024", quick: bool = F
     except ValueError:
         raise NNError(f"bench: --threads {threads!r} / --batches {batches!r}: give comma-separated whole numbers") \
             from None
-    if not ts or not bs or min(ts) < 1 or min(bs) < 1 or kernel_batch < 1:
-        raise NNError("bench: --threads, --batches and --kernel-batch need positive numbers")
+    if not ts or not bs or min(ts) < 1 or min(bs) < 1 or kernel_batch < 1 or (passes is not None and passes < 1):
+        raise NNError("bench: --threads, --batches, --kernel-batch and --passes need positive numbers")
     if max(ts) > (os.cpu_count() or 1):
         raise NNError(f"bench: --threads {threads}: this machine has {os.cpu_count()} cores")
     if data not in ("mnist", "random"):
         raise NNError(f"bench: --data {data!r}: choose mnist (the training images, if present) or random")
     if quick:
         ts, bs = ts[:1], [b for b in bs if b in (64, 256)] or bs[:1]
-    res = run(ts, bs, quick=quick, kernel_batch=kernel_batch, data=data,
+    res = run(ts, bs, quick=quick, kernel_batch=kernel_batch, data=data, passes=passes,
               progress=None if as_json else lambda s: print(f"  ... {s}", file=sys.stderr, flush=True))
     print(json.dumps(res) if as_json else table(res))
 

@@ -177,6 +177,9 @@ def bench(
                                                         "batches 64 and 256, shorter passes.")] = False,
     data: Annotated[str, typer.Option(help="mnist: the training images, if on this machine (the first layer "
                                                 "skips their zero pixels); random: dense pixels.")] = "mnist",
+    passes: Annotated[int | None, typer.Option(help="Timed epoch passes per side and batch size (default 3, "
+                                                       "2 with --quick); more give steadier minima on a "
+                                                       "busy machine.")] = None,
     as_json: Json = False,
 ) -> None:
     """Speed of kernels and epochs against NumPy/BLAS.
@@ -188,7 +191,7 @@ def bench(
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy: measurements run in child processes
     from .bench import bench as run_bench
 
-    run_bench(threads, batches, quick=quick, as_json=as_json, kernel_batch=kernel_batch, data=data)
+    run_bench(threads, batches, quick=quick, as_json=as_json, kernel_batch=kernel_batch, data=data, passes=passes)
 
 
 def main() -> None:

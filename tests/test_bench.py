@@ -20,7 +20,7 @@ def positive(x) -> bool:
 def report():
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "nn_numba.cli", "bench", "--quick", "--json", "--threads", "1",
-                        "--batches", "256", "--kernel-batch", "64"],
+                        "--batches", "256", "--kernel-batch", "64", "--passes", "3"],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
@@ -59,6 +59,7 @@ def test_epoch_rows(report):
     (e,) = t["epochs"]
     assert e["gemm_fraction"] == pytest.approx(t["gemm_limited_epoch_s"] / e["numba_s"])
     assert e["batch"] == 256
+    assert report["reps"] == 3  # --passes overrides --quick's 2
     for key in ("numba_s", "numba_median_s", "numpy_s", "numpy_median_s", "ratio", "numba_samples_per_s",
                 "numba_gflops", "gemm_fraction"):
         assert positive(e[key]), key
@@ -89,6 +90,8 @@ def test_bad_arguments_are_one_line_errors():
         bench.bench(threads="one")
     with pytest.raises(bench.NNError, match="cores"):
         bench.bench(threads=str((os.cpu_count() or 1) + 1))
+    with pytest.raises(bench.NNError, match="--passes"):
+        bench.bench(passes=0)
 
 
 def test_kernel_rates_count_flops():

@@ -848,12 +848,13 @@ def move_first(P, G, M, V, WT, GT, MT, VT, sizes, to_t):
     _move(_views(V, sizes, 0)[0], VT, to_t)
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def _move(W, WT, to_t):
-    """WT[:, :N] = Wᵀ (to_t) or W = WT[:, :N]ᵀ, W (N, K). prange over k: each task writes its own row of
-    WT, or its own column of W."""
+    """WT[:, :N] = Wᵀ (to_t) or W = WT[:, :N]ᵀ, W (N, K). Serial: it runs when the path changes (once per
+    run on real data) and before each evaluation, about 0.5 ms, and a parallel loop here cost 1 s of
+    the first run's compile."""
     N, K = W.shape
-    for k in prange(K):
+    for k in range(K):
         if to_t:
             for n in range(N):
                 WT[k, n] = W[n, k]

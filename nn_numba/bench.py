@@ -489,15 +489,18 @@ def run(threads: list[int], batches: list[int], quick: bool = False, kernel_batc
     res = {"machine": machine(), "data": data,
            "network": "-".join(map(str, SIZES)), "flop_per_sample": FLOP_PER_SAMPLE,
            "epoch_samples": N_TRAIN, "measured_samples": samples, "reps": reps, "threads": {}}
-    for T in threads:
-        say(f"{T} thread(s): starting workers")
-        a, b = Child("numba", T, data), Child("numpy", T, data)
-        try:
+    kids: dict[int, tuple[Child, Child]] = {}
+    try:
+        for T in threads:
+            say(f"{T} thread(s): starting workers")
+            kids[T] = (Child("numba", T, data), Child("numpy", T, data))
+        gemm: dict[int, list[float]] = {}
+        for T, (a, b) in kids.items():
             r = {"info": {**a.ask("info"), **b.ask("info")}}
             res["data"] = r["info"]["data"]
             # The GEMM rate is sampled at the start and before each batch size: one slow stretch of the
             # host during a single sample made the limit look low and an epoch "118 % of the limit".
-            gemm = [b.ask("gemm", reps=3 if quick else 5)["gflops"]]
+            gemm[T] = [b.ask("gemm", reps=3 if quick else 5)["gflops"]]
             say(f"{T} thread(s): kernels at batch {kernel_batch}")
             kn = a.ask("kernels", B=kernel_batch, reps=3 if quick else 7)
             kp = b.ask("kernels", B=kernel_batch, reps=3 if quick else 7)
@@ -505,33 +508,43 @@ def run(threads: list[int], batches: list[int], quick: bool = False, kernel_batc
                 {"name": k, "numba_s": kn[k], "numpy_s": kp[k], "ratio": kn[k] / kp[k],
                  **_kernel_rate(k, kernel_batch, kn[k])} for k in kn]}
             r["epochs"] = []
-            for B in batches:
-                say(f"{T} thread(s): epochs at batch {B}")
-                gemm.append(b.ask("gemm", reps=2 if quick else 3)["gflops"])
-                tn, tp, ln, lp = [], [], 0.0, 0.0
+            res["threads"][str(T)] = r
+        for B in batches:
+            say(f"epochs at batch {B}" + (", thread counts alternating" if len(kids) > 1 else ""))
+            tn = {T: [] for T in kids}
+            tp = {T: [] for T in kids}
+            loss = {}
+            for T, (a, b) in kids.items():
+                gemm[T].append(b.ask("gemm", reps=2 if quick else 3)["gflops"])
                 a.ask("epoch", B=B, samples=min(samples, 6000), reps=0, warmup=1)  # warm-up passes
                 b.ask("epoch", B=B, samples=min(samples, 6000), reps=0, warmup=1)
-                for _ in range(reps):  # alternate A and B, one pass each, after each side's warm-up
+            # One pass of each side at each thread count per round: Numba against NumPy, and 2 threads
+            # against 1, under the same state of the host (whose second vCPU comes and goes).
+            for _ in range(reps):
+                for T, (a, b) in kids.items():
                     d = a.ask("epoch", B=B, samples=samples, reps=1)
-                    tn += d["times"]
-                    ln = d["loss"]
-                    d = b.ask("epoch", B=B, samples=samples, reps=1)
-                    tp += d["times"]
-                    lp = d["loss"]
-                scale = N_TRAIN / samples
-                row = {"batch": B, "numba_s": min(tn) * scale, "numba_median_s": statistics.median(tn) * scale,
-                       "numpy_s": min(tp) * scale, "numpy_median_s": statistics.median(tp) * scale,
-                       "numba_loss": ln, "numpy_loss": lp}
+                    tn[T] += d["times"]
+                    e = b.ask("epoch", B=B, samples=samples, reps=1)
+                    tp[T] += e["times"]
+                    loss[T] = d["loss"], e["loss"]
+            scale = N_TRAIN / samples
+            for T in kids:
+                row = {"batch": B, "numba_s": min(tn[T]) * scale,
+                       "numba_median_s": statistics.median(tn[T]) * scale,
+                       "numpy_s": min(tp[T]) * scale, "numpy_median_s": statistics.median(tp[T]) * scale,
+                       "numba_loss": loss[T][0], "numpy_loss": loss[T][1]}
                 row["ratio"] = row["numba_s"] / row["numpy_s"]
                 row["numba_samples_per_s"] = N_TRAIN / row["numba_s"]
                 row["numba_gflops"] = N_TRAIN * FLOP_PER_SAMPLE / row["numba_s"] / 1e9
                 row["numpy_samples_per_s"] = N_TRAIN / row["numpy_s"]
                 if cpp and not quick:
                     row["cpp"] = cpp_epoch(B, T, timeout=max(30.0, 20 * row["numba_s"]))
-                r["epochs"].append(row)
+                res["threads"][str(T)]["epochs"].append(row)
+        for T, (a, b) in kids.items():
+            r = res["threads"][str(T)]
             # the limit is the machine's best moment in this run, as each epoch time is its fastest pass
-            r["gemm2048_gflops"], r["gemm2048_gflops_min"], r["gemm_samples"] = max(gemm), min(gemm), len(gemm)
-            r["gemm_limited_epoch_s"] = N_TRAIN * FLOP_PER_SAMPLE / (max(gemm) * 1e9)
+            r["gemm2048_gflops"], r["gemm2048_gflops_min"], r["gemm_samples"] = max(gemm[T]), min(gemm[T]), len(gemm[T])
+            r["gemm_limited_epoch_s"] = N_TRAIN * FLOP_PER_SAMPLE / (max(gemm[T]) * 1e9)
             for row in r["epochs"]:
                 row["gemm_fraction"] = r["gemm_limited_epoch_s"] / row["numba_s"]
             say(f"{T} thread(s): inference")
@@ -542,10 +555,10 @@ def run(threads: list[int], batches: list[int], quick: bool = False, kernel_batc
                 "batch1000_gflops": {"numba": 10_000 * INFER_FLOP / inf_n["batch1000_s_per_10k"] / 1e9,
                                      "numpy": 10_000 * INFER_FLOP / inf_p["batch1000_s_per_10k"] / 1e9},
                 "batch1_latency_us": {"numba": inf_n["batch1_s"] * 1e6, "numpy": inf_p["batch1_s"] * 1e6}}
-        finally:
+    finally:
+        for a, b in kids.values():
             a.close()
             b.close()
-        res["threads"][str(T)] = r
     say("JIT cost")
     res["jit"] = jit_cost(cold=not quick)
     res["targets"] = targets(res)
@@ -599,7 +612,8 @@ def table(res: dict) -> str:
              f"network {res['network']}, {res['flop_per_sample'] / 1e6:.3f} MFLOP/sample/step; "
              f"data: {res['data']}",
              f"epochs: {res['measured_samples']} samples per pass scaled to {res['epoch_samples']}, "
-             f"best of {res['reps']} alternating A/B passes (median in brackets)"]
+             f"best of {res['reps']} passes (median in brackets), alternating Numba and NumPy"
+             + (" and the thread counts" if len(res["threads"]) > 1 else "")]
     for T, r in res["threads"].items():
         i = r["info"]
         lines += ["", f"=== {T} thread(s): numba {i['numba']} ({i['threading_layer']} layer, "

@@ -360,7 +360,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
               f"batch {B}  {cfg.train.epochs} epochs  {threads} threads  "
               f"train {len(tr_idx)} / val {len(va_idx)} / test {len(mnist.test_y)}")
         if _first_compile():
-            print("compiling the Numba kernels: about 40 s on the first run only (they are cached afterwards)")
+            print("compiling the Numba kernels: about 30 s on the first run only (they are cached afterwards)")
         if aug.enabled:
             on = {k: v for k, v in asdict(cfg.augment).items() if v and k != "elastic_sigma" or
                   k == "elastic_sigma" and cfg.augment.elastic_alpha}

@@ -378,8 +378,8 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
                     for q in range(nq):
                         if kind == NO_UPDATE:
                             _st(gW, j + q, kk, acc[q], K - kk)
-                        _step_call(W, mW, vW, j + q, kk, acc[q], K - kk, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
-                              c2)
+                        _step_call(W, mW, vW, j + q, kk, acc[q], K - kk, kind, lr, mom, nesterov, wd, b1, b2, eps,
+                                   c1, c2)
         if k == 0:  # the first column of tiles also owns gb and b: column sums of dY
             _bias_step(dY, gb, b, mb, vb, j, min(j + 6, N), kind, lr, mom, nesterov, b1, b2, eps, c1, c2)
 
@@ -804,7 +804,7 @@ def train_step(P, G, M, V, WT, GT, MT, VT, where, sizes, X, y, acts, cap, d0, d1
         if not rows:
             nonzeros(X, cnt, cols, vals)
         # now, while the gather's X is still in L2: at the end of the step, after the forward and backward
-        # products have passed through, reading X back from L3 made this 3-4 times slower (B = 256)
+        # products have passed through, reading X back from L3 made this 2-3 times slower (B = 256)
         nonzero_blocks(X, bcnt, bidx, pk)
         sparse_forward(cnt, cols, vals, WT, b, A, L > 1)
     else:

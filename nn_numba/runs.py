@@ -69,12 +69,28 @@ def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = 
                       "run `nn-numba train configs/default.toml` first or pass --checkpoint")
     return ck
 
+def resolve_checkpoint(path: str | os.PathLike | None = None, runs: str | os.PathLike = "runs") -> Path:
+    """A checkpoint file as given, a run folder's best.ck, or (None) best.ck of the newest run."""
+    if path is None or str(path) == "":
+        return default_checkpoint(None, runs)
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "best.ck").is_file():
+            raise NNError(f"{p}: a folder without best.ck, so not a finished run folder; give a run folder "
+                          "or a checkpoint file (.ck)")
+        return p / "best.ck"
+    return p
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file + fsync + rename, like checkpoint.save: `path` is always either the old or the new text."""
+    """`write_atomic` for text, as UTF-8."""
+    write_atomic(path, text.encode("utf-8"))
+
+def write_atomic(path: Path, data: bytes, hint: str = "free some space or choose another --out") -> None:
+    """Temp file + fsync + rename, like checkpoint.save: `path` is always either the old or the new bytes."""
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -85,7 +101,7 @@ def write_text_atomic(path: Path, text: str) -> None:
             pass
         if isinstance(e, OSError):
             raise NNError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged "
-                          "(free some space or choose another --out)") from None
+                          f"({hint})") from None
         raise
 
 def check_space(folder: Path, n_params: int, slots: int) -> None:

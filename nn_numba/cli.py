@@ -145,9 +145,8 @@ def predict(
 
 @app.command()
 def export(
-    source: Annotated[str | None, typer.Argument(
-        metavar="CHECKPOINT_OR_RUN", help="A checkpoint or a run folder (its best.ck); default: the latest run.",
-    )] = None,
+    source: Annotated[str, typer.Argument(metavar="CHECKPOINT_OR_RUN",
+                                          help="A checkpoint or a run folder (its best.ck), e.g. runs/latest.")],
     to: Annotated[str, typer.Option("--to", help="Output file: .onnx (needs nn-numba[export]) or .npz (NumPy).")] = "",
 ) -> None:
     """Write a network as ONNX or NumPy .npz, to run it elsewhere.

@@ -115,8 +115,8 @@ def write(ck: Checkpoint, to: str | os.PathLike) -> Path:
     return to
 
 
-def export(source: str | os.PathLike | None, to: str | os.PathLike) -> Path:
-    """`nn-numba export`: the checkpoint (or run folder's best.ck, or latest run) `source` into `to`."""
+def export(source: str | os.PathLike, to: str | os.PathLike) -> Path:
+    """`nn-numba export`: the checkpoint `source` (a run folder: its best.ck) into `to`."""
     from .checkpoint import load
     from .runs import resolve_checkpoint
 

@@ -54,7 +54,7 @@ def latest_run(out: str | os.PathLike = "runs") -> Path:
         return link.resolve()
     if link.is_file():
         return (link.parent / link.read_text().strip()).resolve()
-    raise NNError(f"no runs found in {out}/: run `nn-numba train configs/default.toml` first")
+    raise NNError(f"no runs found in {out}/: run `nn-numba train default` first")
 
 def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = "runs") -> Path:
     """`checkpoint` if given, else best.ck of the newest run."""
@@ -66,7 +66,7 @@ def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = 
         ck = None
     if ck is None or not ck.is_file():
         raise NNError(f"no trained model found ({ck or Path(runs) / 'latest'} does not exist): "
-                      "run `nn-numba train configs/default.toml` first or pass --checkpoint")
+                      "run `nn-numba train default` first or pass --checkpoint")
     return ck
 
 def resolve_checkpoint(path: str | os.PathLike | None = None, runs: str | os.PathLike = "runs") -> Path:

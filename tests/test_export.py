@@ -2,7 +2,9 @@
 the same digits as `nn-numba evaluate` on all 10,000 test images, logits within 1e-5; bad input is one line
 and leaves an existing file as it was."""
 
+import errno
 import json
+import os
 import re
 import sys
 
@@ -177,3 +179,17 @@ def test_folder_without_best_and_missing_to_are_one_line(tmp_path, nn):
     assert "without best.ck" in one_line_error(code, err)
     code, _, err = nn("export", tmp_path)
     assert "--to" in one_line_error(code, err)
+
+
+def test_a_failed_write_keeps_the_old_file(run, tmp_path, monkeypatch, nn):
+    """The disk fills up while the export is written: the previous file stays whole, no temp file is left."""
+    to = tmp_path / "old.npz"
+    to.write_bytes(b"the previous export")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    code, _, err = nn("export", run, "--to", to)
+    assert "No space left on device" in one_line_error(code, err)
+    assert to.read_bytes() == b"the previous export" and [p.name for p in tmp_path.iterdir()] == ["old.npz"]

@@ -76,7 +76,8 @@ class Network:
             raise NNError(f"images of dtype {x.dtype}: expected uint8 (0-255) or floats in [0, 1]")
         x = x.reshape(-1, n).astype(np.float32)
         if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
-            raise NNError(f"float pixels must be in [0, 1], got [{x.min()}, {x.max()}]; divide 0-255 values by 255")
+            raise NNError(f"pixels must be uint8 (0-255) or in [0, 1], got values in [{x.min()}, {x.max()}]: "
+                          "divide 0-255 values by 255")
         return x
 
     def logits(self, images: np.ndarray) -> np.ndarray:

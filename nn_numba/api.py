@@ -128,28 +128,25 @@ def load(source: Source | None = None) -> Network:
 def fit(
     config: Source | dict[str, Any] = "default",
     *,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    seed: int | None = None,
-    threads: int | None = None,
-    out: str | None = None,
     data_dir: str | None = None,
-    resume: Source | None = None,
     quiet: bool = True,
+    **overrides: Any,
 ) -> Path:
     """Train as `nn-numba train` does and return the run folder (config.toml, metrics.jsonl, best.ck, last.ck).
 
     `config` is a shipped config's name ("default", "best", "no-augment", "seed"), a TOML file, or a dict
     of tables like {"optim": {"lr": 0.01}, "train": {"epochs": 2}} (missing keys take their defaults).
-    The keyword arguments override it as the command's flags do.
+    `overrides` are the command's flags: epochs, batch_size, lr, seed, threads, out.
     """
     from .config import from_dict, load_config
     from .train import apply_overrides, train
 
     cfg = from_dict(config, "config dict") if isinstance(config, dict) else load_config(config)
-    cfg = apply_overrides(cfg, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, threads=threads, out=out)
-    return train(cfg, data_dir=data_dir, resume=None if resume is None else os.fspath(resume), quiet=quiet)
+    try:
+        cfg = apply_overrides(cfg, **overrides)
+    except KeyError as e:
+        raise TypeError(f"fit() got an unknown override {e.args[0]!r}; see help(nn_numba.fit)") from None
+    return train(cfg, data_dir=data_dir, quiet=quiet)
 
 
 def read_metrics(run: Source | None = None) -> list[dict[str, Any]]:

@@ -103,6 +103,8 @@ def test_load_errors_are_nnerrors(tmp_path):
         nn_numba.load(tmp_path / "none.ck")
     with pytest.raises(NNError, match="give a path or one of: default, best, no-augment, seed"):
         nn_numba.fit("defualt")
+    with pytest.raises(TypeError, match="unknown override 'epoch'"):
+        nn_numba.fit("seed", epoch=1)
 
 
 def test_import_is_cheap_and_lazy():

@@ -143,6 +143,25 @@ def predict(
 
 
 @app.command()
+def serve(
+    checkpoint: Annotated[str | None, typer.Argument(
+        metavar="[CHECKPOINT_OR_RUN]", help="Checkpoint or run folder (default: best of the latest run).")] = None,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but 127.0.0.1 or localhost lets "
+                                           "other machines in.")] = "127.0.0.1",
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the web browser.")] = False,
+    runs: Annotated[str, typer.Option(help="Folder whose runs the page offers to choose from.")] = "runs",
+) -> None:
+    """Draw a digit in the browser and watch the network read it (needs nn-numba[serve]).
+
+    Also a JSON API: POST /api/predict, GET /api/models (docs/serve.md).
+    """
+    from .serve import serve as run_server
+
+    run_server(checkpoint, host=host, port=port, open_browser=open_browser, runs=runs)
+
+
+@app.command()
 def download(
     dir: Annotated[str | None, typer.Option("--dir", help="Where to put the files (default: the cache).")] = None,
 ) -> None:

@@ -126,9 +126,12 @@ SHIPPED = Path(__file__).parent / "configs"  # installed with the package; the r
 
 
 def shipped_names() -> list[str]:
-    """The configs that ship with the package, by name: default, best, no-augment, seed."""
+    """The configs that ship with the package, by name: default, best, no-augment, seed.
+
+    NAME.toml files only: the folder also holds sweep files (NAME.sweep.toml, docs/sweep.md).
+    """
     order = ["default", "best", "no-augment", "seed"]
-    names = [p.stem for p in SHIPPED.glob("*.toml")]
+    names = [p.stem for p in SHIPPED.glob("*.toml") if "." not in p.stem]
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
@@ -188,6 +191,17 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
             setattr(section, key, _typed(source, table, key, value, type(getattr(section, key))))
     check(cfg, source)
     return cfg
+
+
+def with_values(cfg: Config, values: dict[str, Any], source: str = "config") -> Config:
+    """A copy of `cfg` with dotted keys set ({"optim.lr": 0.01, ...}), checked like a file."""
+    d = cfg.to_dict()
+    for dotted, value in values.items():
+        table, _, key = dotted.partition(".")
+        if table not in d or key not in d[table]:
+            raise ConfigError(f"{source}: unknown config key '{dotted}' (keys are TABLE.KEY, e.g. optim.lr)")
+        d[table][key] = value
+    return from_dict(d, source)
 
 
 def _tables() -> list[str]:

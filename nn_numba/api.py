@@ -128,6 +128,7 @@ def load(source: Source | None = None) -> Network:
 def fit(
     config: Source | dict[str, Any] = "default",
     *,
+    name: str | None = None,
     data_dir: str | None = None,
     quiet: bool = True,
     **overrides: Any,
@@ -136,17 +137,21 @@ def fit(
 
     `config` is a shipped config's name ("default", "best", "no-augment", "seed"), a TOML file, or a dict
     of tables like {"optim": {"lr": 0.01}, "train": {"epochs": 2}} (missing keys take their defaults).
-    `overrides` are the command's flags: epochs, batch_size, lr, seed, threads, out.
+    `name` names the run folder (default: the time), as `--name`; `overrides` are the command's flags:
+    epochs, batch_size, lr, seed, threads, out.
     """
     from .config import from_dict, load_config
+    from .runs import check_run_name
     from .train import apply_overrides, train
 
+    if name is not None:
+        check_run_name(name)
     cfg = from_dict(config, "config dict") if isinstance(config, dict) else load_config(config)
     try:
         cfg = apply_overrides(cfg, **overrides)
     except KeyError as e:
         raise TypeError(f"fit() got an unknown override {e.args[0]!r}; see help(nn_numba.fit)") from None
-    return train(cfg, data_dir=data_dir, quiet=quiet)
+    return train(cfg, data_dir=data_dir, quiet=quiet, name=name)
 
 
 def read_metrics(run: Source | None = None) -> list[dict[str, Any]]:

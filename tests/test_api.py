@@ -4,6 +4,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -42,7 +43,8 @@ def test_the_walkthrough_runs(walkthrough):
     assert len(doc_blocks()) >= 8
     run = walkthrough["folder"] / walkthrough["run"]
     assert (run / "best.ck").is_file() and (walkthrough["folder"] / "digits.onnx").is_file()
-    assert walkthrough["net"].sizes == [784, 250, 250, 10] and (walkthrough["folder"] / walkthrough["small"]).is_dir()
+    assert walkthrough["net"].sizes == [784, 250, 250, 10] and walkthrough["small"] == Path("runs/small")
+    assert (walkthrough["folder"] / "runs" / "small" / "best.ck").is_file()
 
 
 def test_fit_takes_a_name_with_overrides(walkthrough):

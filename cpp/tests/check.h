@@ -1,11 +1,23 @@
 // A test framework in 40 lines: CHECK counts failures, main returns non-zero if any,
 // expect_error runs a callable that must throw NNError containing a phrase.
 #pragma once
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "error.h"
+
+#if defined(__SANITIZE_ADDRESS__)
+#define NN_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define NN_ASAN 1
+#endif
+#endif
 
 static int g_failures = 0, g_checks = 0;
 
@@ -44,6 +56,63 @@ void expect_error(const char* label, F fn, const std::string& phrase) {
     }
     g_failures++;
     std::fprintf(stderr, "%s: no error, expected one mentioning '%s'\n", label, phrase.c_str());
+}
+
+// fn() runs in a forked child with an alarm of `seconds`: it must throw NNError containing `phrase`,
+// in time, with a peak resident memory of at most max_mb. This is how the tests see that a reader
+// refused a hostile file early instead of reading, blocking on or allocating for what it claims.
+template <class F>
+void expect_bounded(const char* label, F fn, const std::string& phrase, long max_mb, unsigned seconds = 20) {
+    g_checks++;
+    std::fflush(nullptr);
+    int fds[2];
+    if (pipe(fds) != 0) std::abort();
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fds[0]);
+        alarm(seconds);
+#ifndef NN_ASAN  // ASan reserves terabytes of address space: no address-space limit there
+        // a reader that does grow without bound gets bad_alloc at 1 GB more, not the whole machine
+        struct rlimit lim = {rlim_t(max_mb + 1024) << 20, rlim_t(max_mb + 1024) << 20};
+        setrlimit(RLIMIT_AS, &lim);
+#endif
+        int code = 3;
+        try {
+            fn();
+        } catch (const NNError& e) {
+            code = 0;
+            std::string m = e.what();
+            if (write(fds[1], m.data(), m.size()) < 0) code = 4;
+        } catch (const std::exception& e) {
+            code = 5;
+            std::string m = std::string("not an NNError: ") + e.what();
+            if (write(fds[1], m.data(), m.size()) < 0) code = 4;
+        }
+        _exit(code);
+    }
+    close(fds[1]);
+    std::string msg;
+    char buf[512];
+    for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) msg.append(buf, size_t(n));
+    close(fds[0]);
+    int status = 0;
+    struct rusage ru {};
+    wait4(pid, &status, 0, &ru);
+    const long peak_mb = ru.ru_maxrss / 1024;
+    std::string why;
+    if (WIFSIGNALED(status))
+        why = WTERMSIG(status) == SIGALRM ? "did not finish in " + std::to_string(seconds) + " s"
+                                          : "killed by signal " + std::to_string(WTERMSIG(status));
+    else if (WEXITSTATUS(status) == 3)
+        why = "no error";
+    else if (WEXITSTATUS(status) != 0 || msg.find(phrase) == std::string::npos)
+        why = "error '" + msg + "'";
+    else if (peak_mb > max_mb)
+        why = "peak memory " + std::to_string(peak_mb) + " MB > " + std::to_string(max_mb) + " MB";
+    if (!why.empty()) {
+        g_failures++;
+        std::fprintf(stderr, "%s: %s, expected an error mentioning '%s'\n", label, why.c_str(), phrase.c_str());
+    }
 }
 
 inline int finish(const char* name) {

@@ -17,6 +17,7 @@ namespace {
 constexpr uint32_t MAX_ITEMS = 1000000;  // MNIST has 60,000; EMNIST, the largest of the family, about 800,000
 const std::string FIX = "point --data-dir at a good copy (`nn-numba download --dir DIR` fetches one)";
 constexpr size_t CHUNK = 1 << 20;
+constexpr uint64_t MAX_DEFLATE_RATIO = 1032;
 
 NNError idx_error(const std::string& path, const std::string& what) { return file_error(path, what + "; " + FIX); }
 
@@ -118,8 +119,7 @@ NNError size_error(const std::string& path, const Kind& k, uint64_t expected, ui
                                " but the file holds " + (more ? "more than " + std::to_string(expected) : std::to_string(got)));
 }
 
-// The data of an IDX file of kind k; *n gets the item count. Memory: what the header promises, and
-// only as the data actually arrives (a gzip file may be shorter than promised once inflated).
+// The data of an IDX file of kind k; *n gets the item count.
 std::vector<uint8_t> read_idx(const std::string& path, const Kind& k, uint32_t expect_n, uint32_t* n) {
     IdxStream s(path);
     uint8_t head[16];
@@ -129,8 +129,10 @@ std::vector<uint8_t> read_idx(const std::string& path, const Kind& k, uint32_t e
     const uint64_t expected = uint64_t(*n) * k.item;
     if (!s.gz() && s.file_size() - k.hlen != expected)  // a plain file: its size tells before reading
         throw size_error(path, k, expected, s.file_size() - k.hlen, false);
+    // One allocation, no copies as it grows: what the header promises, but never more than the file
+    // can hold (deflate expands at most 1032:1), so a small file that lies reserves little.
     std::vector<uint8_t> data;
-    data.reserve(expected);  // address space only: pages are touched as data arrives
+    data.reserve(size_t(s.gz() ? std::min(expected, MAX_DEFLATE_RATIO * s.file_size()) : expected));
     while (data.size() < expected) {
         size_t old = data.size(), want = size_t(std::min<uint64_t>(expected - old, CHUNK));
         data.resize(old + want);

@@ -191,6 +191,11 @@ static void test_pgm() {
     expect_error("header", bad(pgm("P5\n28\n", 0)), "bad PGM header");
     expect_error("above maxval", bad(pgm("P5\n28 28\n100\n", 784, 101)), "above maxval");
     expect_error("huge", bad(pgm("P5\n99999999999 28\n255\n", 0)), "too large");
+    std::string big = write("big.pgm", pgm("P5\n28 28\n255\n", 784));
+    CHECK(truncate(big.c_str(), off_t(1) << 30) == 0);  // sparse: a video named .pgm is not read
+    expect_bounded("1 GB pgm", [&] { read_pgm(big); }, "1073741824 bytes, too large for a 28x28 PGM image", 64);
+    CHECK(mkfifo((g_dir + "/fifo.pgm").c_str(), 0600) == 0);
+    expect_bounded("fifo pgm", [] { read_pgm(g_dir + "/fifo.pgm"); }, "is a FIFO, not a PGM image", 64);
 }
 
 int main() {

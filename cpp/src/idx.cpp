@@ -36,11 +36,12 @@ class IdxStream {
     }
     bool gz() const { return gz_; }
     uint64_t file_size() const { return f_.size; }
-    // Up to n bytes of data; fewer only at its end.
+    // Up to min(n, CHUNK) bytes of data; fewer only at its end.
     size_t read(uint8_t* dst, size_t n) {
+        n = std::min(n, CHUNK);
         if (!gz_) return f_.read(dst, n);
         z_.next_out = dst;
-        z_.avail_out = uInt(std::min<size_t>(n, CHUNK));
+        z_.avail_out = uInt(n);
         while (z_.avail_out > 0) {
             if (z_.avail_in == 0 && !fill()) break;
             if (!in_member_) {  // between members: another one may follow, nothing else
@@ -59,7 +60,7 @@ class IdxStream {
         }
         if (z_.avail_out > 0 && in_member_)  // the input ran out inside a member
             throw idx_error(f_.path, "corrupt gzip file (compressed stream ends early, truncated)");
-        return std::min<size_t>(n, CHUNK) - z_.avail_out;
+        return n - z_.avail_out;
     }
 
   private:

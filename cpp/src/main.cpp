@@ -228,6 +228,7 @@ int cmd_predict(int argc, char** argv) {
             std::string lf = f.substr(0, k) + "labels-idx1" + f.substr(k + 11);
             struct stat st;
             if (::stat(lf.c_str(), &st) == 0) labels = read_idx_labels(lf, im.n);
+            if (labels.size() != im.n) labels.clear();
         }
         for (uint32_t i : parse_indices(a.all("--index"), im.n, f)) {
             pixels.insert(pixels.end(), im.pixels.begin() + size_t(i) * n_in, im.pixels.begin() + size_t(i + 1) * n_in);

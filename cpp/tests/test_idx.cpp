@@ -158,6 +158,7 @@ static void test_load_mnist() {
     write("t10k-labels-idx1-ubyte", idx(8, 1, {9999}, 9999, 0));
     expect_error("count", [] { load_mnist(g_dir, false); },
                  "t10k-labels-idx1-ubyte: header claims 9999 labels, expected 10000");
+    write("t10k-labels-idx1-ubyte", idx(8, 1, {10000}, 10000, 0));
     write("t10k-images-idx3-ubyte.gz", gzip(idx(8, 3, {10000, 29, 27}, 10000 * 784)));
     expect_error("29x27", [] { load_mnist(g_dir, false); }, "t10k-images-idx3-ubyte.gz: images are 29x27");
     char empty[] = "/tmp/nncpp-empty-XXXXXX";

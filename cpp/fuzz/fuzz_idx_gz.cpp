@@ -31,17 +31,21 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::vector<uint8_t> gz;
     gzip_member(p, cut, &gz);
     if (mode & 1) gzip_member(p + cut, n - cut, &gz);
+    const std::vector<uint8_t> whole = gz;
     if (mode & 4) gz.resize(gz.size() - 1 - (arg & 7));  // a member is at least 20 bytes
     if (mode & 2) gz.push_back(arg);
+    // a cut or junk must be refused; cutting the last byte and appending the same one is no change
+    // (fuzz/regressions/fuzz_idx_gz/cut-then-same-byte)
+    const bool damaged = gz != whole;
     const std::string path = memfile(gz.data(), gz.size());
     try {
         Images im = read_idx_images(path);
-        if (mode & 6 || im.pixels.size() != size_t(im.n) * 784) std::abort();  // cut or junk must be refused
+        if (damaged || im.pixels.size() + 16 != n) std::abort();
     } catch (const NNError&) {
     }
     try {
         std::vector<uint8_t> y = read_idx_labels(path);
-        if (mode & 6 || y.size() + 8 != n) std::abort();
+        if (damaged || y.size() + 8 != n) std::abort();
     } catch (const NNError&) {
     }
     return 0;

@@ -3,6 +3,7 @@
 // same reason.
 #include "checkpoint.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -257,13 +258,12 @@ Checkpoint load_checkpoint(const std::string& path, const std::vector<uint32_t>&
     InFile f(path, "a checkpoint file");
     // The header first: a file that is not a checkpoint, or that holds less than its header promises,
     // is refused after reading at most MAX_HEADER bytes. Otherwise the rest, up to the size fstat gave.
-    std::vector<uint8_t> b;
-    b.reserve(f.size);
-    b.resize(std::min<uint64_t>(f.size, MAX_HEADER));
-    f.read_exact(b.data(), b.size());
-    check_start(b, f.size, path);
-    b.resize(f.size);
-    f.read_exact(b.data() + f.pos, b.size() - f.pos);
+    std::vector<uint8_t> head(std::min<uint64_t>(f.size, MAX_HEADER));
+    f.read_exact(head.data(), head.size());
+    check_start(head, f.size, path);
+    std::vector<uint8_t> b(f.size);
+    std::copy(head.begin(), head.end(), b.begin());
+    f.read_exact(b.data() + head.size(), b.size() - head.size());
     return parse_checkpoint(b, path, expect);
 }
 

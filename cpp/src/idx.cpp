@@ -1,9 +1,11 @@
 #include "idx.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -120,29 +122,41 @@ NNError size_error(const std::string& path, const Kind& k, uint64_t expected, ui
                                " but the file holds " + (more ? "more than " + std::to_string(expected) : std::to_string(got)));
 }
 
-// The data of an IDX file of kind k; *n gets the item count.
-std::vector<uint8_t> read_idx(const std::string& path, const Kind& k, uint32_t expect_n, uint32_t* n) {
+// Reads an IDX file of kind k: checks its header, calls on_header(n, most) before any data is read
+// (most: the data bytes the file can really hold: deflate expands at most 1032:1), then hands the
+// data to sink(bytes, len, offset) in pieces of whole items, at most CHUNK bytes each.
+void stream_idx(const std::string& path, const Kind& k, uint32_t expect_n,
+                const std::function<void(uint32_t, uint64_t)>& on_header,
+                const std::function<void(const uint8_t*, size_t, uint64_t)>& sink) {
     IdxStream s(path);
     uint8_t head[16];
     size_t got = 0;
     for (size_t r; got < k.hlen && (r = s.read(head + got, k.hlen - got)) > 0;) got += r;
-    *n = check_header(path, head, got, k, expect_n);
-    const uint64_t expected = uint64_t(*n) * k.item;
+    const uint32_t n = check_header(path, head, got, k, expect_n);
+    const uint64_t expected = uint64_t(n) * k.item;
     if (!s.gz() && s.file_size() - k.hlen != expected)  // a plain file: its size tells before reading
         throw size_error(path, k, expected, s.file_size() - k.hlen, false);
-    // One allocation, no copies as it grows: what the header promises, but never more than the file
-    // can hold (deflate expands at most 1032:1), so a small file that lies reserves little.
-    std::vector<uint8_t> data;
-    data.reserve(size_t(s.gz() ? std::min(expected, MAX_DEFLATE_RATIO * s.file_size()) : expected));
-    while (data.size() < expected) {
-        size_t old = data.size(), want = size_t(std::min<uint64_t>(expected - old, CHUNK));
-        data.resize(old + want);
-        size_t r = s.read(data.data() + old, want);
-        data.resize(old + r);
-        if (r == 0) throw size_error(path, k, expected, data.size(), false);
+    on_header(n, s.gz() ? std::min(expected, MAX_DEFLATE_RATIO * s.file_size()) : expected);
+    std::vector<uint8_t> buf(std::min<uint64_t>(expected, CHUNK / k.item * k.item));
+    for (uint64_t off = 0; off < expected;) {
+        const size_t want = size_t(std::min<uint64_t>(expected - off, buf.size()));
+        size_t have = 0;
+        for (size_t r; have < want && (r = s.read(buf.data() + have, want - have)) > 0;) have += r;
+        if (have < want) throw size_error(path, k, expected, off + have, false);
+        sink(buf.data(), want, off);
+        off += want;
     }
     uint8_t extra;
     if (s.read(&extra, 1) != 0) throw size_error(path, k, expected, expected + 1, true);
+}
+
+// All the data of an IDX file of kind k; *n gets the item count.
+std::vector<uint8_t> read_idx(const std::string& path, const Kind& k, uint32_t expect_n, uint32_t* n) {
+    std::vector<uint8_t> data;
+    stream_idx(path, k, expect_n, [&](uint32_t count, uint64_t most) {
+        *n = count;
+        data.reserve(size_t(most));  // one allocation, no copies as it grows, and little for a small file that lies
+    }, [&](const uint8_t* p, size_t len, uint64_t) { data.insert(data.end(), p, p + len); });
     return data;
 }
 
@@ -160,6 +174,26 @@ Images read_idx_images(const std::string& path, uint32_t expect_n) {
     Images im;
     im.pixels = read_idx(path, IMAGES, expect_n, &im.n);
     im.rows = im.cols = 28;
+    return im;
+}
+
+Images read_idx_images(const std::string& path, const std::function<std::vector<uint32_t>(uint32_t)>& pick) {
+    Images im;
+    im.rows = im.cols = 28;
+    std::vector<std::pair<uint32_t, size_t>> want;  // (image index in the file, place in the result)
+    size_t next = 0;
+    stream_idx(path, IMAGES, 0, [&](uint32_t n, uint64_t) {
+        im.n = n;
+        std::vector<uint32_t> sel = pick(n);
+        for (size_t j = 0; j < sel.size(); j++) want.push_back({sel[j], j});
+        std::sort(want.begin(), want.end());
+        im.pixels.resize(sel.size() * IMAGES.item);
+    }, [&](const uint8_t* p, size_t len, uint64_t off) {
+        const uint64_t first = off / IMAGES.item, end = (off + len) / IMAGES.item;
+        for (; next < want.size() && want[next].first < end; next++)
+            std::copy_n(p + (want[next].first - first) * IMAGES.item, IMAGES.item,
+                        im.pixels.data() + want[next].second * IMAGES.item);
+    });
     return im;
 }
 

@@ -2,6 +2,7 @@
 // that `nn-cpp predict` reads.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,9 @@ constexpr uint32_t MNIST_INPUTS = 784, MNIST_CLASSES = 10;
 // data is read or inflated), truncation, trailing bytes, a corrupt gzip stream or junk after it.
 // Only regular files are read; memory is what the header promises, touched as data arrives.
 Images read_idx_images(const std::string& path, uint32_t expect_n = 0);
+// Only the images that pick(n) selects (n: the header's count; pick may throw), in that order:
+// memory is what is selected, whatever the file holds. im.n is the file's count.
+Images read_idx_images(const std::string& path, const std::function<std::vector<uint32_t>(uint32_t)>& pick);
 // u8 labels (00 00 08 01), each 0-9; the same checks.
 std::vector<uint8_t> read_idx_labels(const std::string& path, uint32_t expect_n = 0);
 

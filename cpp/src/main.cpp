@@ -213,14 +213,16 @@ int cmd_predict(int argc, char** argv) {
     Checkpoint ck = load_checkpoint(a.pos[0]);
     check_mnist_net(ck.sizes, a.pos[0]);
     Net net = net_from_checkpoint(ck);
-    const uint32_t n_in = net.sizes[0], C = net.sizes.back();
+    const uint32_t C = net.sizes.back();
     std::vector<uint8_t> pixels;
     std::vector<std::string> names;
     std::vector<long> index, label;
     if (a.has("--index")) {
         if (a.pos.size() != 2) throw UsageError("with --index give exactly one IDX image file");
         const std::string& f = a.pos[1];
-        Images im = read_idx_images(f);
+        std::vector<uint32_t> picked;  // the file's images are streamed: only these are kept
+        Images im = read_idx_images(f, [&](uint32_t n) { return picked = parse_indices(a.all("--index"), n, f); });
+        pixels = std::move(im.pixels);
         // labels from the sibling file when there is one (train-images-idx3 -> train-labels-idx1)
         std::vector<uint8_t> labels;
         size_t k = f.rfind("images-idx3");
@@ -230,8 +232,7 @@ int cmd_predict(int argc, char** argv) {
             if (::stat(lf.c_str(), &st) == 0) labels = read_idx_labels(lf, im.n);
             if (labels.size() != im.n) labels.clear();
         }
-        for (uint32_t i : parse_indices(a.all("--index"), im.n, f)) {
-            pixels.insert(pixels.end(), im.pixels.begin() + size_t(i) * n_in, im.pixels.begin() + size_t(i + 1) * n_in);
+        for (uint32_t i : picked) {
             names.push_back(f);
             index.push_back(i);
             label.push_back(labels.empty() ? -1 : labels[i]);

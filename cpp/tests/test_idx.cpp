@@ -148,6 +148,30 @@ static void test_idx_hostile() {
                    "header claims 2147483648 images, more than the 1000000", 64);
 }
 
+// predict --index: only the images asked for are kept, in the order asked, while the file streams by
+static void test_pick() {
+    Bytes five = idx(8, 3, {5, 28, 28}, 0);
+    for (uint8_t i = 0; i < 5; i++) five.insert(five.end(), 784, uint8_t(10 * i + 1));
+    for (bool gz : {false, true}) {
+        std::string p = write(gz ? "five.gz" : "five", five, gz);
+        Images im = read_idx_images(p, [](uint32_t n) {
+            CHECK(n == 5);
+            return std::vector<uint32_t>{4, 0, 4, 2};
+        });
+        CHECK(im.n == 5 && im.pixels.size() == 4 * 784);
+        CHECK(im.pixels[0] == 41 && im.pixels[784] == 1 && im.pixels[2 * 784 + 783] == 41 && im.pixels[3 * 784] == 21);
+        expect_error("pick throws", [&] { read_idx_images(p, [](uint32_t) -> std::vector<uint32_t> { throw NNError("no"); }); }, "no");
+        // the file is still checked whole
+        expect_error("pick, trailing", [&] { read_idx_images(write("six", cat(five, {1}), gz), [](uint32_t) {
+                         return std::vector<uint32_t>{0};
+                     }); }, "trailing bytes");
+    }
+    // 100 MB of zeros claiming 1,000,000 images: one image kept, not the 100 MB
+    std::string bomb = write("bomb.gz", gzip_zeros(idx(8, 3, {1000000, 28, 28}, 0), size_t(100) << 20));
+    expect_bounded("pick from a bomb", [&] { read_idx_images(bomb, [](uint32_t) { return std::vector<uint32_t>{0}; }); },
+                   "truncated: the IDX header promises 784000000 bytes of images but the file holds 104857600", 64);
+}
+
 static void test_load_mnist() {
     // MNIST's own counts, 28x28 images, labels 0-9; anything else is named with the file at fault
     write("t10k-images-idx3-ubyte.gz", gzip(idx(8, 3, {10000, 28, 28}, 10000 * 784)));
@@ -206,6 +230,7 @@ int main() {
     try {
         test_idx();
         test_idx_hostile();
+        test_pick();
         test_load_mnist();
         test_pgm();
     } catch (const std::exception& e) {

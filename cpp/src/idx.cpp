@@ -1,7 +1,7 @@
 #include "idx.h"
 
 #include <algorithm>
-#include <cerrno>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -85,21 +85,21 @@ uint32_t be32(const uint8_t* p) { return uint32_t(p[0]) << 24 | uint32_t(p[1]) <
 
 // What an IDX file must be: magic, header length, bytes per item.
 struct Kind {
-    const char* name;  // "images" | "labels"
+    const char *name, *file;  // "images", "an images file"
     uint32_t magic;
     size_t hlen, item;
 };
-const Kind IMAGES = {"images", 0x00000803, 16, 784}, LABELS = {"labels", 0x00000801, 8, 1};
+const Kind IMAGES = {"images", "an images file", 0x00000803, 16, 784},
+           LABELS = {"labels", "a labels file", 0x00000801, 8, 1};
 
 // Checks the header in head[0..got) and returns the item count. `expect_n`: the count it must claim
 // (0: any up to MAX_ITEMS). All of this happens before a byte of data is read or inflated.
 uint32_t check_header(const std::string& path, const uint8_t* head, size_t got, const Kind& k, uint32_t expect_n) {
-    const std::string a = k.name[0] == 'i' ? "an " : "a ";
     if (got == 0) throw idx_error(path, "file is empty (no IDX header)");
     if (got >= 4 && be32(head) != k.magic) {
         char m[64];
         std::snprintf(m, sizeof m, "bad IDX magic 0x%08x, expected 0x%08x", be32(head), k.magic);
-        throw idx_error(path, m + (" for " + a + k.name + " file (wrong or damaged file)"));
+        throw idx_error(path, m + (std::string(" for ") + k.file + " (wrong or damaged file)"));
     }
     if (got < k.hlen)
         throw idx_error(path, "only " + std::to_string(got) + " bytes, too short for an IDX " + k.name + " header");

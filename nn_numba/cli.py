@@ -164,6 +164,9 @@ def serve(
     from .serve import serve as run_server
 
     run_server(checkpoint, host=host, port=port, open_browser=open_browser, runs=runs)
+
+
+@app.command()
 def sweep(
     sweep_file: Annotated[str, typer.Argument(metavar="SWEEP_FILE", help="A sweep file, e.g. "
                                               "configs/no-augment.sweep.toml (docs/sweep.md).")],

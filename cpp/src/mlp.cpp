@@ -375,6 +375,10 @@ OptimState Optimizer::state() const {
     return st;
 }
 
+long Schedule::warmup_steps(double warmup_epochs, long steps_per_epoch) {
+    return long(std::floor(warmup_epochs * double(steps_per_epoch) + 0.5));
+}
+
 double Schedule::at(long s, int epoch) const {
     if (s < warmup) return lr * double(s + 1) / double(warmup);
     if (kind == "step") return lr * std::pow(gamma, double(epoch / std::max(1, step_epochs)));

@@ -7,7 +7,9 @@
     offset S-4 u32 crc32 of bytes 0..S-5
 
 `save` writes atomically (temp file + fsync + rename), `load` checks everything the doc lists before it
-trusts a single number, and never allocates more than the file's own size justifies.
+trusts a single number. It opens regular files only (a FIFO or /dev/zero is refused at once), reads the
+header before the payload it promises, and allocates the file's size once: the arrays it returns are views
+into that one buffer.
 """
 
 import json
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nn_numba.errors import NNError
+from nn_numba.files import NotAFileError, open_regular
 
 MAGIC = b"NNCK"
 VERSION = 1
@@ -32,6 +35,7 @@ MAX_SIZE = 1_000_000
 KINDS = ("sgd", "momentum", "adam")  # OPTM kind codes 0, 1, 2
 SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}  # momentum: velocity; adam: m, then v
 PRODUCER = "nn-numba 0.1.0"
+_HEAD = 24 + 4 * (MAX_LAYERS + 1)  # the longest header: read before anything it promises
 
 
 class CheckpointError(NNError):
@@ -187,24 +191,60 @@ class _Parsed:
     sizes: list[int]
     params: list[np.ndarray]  # W1, B1, W2, B2, ... (copies)
     sections: list[tuple[str, int, int]]  # (tag, payload offset, payload length)
-    buf: bytes
+    buf: bytearray
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path) -> bytearray:
+    """The whole file, once its first bytes say it is a checkpoint; at most its size on disk is allocated."""
+    name = str(path)
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        f, size = open_regular(path)
+        with f:
+            head = f.read(min(size, _HEAD))
+            if head[:4] != MAGIC:
+                raise CheckpointError(f"checkpoint {name}: not an nn-numba checkpoint (starts with {head[:4]!r}, "
+                                      "expected b'NNCK')")
+            _check_head(head, size, name)  # before reading what the header promises
+            buf = bytearray(size)
+            buf[:len(head)] = head
+            n = len(head) + (f.readinto(memoryview(buf)[len(head):]) if size > len(head) else 0)
+            if n != size or f.read(1):
+                raise CheckpointError(f"checkpoint {name}: changed while being read (another program is "
+                                      "writing it?); try again")
+            return buf
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path}: file not found; check the path") from None
+        raise CheckpointError(f"checkpoint {name}: file not found; check the path") from None
     except IsADirectoryError:
-        raise CheckpointError(f"checkpoint {path}: is a directory, not a checkpoint file") from None
+        raise CheckpointError(f"checkpoint {name}: is a directory, not a checkpoint file") from None
+    except NotAFileError as e:
+        raise CheckpointError(f"checkpoint {name}: {e.strerror}, not a checkpoint file") from None
     except OSError as e:
-        raise CheckpointError(f"checkpoint {path}: cannot read it ({e.strerror or e})") from None
+        raise CheckpointError(f"checkpoint {name}: cannot read it ({e.strerror or e})") from None
 
 
-def _layout(buf: bytes, name: str) -> tuple[list[int], int, list[tuple[str, int, int]]]:
-    """Check the header and that parameters + sections tile the file; no arrays are made here."""
-    S = len(buf)
+def _check_head(head: bytes, S: int, name: str) -> None:
+    """The version, and that a file of S bytes is long enough for what `head` (its first bytes) promises."""
+    if S < 8:
+        raise CheckpointError(f"checkpoint {name}: truncated ({S} bytes)")
+    (version,) = struct.unpack_from("<I", head, 4)
+    if version > VERSION:
+        raise CheckpointError(f"checkpoint {name}: made by a newer nn-numba (format version {version}, "
+                              f"this reader knows {VERSION}): upgrade nn-numba")
+    if version != VERSION:
+        raise CheckpointError(f"checkpoint {name}: bad header field version={version} (must be 1)")
+    if S < 28:
+        raise CheckpointError(f"checkpoint {name}: truncated ({S} bytes)")
+    try:  # a short file is far more likely than random damage: say so, before reading it all
+        _header(head, S, name)
+    except _Truncated:
+        raise
+    except CheckpointError:
+        pass  # other faults are reported after the checksum, which tells damage from a bad writer
+
+
+def _header(buf: bytes, S: int, name: str) -> tuple[list[int], int]:
+    """Sizes n0..nL and the offset P where the parameters end, for a file of S bytes starting with `buf`
+    (at least min(S, _HEAD) bytes)."""
     header_bytes, dtype, act, L = struct.unpack_from("<4I", buf, 8)
     if dtype != DTYPE_F32:
         raise CheckpointError(f"checkpoint {name}: bad header field dtype={dtype} (version 1 knows 1 = f32)")
@@ -227,6 +267,13 @@ def _layout(buf: bytes, name: str) -> tuple[list[int], int, list[tuple[str, int,
     if P + 4 > S:
         raise _Truncated(f"checkpoint {name}: truncated ({S} bytes, sizes {arch(sizes)} need at least "
                          f"{P + 4}); the save or copy was interrupted")
+    return sizes, P
+
+
+def _layout(buf: bytearray, name: str) -> tuple[list[int], int, list[tuple[str, int, int]]]:
+    """Check the header and that parameters + sections tile the file; no arrays are made here."""
+    S = len(buf)
+    sizes, P = _header(buf, S, name)
     off, sections = P, []
     while off < S - 4:
         if off + 16 > S - 4:
@@ -252,20 +299,7 @@ def _layout(buf: bytes, name: str) -> tuple[list[int], int, list[tuple[str, int,
 
 
 def _parse(path: Path) -> _Parsed:
-    buf, name = _read(path), str(path)
-    if buf[:4] != MAGIC:
-        raise CheckpointError(f"checkpoint {name}: not an nn-numba checkpoint (starts with {buf[:4]!r}, "
-                              "expected b'NNCK')")
-    if len(buf) < 8:
-        raise CheckpointError(f"checkpoint {name}: truncated ({len(buf)} bytes)")
-    (version,) = struct.unpack_from("<I", buf, 4)
-    if version > VERSION:
-        raise CheckpointError(f"checkpoint {name}: made by a newer nn-numba (format version {version}, "
-                              f"this reader knows {VERSION}): upgrade nn-numba")
-    if version != VERSION:
-        raise CheckpointError(f"checkpoint {name}: bad header field version={version} (must be 1)")
-    if len(buf) < 28:
-        raise CheckpointError(f"checkpoint {name}: truncated ({len(buf)} bytes)")
+    buf, name = _read(path), str(path)  # magic, version and length already checked
     stored, crc = struct.unpack_from("<I", buf, len(buf) - 4)[0], zlib.crc32(memoryview(buf)[:-4])
     if stored != crc:
         try:  # a short file is far more likely than random damage: say so
@@ -280,7 +314,7 @@ def _parse(path: Path) -> _Parsed:
     params, off = [], 24 + 4 * len(sizes)
     for shape, what in zip(_shapes(sizes), _names(sizes), strict=True):
         a = _array(buf, off, shape)
-        if not np.isfinite(a).all():
+        if not _finite(a):
             raise CheckpointError(f"checkpoint {name}: NaN/Inf in {what} (saved from a diverged run); "
                                   "use an earlier checkpoint")
         params.append(a)
@@ -289,10 +323,17 @@ def _parse(path: Path) -> _Parsed:
     return _Parsed(sizes, params, sections, buf)
 
 
-def _array(buf: bytes, off: int, shape: tuple[int, ...]) -> np.ndarray:
-    """A writable, native float32, C-contiguous copy of the little-endian floats at buf[off:]."""
-    count = math.prod(shape)
-    return np.frombuffer(buf, "<f4", count, off).reshape(shape).astype(np.float32)
+def _array(buf: bytearray, off: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The little-endian floats at buf[off:] as a writable, native float32, C-contiguous array: a view
+    into buf (aligned: buf is malloc'd and off a multiple of 4), a copy only on a big-endian host."""
+    a = np.frombuffer(buf, "<f4", math.prod(shape), off).reshape(shape)
+    return a if a.dtype.isnative else a.astype(np.float32)
+
+
+def _finite(a: np.ndarray, chunk: int = 1 << 16) -> bool:
+    """No NaN/Inf in `a`, checked in pieces so the check needs no array as large as `a`."""
+    flat = a.reshape(-1)
+    return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
 
 
 def _meta(p: _Parsed, name: str) -> dict:
@@ -333,7 +374,7 @@ def _optim(p: _Parsed, name: str) -> OptimState | None:
             slot = []
             for shape, what in zip(shapes, names, strict=True):
                 a = _array(p.buf, off, shape)
-                if not np.isfinite(a).all():
+                if not _finite(a):
                     raise CheckpointError(f"checkpoint {name}: bad OPTM payload (NaN/Inf in slot {s} {what})")
                 slot.append(a)
                 off += 4 * a.size

@@ -5,6 +5,7 @@ Readers must refuse what is not a regular file (a FIFO would block forever, /dev
 header before the payload it promises, and give only their module's one-line error.
 """
 
+import gzip
 import os
 import resource
 import struct
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nn_numba import checkpoint, config
+from nn_numba import checkpoint, config, data
 from nn_numba.errors import NNError
 from nn_numba.model import MLP
 
@@ -157,3 +158,33 @@ def test_loading_costs_about_the_file_size(tmp_path):
     assert np.array_equal(ck.weights[0], m.weights[0]) and ck.weights[0].flags.writeable
     assert ck.weights[0].flags.aligned and ck.weights[0].flags.c_contiguous
     assert peak(checkpoint.load, f) < f.stat().st_size + (256 << 10)
+
+
+# ------------------------------------------------------------------------------------------------- IDX
+
+
+def test_gzip_bomb_claiming_a_million_images_is_refused_before_inflating(tmp_path, mnist_path):
+    """800 KB of gzip that inflates to 784 MB, its IDX header claiming 1,000,000 images (under the general cap)."""
+    mb = gzip.compress(bytes(1 << 20), 9)  # one gzip member per MB: the reader accepts members back to back
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    bomb = folder / "train-images-idx3-ubyte.gz"
+    with open(bomb, "wb") as f:
+        f.write(gzip.compress(struct.pack(">IIII", 0x803, 1_000_000, 28, 28)))
+        for _ in range(748):
+            f.write(mb)
+    assert bomb.stat().st_size < 1 << 20
+    for name in data.FILES:
+        if not (folder / name).exists():
+            (folder / name).symlink_to(mnist_path / name)
+    with pytest.raises(data.DataError, match="header claims 1000000 images, expected 60000"):
+        data.load_mnist(str(folder))
+    assert peak(data.load_mnist, str(folder)) < 4 << 20  # two 1 MB read buffers; not the 748 MB inside
+
+
+def test_idx_fifo_is_refused_not_waited_for(tmp_path):
+    f = tmp_path / "fifo.idx"
+    os.mkfifo(f)
+    code = f"from nn_numba import data\ndata.read_idx({str(f)!r}, 'images')"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert "DataError" in p.stderr and "not a regular file (a FIFO" in p.stderr, p.stderr

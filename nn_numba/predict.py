@@ -7,10 +7,12 @@ reproduces this convention for an arbitrary picture:
 
 1. read   Pillow opens the file (PNG, JPEG, BMP, GIF, WebP, TIFF ...; first frame only) and applies the
           EXIF orientation of phone photos. Files with more than MAX_PIXELS pixels are refused before
-          decoding (decompression bombs: a tiny file that claims to be gigapixels).
+          decoding (decompression bombs: a tiny file that claims to be gigapixels). A picture whose longer
+          side exceeds MAX_SIDE is reduced by a whole factor as it is read (JPEG: decoded at a smaller DCT
+          scale; others: block averages), so the work per picture is bounded.
 2. grey   transparency is composited onto white paper (if that leaves nothing, e.g. white ink on a
-          transparent background, onto black instead); colour becomes luma (ITU-R 601, as Pillow's "L");
-          16/32-bit and float images are scaled to [0, 1].
+          transparent background, onto black instead); colour becomes luma (ITU-R 601, as Pillow's "L"),
+          CIELab its lightness; 16/32-bit and float images are scaled to [0, 1] (NaN pixels: refused).
 3. polarity  the median of the outermost ring of pixels is the paper. A paper brighter than the middle
           of the image's range means dark ink on light paper, which is inverted so ink is bright.
 4. levels the paper level (plus 3 robust standard deviations of the ring, to swallow noise and uneven
@@ -37,11 +39,12 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from nn_numba.errors import NNError
 
 MAX_PIXELS = 50_000_000  # 50 megapixels: larger than a phone photo, small enough to decode safely
+MAX_SIDE = 1024  # pictures are reduced to this longer side on reading: 50x the 20-px box MNIST uses
 INK = 0.2  # after levels, pixels above this count as ink for the bounding box
 BOX = 20  # MNIST: longer side of the ink's bounding box
 SIZE = 28  # MNIST frame
@@ -62,12 +65,15 @@ class ImageError(NNError):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open `path` with Pillow (first frame, EXIF orientation applied), refusing huge and non-images."""
+    """Open `path` with Pillow (first frame, reduced to MAX_SIDE, EXIF orientation applied), refusing huge
+    and non-images."""
     p = Path(path)
     if not p.exists():
         raise ImageError(f"{p}: no such file")
     if p.is_dir():
         raise ImageError(f"{p}: is a folder, not an image")
+    if not p.is_file():
+        raise ImageError(f"{p}: not a regular file (a FIFO or device?), not an image")
     if p.stat().st_size == 0:
         raise ImageError(f"{p}: empty file (0 bytes): not an image")
     limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
@@ -79,8 +85,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             w, h = im.size
             if w * h > limit:
                 raise _too_large(p, w, h, limit)
-            im.load()
-            im = ImageOps.exif_transpose(im)
+            turn = im.getexif().get(ExifTags.Base.Orientation)
+            im = shrink(im)
+            if turn in _TURNS:  # what ImageOps.exif_transpose does, on the reduced picture
+                im = im.transpose(_TURNS[turn])
     except Image.DecompressionBombError as e:
         raise ImageError(f"{p}: image too large ({e}); refusing to decode a possible decompression bomb: "
                          f"shrink the picture first") from e
@@ -97,6 +105,30 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     return im
 
 
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transposition that undoes it
+
+
+def shrink(im: Image.Image) -> Image.Image:
+    """Decode `im` with its longer side at most MAX_SIDE: JPEGs at a reduced DCT scale (draft), others by
+    averaging whole blocks of pixels (reduce), so that everything after works on at most MAX_SIDE^2 pixels."""
+    f = math.ceil(max(im.size) / MAX_SIDE)
+    if f > 1 and im.format == "JPEG":
+        im.draft(im.mode, (math.ceil(im.width / f), math.ceil(im.height / f)))
+    im.load()
+    f = math.ceil(max(im.size) / MAX_SIDE)
+    if f == 1:
+        return im
+    if im.mode == "PA" or "transparency" in im.info:  # palette indices and colour keys cannot be averaged
+        im = im.convert("RGBA")
+    elif im.mode in ("1", "P"):
+        im = im.convert("L")
+    elif im.mode.startswith("I;16"):  # reduce() takes 32-bit integers, not 16
+        im = im.convert("I")
+    return im.reduce(f)
+
+
 def _too_large(p: Path, w: int, h: int, limit: int) -> ImageError:
     return ImageError(
         f"{p}: image too large ({w}x{h} = {w * h:,} pixels, limit {limit:,}); refusing to decode a "
@@ -104,16 +136,30 @@ def _too_large(p: Path, w: int, h: int, limit: int) -> ImageError:
     )
 
 
-def to_grey(im: Image.Image) -> np.ndarray:
+def to_grey(im: Image.Image, name: str = "image") -> np.ndarray:
     """Greyscale float32 (H, W) in [0, 1]; transparency goes onto white paper (black if that is blank)."""
     mode = im.mode
     if mode.startswith("I;16"):
         return np.asarray(im, dtype=np.float32) / np.float32(65535)
     if mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ImageError(f"{name}: holds NaN or infinite pixel values (a float image): not a picture")
         # no fixed range: 'I' is often 16-bit data, 'F' often [0, 1]; take the smallest range that fits
         top = next(t for t in (1.0, 255.0, 65535.0, max(float(a.max()), 1.0)) if a.max() <= t)
         return np.clip(a / top, 0, 1).astype(np.float32)
+    if mode == "LAB":  # CIELab: its L channel is the lightness, 0-255
+        return np.asarray(im.getchannel("L"), dtype=np.float32) / np.float32(255)
+    try:
+        return _composite(im)
+    except ValueError as e:  # a mode Pillow cannot convert, e.g. "conversion from La to L not supported"
+        raise ImageError(f"{name}: colour mode {mode} is not supported ({e}): save it as RGB or greyscale") \
+            from None
+
+
+def _composite(im: Image.Image) -> np.ndarray:
+    """Grey from 8-bit colour modes, transparency composited onto paper; ValueError if Pillow cannot."""
+    mode = im.mode
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
     if not has_alpha:
         return np.asarray(im.convert("L"), dtype=np.float32) / np.float32(255)
@@ -230,7 +276,7 @@ def preprocess(path: str | os.PathLike, raw: bool = False) -> np.ndarray:
     With raw=True the picture must already be 28x28 white-on-black and is only converted to grey.
     """
     im = load_image(path)
-    g = to_grey(im)
+    g = to_grey(im, str(path))
     if raw:
         if g.shape != (SIZE, SIZE):
             raise ImageError(

@@ -6,19 +6,23 @@ header before the payload it promises, and give only their module's one-line err
 """
 
 import gzip
+import json
 import os
 import resource
 import struct
 import subprocess
 import sys
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+import nn_numba.predict as P
 from nn_numba import checkpoint, config, data
-from nn_numba.errors import NNError
+from nn_numba.errors import NNError, printable
 from nn_numba.model import MLP
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,3 +192,131 @@ def test_idx_fifo_is_refused_not_waited_for(tmp_path):
     code = f"from nn_numba import data\ndata.read_idx({str(f)!r}, 'images')"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert "DataError" in p.stderr and "not a regular file (a FIFO" in p.stderr, p.stderr
+
+
+# -------------------------------------------------------------------------------- what the user is shown
+
+
+def test_printable_escapes_what_a_terminal_would_act_on():
+    assert printable("a\nb\x1b[31mc\x00\x7f\x9b") == "a\\nb\\x1b[31mc\\x00\\x7f\\x9b"
+    assert printable(os.fsdecode(b"digit\xff.png")) == "digit\\xff.png"  # the byte, as ls -b shows it
+    assert printable("x\ud800y") == "x\\ud800y"
+    assert printable("réponse 数字 ✓\u202fz") == "réponse 数字 ✓\u202fz"  # printable Unicode stays
+
+
+def with_meta_text(path: Path, text: str) -> Path:
+    """A 784-16-10 checkpoint whose META JSON text is exactly `text` (CRC recomputed)."""
+    buf = mnist_model(path, meta={"producer": "@" * len(text)}).read_bytes()[:-4]
+    buf = buf.replace(b'"' + b"@" * len(text) + b'"', b'"' + text.encode() + b'"')
+    path.write_bytes(buf + struct.pack("<I", zlib.crc32(buf)))
+    return path
+
+
+def test_info_escapes_meta_and_undecodable_names(tmp_path):
+    name = os.fsdecode(os.fsencode(str(tmp_path)) + b"/bad\xff.ck")
+    with_meta_text(Path(name), "lone \\ud800 then \\u001b[2J\\u001b[31mred")
+    assert checkpoint.load(name).meta["producer"] == "lone \ud800 then \x1b[2J\x1b[31mred"
+    p = cli("info", name)
+    out = p.stdout.decode("utf-8")  # strict: the output is UTF-8
+    assert p.returncode == 0 and "Traceback" not in p.stderr.decode(), p.stderr
+    assert "\x1b" not in out and "lone \\ud800 then \\x1b[2J\\x1b[31mred" in out
+    assert "bad\\xff.ck" in out
+    js = cli("info", name, "--json")
+    assert json.loads(js.stdout)["producer"] == "lone \ud800 then \x1b[2J\x1b[31mred"
+
+
+def test_errors_name_undecodable_files_in_one_line(tmp_path):
+    name = os.fsdecode(os.fsencode(str(tmp_path)) + b"/no\xff\nsuch.ck")
+    line = error_line(cli("info", name))
+    assert "no\\xff\\nsuch.ck: file not found" in line
+
+
+# -------------------------------------------------------------------------------------------------- predict
+
+
+def digit_png(path: Path, side: int = 280, width: int = 24) -> Path:
+    """A '7' in black ink on white paper, side x side pixels, strokes `width` px wide."""
+    a = np.full((side, side), 255, np.uint8)
+    u = side // 10
+    a[2 * u:2 * u + width, 2 * u:8 * u] = 0  # the bar
+    for r in range(2 * u, 9 * u):  # the diagonal
+        c = 8 * u - (r - 2 * u) * 5 * u // (7 * u)
+        a[r, max(c - width, 0):c] = 0
+    Image.fromarray(a).save(path)
+    return path
+
+
+def test_nan_and_cielab_tiffs_are_errors_for_that_image_only(tmp_path, capsys):
+    nan = np.zeros((40, 40), np.float32)
+    nan[10:30, 18:22] = 1.0
+    nan[0, 0] = np.nan
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    Image.new("LAB", (40, 40), (100, 128, 128)).save(tmp_path / "lab.tif")
+    good = digit_png(tmp_path / "good.png")
+    for name, says in (("nan.tif", "NaN or infinite pixel values"), ("lab.tif", None)):
+        try:
+            P.preprocess(tmp_path / name)
+        except P.ImageError as e:
+            assert says is None or says in str(e)
+    rc = P.predict_images([str(tmp_path / "nan.tif"), str(tmp_path / "lab.tif"), str(good)], Uniform())
+    out, err = capsys.readouterr()
+    assert rc == 1 and out.startswith(f"{good}: ") and out.count("\n") == 1, out
+    errs = err.splitlines()
+    assert len(errs) == 2 and "nan.tif: " in errs[0] and "lab.tif: " in errs[1], err
+
+
+def test_cielab_lightness_is_read_as_grey(tmp_path):
+    grey = digit_png(tmp_path / "g.png")
+    lab = Image.merge("LAB", [Image.open(grey), Image.new("L", (280, 280), 128), Image.new("L", (280, 280), 128)])
+    lab.save(tmp_path / "lab.tif")
+    np.testing.assert_array_equal(P.preprocess(tmp_path / "lab.tif"), P.preprocess(grey))
+
+
+class Uniform:
+    """A stand-in model: every digit equally likely (the answer does not matter where it is used)."""
+
+    def predict_proba(self, X):
+        return np.full((len(X), 10), 0.1, np.float32)
+
+
+def peak_rss(args: list, tmp: Path) -> tuple[float, subprocess.CompletedProcess]:
+    """Peak resident memory (MB) of `nn-numba ARGS` run in a child, and its result."""
+    with open(tmp / "out", "w+b") as out, open(tmp / "err", "w+b") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "nn_numba.cli", *map(str, args)], cwd=ROOT, stdout=out,
+                                stderr=err, env=os.environ | {"OPENBLAS_NUM_THREADS": "1"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return usage.ru_maxrss / 1024, subprocess.CompletedProcess(args, proc.returncode, out.read(), err.read())
+
+
+def test_a_huge_sparse_picture_costs_what_a_small_one_does(tmp_path):
+    """A 7000x7000 RGB PNG of a thin line (about 100 KB): read at a reduced size, not processed at 49 Mpx."""
+    a = np.full((7000, 7000, 3), 255, np.uint8)
+    a[1000:6000, 3500:3503] = 0  # a '1' drawn with a 3-px pen
+    Image.fromarray(a).save(tmp_path / "big.png", optimize=False)
+    del a
+    small = digit_png(tmp_path / "small.png")  # for the memory of an ordinary run
+    ck = mnist_model(tmp_path / "m.ck")
+    big_mb, p = peak_rss(["predict", tmp_path / "big.png", "--checkpoint", ck], tmp_path)
+    assert p.returncode == 0, p.stderr
+    small_mb, q = peak_rss(["predict", small, "--checkpoint", ck], tmp_path)
+    assert q.returncode == 0, q.stderr
+    assert big_mb < small_mb + 250, (big_mb, small_mb)  # the RGB pixels once (147 MB), then a reduced copy
+    x = P.preprocess(tmp_path / "big.png")
+    x = x.reshape(28, 28)  # still a vertical stroke: ink in every row of the box, all of it in the middle
+    assert x[5:23].max(axis=1).min() > 0.5 and x[:, :11].max() == 0 and x[:, 17:].max() == 0
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_a_large_picture_read_reduced_gives_what_it_gives_read_whole(tmp_path, monkeypatch, fmt):
+    big = digit_png(tmp_path / "big.png", side=3000, width=200)
+    if fmt == "jpeg":
+        Image.open(big).save(tmp_path / "big.jpg", quality=90)
+        big = tmp_path / "big.jpg"
+    reduced = P.preprocess(big)
+    assert max(P.load_image(big).size) <= 1024
+    monkeypatch.setattr(P, "MAX_SIDE", 10**6)
+    whole = P.preprocess(big)
+    assert np.abs(reduced - whole).mean() < 0.01 and np.abs(reduced - whole).max() < 0.15

@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -86,6 +87,10 @@ def evaluate(
         raise NNError(f"{path}: has sizes {model.sizes}, not an MNIST network (784 inputs, 10 classes)")
     mnist = load_mnist(data_dir)
     loss, acc, pred = run_eval(model, mnist.test_x, mnist.test_y)
+    if not math.isfinite(loss):  # only non-finite logits make it so: the loss is computed in log space
+        from .predict import OVERFLOW
+
+        raise NNError(f"{path}: {OVERFLOW}")
     y = mnist.test_y.astype(np.int64)
     conf = np.zeros((10, 10), np.int64)
     np.add.at(conf, (y, pred), 1)

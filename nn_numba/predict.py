@@ -36,12 +36,13 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from nn_numba.errors import NNError
+from nn_numba.errors import NNError, printable
 
 MAX_PIXELS = 50_000_000  # 50 megapixels: larger than a phone photo, small enough to decode safely
 MAX_SIDE = 1024  # pictures are reduced to this longer side on reading: 50x the 20-px box MNIST uses
@@ -316,19 +317,32 @@ def default_checkpoint(runs_dir: str | os.PathLike = "runs") -> Path:
     return newest(None, runs_dir)
 
 
-def expand(paths: list[str]) -> list[tuple[str, Path | None, str | None]]:
-    """(shown name, file or None, error or None) for each input; a folder becomes its images, sorted."""
-    out: list[tuple[str, Path | None, str | None]] = []
+def expand(paths: list[str]) -> Iterator[tuple[str, Path | None, str | None]]:
+    """(shown name, file or None, error or None) for each input; a folder becomes its images, sorted.
+    One folder is listed at a time (its names only), as the images are needed."""
     for s in paths:
         p = Path(s)
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
             if not files:
-                out.append((s, None, f"{s}: no images in this folder (looked for {', '.join(IMAGE_EXTS)})"))
-            out += [(str(f), f, None) for f in files]
+                yield s, None, f"{s}: no images in this folder (looked for {', '.join(IMAGE_EXTS)})"
+            yield from ((str(f), f, None) for f in files)
         else:
-            out.append((s, p, None))
-    return out
+            yield s, p, None
+
+
+OVERFLOW = ("the network's outputs overflow (NaN/Inf): its weights are far too large for a trained model; "
+            "use another checkpoint")
+
+
+def classify(model, x: np.ndarray, name: str) -> np.ndarray:
+    """The 10 digit probabilities `model` gives the preprocessed picture x (784,)."""
+    p = np.asarray(model.predict_proba(x[None].astype(np.float32)), dtype=np.float32)
+    if p.shape != (1, 10):
+        raise NNError(f"the model gives outputs of shape {p.shape[1:]}, expected 10 digit classes")
+    if not np.isfinite(p).all():
+        raise ImageError(f"{name}: {OVERFLOW}")
+    return p[0]
 
 
 def predict_images(
@@ -341,7 +355,10 @@ def predict_images(
     out=None,
     err=None,
 ) -> int:
-    """Classify every picture with `model` (anything with predict_proba (N, 784) -> (N, 10)); exit code."""
+    """Classify every picture with `model` (anything with predict_proba (N, 784) -> (N, 10)); exit code.
+
+    Each picture is read, classified and printed before the next is read: the output streams and the
+    memory is that of one picture."""
     out, err = out or sys.stdout, err or sys.stderr
     if not 1 <= top_k <= 10:
         raise NNError(f"--top-k must be between 1 and 10, got {top_k}")
@@ -351,31 +368,18 @@ def predict_images(
             raise NNError(f"--save-preprocessed {save_dir}: exists and is not a folder")
         save_dir.mkdir(parents=True, exist_ok=True)
 
-    items = expand(paths)
-    xs: list[np.ndarray] = []
-    errors: dict[int, str] = {}
-    for i, (_, f, e) in enumerate(items):
-        if e is not None:
-            errors[i] = e
-            continue
-        try:
-            xs.append(preprocess(f, raw=raw))
-        except NNError as ex:
-            errors[i] = str(ex)
-    probs = np.zeros((0, 10), np.float32)
-    if xs:
-        probs = np.asarray(model.predict_proba(np.stack(xs).astype(np.float32)), dtype=np.float32)
-        if probs.shape != (len(xs), 10):
-            raise NNError(f"the model gives outputs of shape {probs.shape[1:]}, expected 10 digit classes")
-
     saved: set[Path] = set()
-    j = 0
-    for i, (name, f, _) in enumerate(items):
-        if i in errors:
-            print(f"nn-numba: error: {errors[i]}", file=err, flush=True)
+    failed = False
+    for name, f, e in expand(paths):
+        try:
+            if e is not None:
+                raise ImageError(e)
+            x = preprocess(f, raw=raw)
+            p = classify(model, x, name)
+        except ImageError as ex:
+            print(f"nn-numba: error: {printable(ex)}", file=err, flush=True)
+            failed = True
             continue
-        x, p = xs[j], probs[j]
-        j += 1
         order = np.argsort(-p, kind="stable")[:top_k]
         rec = {
             "path": name,
@@ -395,8 +399,8 @@ def predict_images(
             line = f"{name}: {rec['digit']} ({100 * rec['probability']:.1f}%)   top {top_k}: {alts}"
             if "preprocessed" in rec:
                 line += f"   saved {rec['preprocessed']}"
-            print(line, file=out, flush=True)
-    return 1 if errors else 0
+            print(printable(line), file=out, flush=True)
+    return 1 if failed else 0
 
 
 def predict_paths(

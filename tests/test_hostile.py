@@ -320,3 +320,68 @@ def test_a_large_picture_read_reduced_gives_what_it_gives_read_whole(tmp_path, m
     monkeypatch.setattr(P, "MAX_SIDE", 10**6)
     whole = P.preprocess(big)
     assert np.abs(reduced - whole).mean() < 0.01 and np.abs(reduced - whole).max() < 0.15
+
+
+def test_results_are_printed_as_each_image_is_read(tmp_path, monkeypatch):
+    for i in range(4):
+        digit_png(tmp_path / f"{i}.png", side=60, width=6)
+    read = []
+    real = P.preprocess
+    monkeypatch.setattr(P, "preprocess", lambda f, raw=False: read.append(f) or real(f, raw))
+
+    class Out:
+        seen: list = []
+
+        def write(self, s):
+            if s.strip():
+                self.seen.append((len(read), s))
+
+        def flush(self):
+            pass
+
+    out = Out()
+    assert P.predict_images([str(tmp_path)], Uniform(), out=out) == 0
+    assert [n for n, _ in out.seen] == [1, 2, 3, 4]  # line k is out before image k + 1 is read
+
+
+def test_names_with_newlines_and_undecodable_bytes_stay_one_line(tmp_path):
+    ck = mnist_model(tmp_path / "m.ck")
+    nl = digit_png(tmp_path / "a\nb.png", side=60, width=6)
+    raw = os.fsdecode(os.fsencode(str(tmp_path)) + b"/c\xff.png")
+    digit_png(Path(raw), side=60, width=6)
+    p = cli("predict", nl, raw, tmp_path / "missing\x1b[2J.png", "--checkpoint", ck)
+    out, err = p.stdout.decode("utf-8"), p.stderr.decode("utf-8")  # strict: both are UTF-8
+    assert p.returncode == 1 and "Traceback" not in err, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{tmp_path}/a\\nb.png: ") and "c\\xff.png: " in lines[1]
+    assert err.count("\n") == 1 and "missing\\x1b[2J.png: no such file" in err
+    recs = [json.loads(line) for line in cli("predict", nl, "--checkpoint", ck, "--json").stdout.splitlines()]
+    assert [r["path"] for r in recs] == [str(nl)]
+
+
+def strict_json(line: str):
+    return json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} is not JSON: {line}"))
+
+
+def test_huge_weights_are_an_error_not_nan(tmp_path, mnist_path):
+    """Finite weights of 1e30 make the logits overflow: no 'nan%' answer, no NaN in JSON, exit 1."""
+    ck = mnist_model(tmp_path / "huge.ck", scale=1e30)
+    img = digit_png(tmp_path / "seven.png", side=60, width=6)
+    for args in ((), ("--json",)):
+        p = cli("predict", img, "--checkpoint", ck, *args)
+        assert p.returncode == 1 and p.stdout == b"" and "nan" not in p.stderr.decode().lower().replace("nan/", "")
+        line = p.stderr.decode()
+        assert line.count("\n") == 1 and "seven.png: the network's outputs overflow" in line, line
+    ev = cli("evaluate", ck, "--json", env={"NN_NUMBA_DATA": str(mnist_path)})
+    assert "outputs overflow" in error_line(ev) and ev.stdout == b""
+    fine = cli("evaluate", mnist_model(tmp_path / "m.ck", scale=1e15), "--json",
+               env={"NN_NUMBA_DATA": str(mnist_path)})  # large but finite logits: a real (bad) answer
+    assert fine.returncode == 0 and strict_json(fine.stdout)["loss"] > 1e10
+
+
+def test_evaluate_names_an_undecodable_checkpoint(tmp_path, mnist_path):
+    name = os.fsdecode(os.fsencode(str(tmp_path)) + b"/m\xff.ck")
+    mnist_model(Path(name))
+    p = cli("evaluate", name, env={"NN_NUMBA_DATA": str(mnist_path)})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.decode("utf-8").startswith(f"{tmp_path}/m\\xff.ck: test accuracy")

@@ -385,3 +385,64 @@ def test_evaluate_names_an_undecodable_checkpoint(tmp_path, mnist_path):
     p = cli("evaluate", name, env={"NN_NUMBA_DATA": str(mnist_path)})
     assert p.returncode == 0, p.stderr
     assert p.stdout.decode("utf-8").startswith(f"{tmp_path}/m\\xff.ck: test accuracy")
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+
+def fake_run(folder: Path, rows: list, **cfg) -> Path:
+    """A run folder as train writes it: config.toml, metrics.jsonl (rows as given) and a 784-16-10 best.ck."""
+    folder.mkdir(parents=True)
+    c = config.from_dict({"model": {"sizes": [784, 16, 10]}, **cfg})
+    (folder / "config.toml").write_text(c.to_toml())
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mnist_model(folder / "best.ck", meta={"epoch": 1})
+    return folder
+
+
+def row(epoch: int, spe: int, **kw) -> dict:
+    r = {"epoch": epoch, "step": epoch * spe, "lr": 0.001, "train_loss": 0.5 / epoch, "train_acc": 0.8,
+         "val_loss": 0.6 / epoch, "val_acc": 0.75, "test_loss": 0.6 / epoch, "test_acc": 0.76, "seconds": 2.0,
+         "samples_per_s": 27000.0}
+    return r | kw
+
+
+def test_report_with_null_and_mistyped_metrics_still_writes_everything(tmp_path, mnist_path):
+    spe = 844  # 54,000 training images in batches of 64
+    rows = [row(1, spe, val_loss=None, test_acc=None), row(2, spe, train_loss="abc", lr=[1], seconds=None),
+            row(3, spe, val_acc=True)]
+    run = fake_run(tmp_path / "run", rows, train={"epochs": 3})
+    from nn_numba import report
+
+    [s] = report.report([str(run)], data_dir=str(mnist_path), quiet=True)
+    md = (run / "report" / "report.md").read_text()
+    for f in ("curves", "confusion", "mistakes", "lr"):
+        assert (run / "report" / f"{f}.png").stat().st_size > 1000
+    assert "nan" not in md.lower()
+    table = [ln for ln in md.splitlines() if ln.startswith("| 1 |") or ln.startswith("| 2 |")]
+    assert len(table) == 2 and table[0].count("| - |") == 2 and table[1].count("| - |") >= 2, table
+    assert "metrics.jsonl" in md and "not a number" in md  # the page says which values it could not use
+    assert s["best_epoch"] == 1  # epoch 3's val_acc (true) is not a number: epochs 1 and 2 tie at 0.75
+
+
+def test_report_cost_follows_the_epochs_run_not_planned(tmp_path, mnist_path, monkeypatch):
+    """A run planned for 3,000 epochs (one step each), two of them run: the schedule is computed for what
+    was run and a bounded stretch of the plan, not for every planned step (100,000 epochs of 844 steps
+    took 386 s and 7 GB)."""
+    from nn_numba import report, schedule
+
+    calls = []
+    real = schedule.lr_at
+    monkeypatch.setattr(schedule, "lr_at", lambda *a: calls.append(a[1]) or real(*a))
+    run = fake_run(tmp_path / "run", [row(1, 1), row(2, 1)], train={"epochs": 3000, "batch_size": 54_000},
+                   schedule={"name": "cosine", "warmup_epochs": 0.5})
+    [s] = report.report([str(run)], data_dir=str(mnist_path), quiet=True)
+    assert s["lr_gap"] < 1  # computed at the recorded steps
+    assert len(calls) < 100 and max(calls) < 100, (len(calls), max(calls))
+
+
+def test_report_on_huge_weights_is_one_error(tmp_path, mnist_path):
+    run = fake_run(tmp_path / "run", [row(1, 844)])
+    mnist_model(run / "best.ck", scale=1e30)
+    line = error_line(cli("report", run, env={"NN_NUMBA_DATA": str(mnist_path)}))
+    assert "best.ck: the network's outputs overflow" in line and not (run / "report").exists()

@@ -122,10 +122,10 @@ def _chunks(path: Path, ck: Checkpoint) -> list[bytes | np.ndarray]:
     if ck.meta:
         try:  # strict JSON (no NaN) so that any JSON parser, e.g. the C++ one, can read it
             js = json.dumps(ck.meta, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
-                            default=_json_default)
+                            default=_json_default).encode()  # UnicodeEncodeError: a lone surrogate
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"cannot save {path}: meta is not valid JSON ({e})") from None
-        section(b"META", [js.encode()])
+        section(b"META", [js])
     if (o := ck.optim) is not None:
         if o.kind not in SLOTS or len(o.slots) != SLOTS[o.kind] or not 0 <= int(o.step) < 2**64:
             raise CheckpointError(f"cannot save {path}: bad optimizer state (kind {o.kind!r}, "

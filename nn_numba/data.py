@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nn_numba.errors import NNError
+from nn_numba.errors import NNError, printable
 from nn_numba.files import NotAFileError, open_regular
 
 
@@ -317,7 +317,7 @@ def download_command(dir: str | None = None) -> Path:
         raise DataError(
             f"{folder}: " + "; ".join(problems) + ". Delete the bad files and run `nn-numba download` again"
         )
-    print(f"MNIST ready in {folder} (all four files match their SHA-256 sums)")
+    print(printable(f"MNIST ready in {folder} (all four files match their SHA-256 sums)"))
     return folder
 
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, load
 from .config import Config, load_config
-from .errors import NNError
+from .errors import NNError, printable
 
 N_TRAIN = 60000  # MNIST training images, before the validation split
 
@@ -512,7 +512,7 @@ def report(runs: list[str] | None = None, out: str | None = None, data_dir: str 
             data[key] = load_mnist(data_dir, key or None)
         summaries.append(report_run(run, data[key], dest))
         if not quiet:
-            print(f"{run.name}: wrote {dest / 'report.md'}")
+            print(printable(f"{run.name}: wrote {dest / 'report.md'}"))
     if len(loaded) > 1:
         # with --out the combined page is OUT/report.md; by default it goes beside the first run's own
         # report.md, so it takes another name
@@ -524,5 +524,5 @@ def report(runs: list[str] | None = None, out: str | None = None, data_dir: str 
             with open(Path(s["dest"]) / "report.md", "a") as f:
                 f.write(f"\nCompared with {len(loaded) - 1} other run(s) in [{page.name}]({link}).\n")
         if not quiet:
-            print(f"comparison of {len(loaded)} runs: wrote {page}")
+            print(printable(f"comparison of {len(loaded)} runs: wrote {page}"))
     return summaries

@@ -6,7 +6,9 @@ header before the payload it promises, and give only their module's one-line err
 """
 
 import gzip
+import io
 import json
+import math
 import os
 import resource
 import struct
@@ -18,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 import nn_numba.predict as P
@@ -446,3 +450,140 @@ def test_report_on_huge_weights_is_one_error(tmp_path, mnist_path):
     mnist_model(run / "best.ck", scale=1e30)
     line = error_line(cli("report", run, env={"NN_NUMBA_DATA": str(mnist_path)}))
     assert "best.ck: the network's outputs overflow" in line and not (run / "report").exists()
+
+
+def test_saving_a_lone_surrogate_in_meta_is_a_checkpoint_error(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="meta is not valid JSON"):
+        mnist_model(tmp_path / "m.ck", meta={"producer": "x\ud800"})
+    assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------- property tests
+# Each reader, fed what Hypothesis makes up, ends in its own module's error or a result, never another
+# exception, within the memory its input justifies. Small example counts keep each under a few seconds.
+
+FAST = settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+sizes_st = st.lists(st.one_of(st.sampled_from([0, 1, 10, 784, 10**6, 10**6 + 1, 2**32 - 1]), st.integers(0, 2**32 - 1)),
+                    min_size=1, max_size=70)
+
+
+@st.composite
+def crafted_checkpoints(draw) -> bytes:
+    """A header with any L and sizes (often lying: huge sizes, a wrong header_bytes), some payload, then
+    sections with any tag and a length up to 2^64 - 1, the CRC fixed up half of the time."""
+    sizes = draw(sizes_st)
+    L = draw(st.one_of(st.just(len(sizes) - 1), st.integers(0, 2**32 - 1)))
+    hb = draw(st.one_of(st.just(24 + 4 * len(sizes)), st.integers(0, 2**32 - 1)))
+    buf = struct.pack(f"<4s5I{len(sizes)}I", b"NNCK", 1, hb, 1, 1, L, *sizes)
+    buf += draw(st.binary(max_size=600))
+    for _ in range(draw(st.integers(0, 3))):
+        tag = draw(st.sampled_from([b"META", b"OPTM", b"XTRA", b"\xff\x00ab"]))
+        n = draw(st.one_of(st.integers(0, 64), st.sampled_from([2**31, 2**63, 2**64 - 1])))
+        buf += struct.pack("<4sIQ", tag, draw(st.sampled_from([0, 1])), n) + draw(st.binary(max_size=64))
+    return buf + struct.pack("<I", zlib.crc32(buf) if draw(st.booleans()) else draw(st.integers(0, 2**32 - 1)))
+
+
+@FAST
+@given(crafted_checkpoints())
+def test_property_crafted_checkpoint_headers(tmp_path, raw):
+    f = tmp_path / "x.ck"
+    f.write_bytes(raw)
+    try:
+        checkpoint.describe(f)
+    except checkpoint.CheckpointError as e:
+        assert "\n" not in str(e)
+    assert peak(checkpoint.load, f) < len(raw) + (128 << 10)  # the file once, plus small change
+
+
+@FAST
+@given(st.sampled_from(["images", "labels"]), st.integers(0, 2**32 - 1), st.sampled_from([28, 27, 0, 2**32 - 1]),
+       st.binary(max_size=2000), st.booleans(), st.sampled_from([None, 0, 3, 10000]))
+def test_property_idx_headers_against_a_count(tmp_path, kind, n, side, body, gz, count):
+    head = struct.pack(">II", 0x801, n) if kind == "labels" else struct.pack(">IIII", 0x803, n, side, 28)
+    raw = head + body
+    f = tmp_path / "x.idx"
+    f.write_bytes(gzip.compress(raw, 1) if gz else raw)
+    try:
+        a = data.read_idx(f, kind, count)
+        assert count is None or len(a) == count
+    except data.DataError as e:
+        assert "\n" not in str(e)
+    assert peak(data.read_idx, f, kind, count) < 4 * len(raw) + (3 << 20)
+
+
+betas = st.one_of(st.floats(0, 1), st.sampled_from([1.0, 1 - 2**-53, 0.0]), st.integers(0, 2))
+
+
+@FAST
+@given(betas, betas, st.booleans())
+def test_property_accepted_betas_never_divide_by_zero(tmp_path, b1, b2, bom):
+    f = tmp_path / "c.toml"
+    text = f"[optim]\nbeta1 = {b1!r}\nbeta2 = {b2!r}\n"
+    f.write_bytes((b"\xef\xbb\xbf" if bom else b"") + text.encode())
+    try:
+        o = config.load_config(f).optim
+    except config.ConfigError:
+        return
+    for t in (1, 2, 10**6):  # the bias corrections of train_step
+        assert math.isfinite(1.0 / (1.0 - o.beta1**t)) and math.isfinite(1.0 / (1.0 - o.beta2**t))
+
+
+def small_picture(fmt: str, mode: str) -> bytes:
+    a = np.zeros((12, 10), np.uint8)
+    a[2:10, 4:6] = 255
+    im = Image.fromarray(a).convert(mode)
+    b = io.BytesIO()
+    im.save(b, format=fmt)
+    return b.getvalue()
+
+
+PICTURES = [small_picture(f, m) for f, m in (("PNG", "L"), ("PNG", "RGBA"), ("PNG", "P"), ("TIFF", "F"),
+                                             ("TIFF", "I;16"), ("TIFF", "CMYK"), ("GIF", "P"), ("BMP", "RGB"),
+                                             ("JPEG", "L"), ("WEBP", "RGB"), ("TIFF", "LAB"))]
+
+
+@FAST
+@given(st.sampled_from(PICTURES), st.lists(st.tuples(st.integers(0, 2000), st.integers(0, 255)), max_size=6),
+       st.one_of(st.none(), st.integers(8, 2000)))
+def test_property_damaged_pictures_are_image_errors(tmp_path, pic, flips, cut):
+    """Small real pictures in eleven formats and modes, bytes changed and cut: a result or an ImageError."""
+    b = bytearray(pic)
+    for i, v in flips:
+        if i < len(b):
+            b[i] = v
+    f = tmp_path / "x.img"
+    f.write_bytes(bytes(b[:cut]))
+    try:
+        x = P.preprocess(f)
+        assert x.shape == (784,) and np.isfinite(x).all()
+    except P.ImageError as e:
+        assert "\n" not in str(e)
+
+
+def report_keys() -> tuple[str, ...]:
+    from nn_numba import report
+
+    return report.NEED
+
+
+metric_values = st.one_of(st.none(), st.booleans(), st.integers(-5, 10**20), st.floats(), st.text(max_size=5),
+                          st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=2), st.none()))
+
+
+@FAST
+@given(st.lists(st.dictionaries(st.sampled_from([*report_keys(), "val_acc", "val_loss", "samples_per_s"]),
+                                metric_values, min_size=6), max_size=4))
+def test_property_metrics_rows_give_rows_or_one_error(tmp_path, rows):
+    from nn_numba import report
+
+    f = tmp_path / "metrics.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    try:
+        hist, notes = report.read_metrics(f)
+    except NNError as e:
+        assert "\n" not in str(e)
+        return
+    for r in hist:
+        assert all(isinstance(r[k], int) for k in ("epoch", "step"))
+        assert all(isinstance(v, float) and (math.isnan(v) or math.isfinite(v)) or isinstance(v, int) and
+                   not isinstance(v, bool) for v in r.values())

@@ -587,3 +587,10 @@ def test_property_metrics_rows_give_rows_or_one_error(tmp_path, rows):
         assert all(isinstance(r[k], int) for k in ("epoch", "step"))
         assert all(isinstance(v, float) and (math.isnan(v) or math.isfinite(v)) or isinstance(v, int) and
                    not isinstance(v, bool) for v in r.values())
+
+
+def test_predict_refuses_a_fifo_as_a_picture(tmp_path):
+    f = tmp_path / "pipe.png"
+    os.mkfifo(f)
+    ck = mnist_model(tmp_path / "m.ck")
+    assert "pipe.png: not a regular file" in error_line(cli("predict", f, "--checkpoint", ck, timeout=30))

@@ -129,9 +129,9 @@ def load_config(path: str | Path) -> Config:
     """Read and check a TOML config; every problem is a one-line ConfigError naming the file and key."""
     path = Path(path)
     try:
-        f, _ = open_regular(path)
+        f, size = open_regular(path)
         with f:
-            data = f.read(MAX_FILE + 1)
+            data = f.read(min(size, MAX_FILE) + 1)  # no 1 MB buffer for a 300-byte file
         if len(data) > MAX_FILE:
             raise ConfigError(f"{path}: larger than {MAX_FILE // 1024} KB, not a config file "
                               "(a config is TOML, see configs/default.toml)")

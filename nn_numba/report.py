@@ -110,7 +110,7 @@ def read_metrics(mpath: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def _whole(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**53  # 2^53: exact in a float
 
 
 def _number(v: Any) -> bool:
@@ -259,7 +259,7 @@ def plot_lr(run: Run, path: Path) -> float:
     ax.plot(s, lr, lw=1.5, label="applied per step (from config.toml)")
     top = lr.max()
     if done < shown:
-        s2 = spread(done - 1, shown)
+        s2 = spread(max(done - 1, 0), shown)
         lr2 = schedule(run.cfg, s2)
         more = f", continues to step {total:,}" if shown < total else ""
         ax.plot(s2, lr2, lw=1, ls="--", color="0.6", label=f"planned, not run{more}")

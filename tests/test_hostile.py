@@ -594,3 +594,23 @@ def test_predict_refuses_a_fifo_as_a_picture(tmp_path):
     os.mkfifo(f)
     ck = mnist_model(tmp_path / "m.ck")
     assert "pipe.png: not a regular file" in error_line(cli("predict", f, "--checkpoint", ck, timeout=30))
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])  # ~1.5 s each
+@given(st.lists(st.fixed_dictionaries({k: metric_values for k in ("lr", "train_loss", "test_acc", "val_acc")} |
+                                      {"epoch": st.integers(0, 2**64), "step": st.integers(0, 2**64)}),
+                min_size=1, max_size=4))
+def test_property_any_metrics_rows_can_be_plotted(tmp_path, rows):
+    """Whatever numbers metrics.jsonl holds, the curves and the schedule plot are drawn (matplotlib runs)."""
+    from nn_numba import report
+
+    f = tmp_path / "metrics.jsonl"
+    full = [row(1, 1) | r for r in rows]
+    f.write_text("".join(json.dumps(r) + "\n" for r in full))
+    hist, _ = report.read_metrics(f)
+    if not hist:
+        return
+    cfg = config.from_dict({"train": {"epochs": 100_000, "batch_size": 64}})
+    run = report.Run(tmp_path, cfg, hist, None)
+    report.plot_curves(run, tmp_path / "c.png")
+    report.plot_lr(run, tmp_path / "lr.png")

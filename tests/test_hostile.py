@@ -59,9 +59,10 @@ def test_beta_of_one_is_refused_before_any_run_folder(tmp_path, key, name):
     f.write_text(f'[optim]\nname = "{name}"\n{key} = 1.0\n[train]\nout = "{tmp_path / "runs"}"\n')
     with pytest.raises(config.ConfigError, match=rf"\[optim\] {key} = 1.0 is out of range \[0.0, 1.0\)"):
         config.load_config(f)
-    line = error_line(cli("train", f))
-    assert key in line and "out of range" in line
-    assert not (tmp_path / "runs").exists()  # nothing left behind
+    if (key, name) == ("beta2", "sgd"):  # through the command once: one line, no run folder
+        line = error_line(cli("train", f))
+        assert key in line and "out of range" in line
+        assert not (tmp_path / "runs").exists()
 
 
 def test_beta_just_below_one_is_accepted(tmp_path):
@@ -370,17 +371,21 @@ def strict_json(line: str):
 def test_huge_weights_are_an_error_not_nan(tmp_path, mnist_path):
     """Finite weights of 1e30 make the logits overflow: no 'nan%' answer, no NaN in JSON, exit 1."""
     ck = mnist_model(tmp_path / "huge.ck", scale=1e30)
+    fine = mnist_model(tmp_path / "m.ck", scale=1e15)  # large but finite logits: a real (bad) answer
     img = digit_png(tmp_path / "seven.png", side=60, width=6)
-    for args in ((), ("--json",)):
-        p = cli("predict", img, "--checkpoint", ck, *args)
-        assert p.returncode == 1 and p.stdout == b"" and "nan" not in p.stderr.decode().lower().replace("nan/", "")
-        line = p.stderr.decode()
-        assert line.count("\n") == 1 and "seven.png: the network's outputs overflow" in line, line
-    ev = cli("evaluate", ck, "--json", env={"NN_NUMBA_DATA": str(mnist_path)})
-    assert "outputs overflow" in error_line(ev) and ev.stdout == b""
-    fine = cli("evaluate", mnist_model(tmp_path / "m.ck", scale=1e15), "--json",
-               env={"NN_NUMBA_DATA": str(mnist_path)})  # large but finite logits: a real (bad) answer
-    assert fine.returncode == 0 and strict_json(fine.stdout)["loss"] > 1e10
+    runs = {"text": ["predict", img, "--checkpoint", ck], "json": ["predict", img, "--checkpoint", ck, "--json"],
+            "eval": ["evaluate", ck, "--json"], "fine": ["evaluate", fine, "--json"]}
+    e = os.environ | {"NN_NUMBA_DATA": str(mnist_path), "OPENBLAS_NUM_THREADS": "1"}
+    procs = {k: subprocess.Popen([sys.executable, "-m", "nn_numba.cli", *map(str, a)], env=e, cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for k, a in runs.items()}
+    p = {k: subprocess.CompletedProcess(runs[k], None, *pr.communicate(timeout=300)) for k, pr in procs.items()}
+    for k, pr in procs.items():
+        p[k].returncode = pr.returncode
+    for k in ("text", "json"):
+        line = error_line(p[k])
+        assert p[k].stdout == b"" and "seven.png: the network's outputs overflow" in line, line
+    assert "outputs overflow" in error_line(p["eval"]) and p["eval"].stdout == b""
+    assert p["fine"].returncode == 0 and strict_json(p["fine"].stdout)["loss"] > 1e10
 
 
 def test_evaluate_names_an_undecodable_checkpoint(tmp_path, mnist_path):

@@ -65,9 +65,9 @@ class ImageError(NNError):
 # preprocessing
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open `path` with Pillow (first frame, reduced to MAX_SIDE, EXIF orientation applied), refusing huge
-    and non-images."""
+def load_image(path: str | os.PathLike, reduce: bool = True) -> Image.Image:
+    """Open `path` with Pillow (first frame, reduced to MAX_SIDE unless reduce=False, EXIF orientation
+    applied), refusing huge and non-images."""
     p = Path(path)
     if not p.exists():
         raise ImageError(f"{p}: no such file")
@@ -87,7 +87,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             if w * h > limit:
                 raise _too_large(p, w, h, limit)
             turn = im.getexif().get(ExifTags.Base.Orientation)
-            im = shrink(im)
+            im = shrink(im) if reduce else im
+            im.load()
             if turn in _TURNS:  # what ImageOps.exif_transpose does, on the reduced picture
                 im = im.transpose(_TURNS[turn])
     except Image.DecompressionBombError as e:
@@ -276,7 +277,7 @@ def preprocess(path: str | os.PathLike, raw: bool = False) -> np.ndarray:
 
     With raw=True the picture must already be 28x28 white-on-black and is only converted to grey.
     """
-    im = load_image(path)
+    im = load_image(path, reduce=not raw)  # --raw: the size is checked as it is in the file
     g = to_grey(im, str(path))
     if raw:
         if g.shape != (SIZE, SIZE):

@@ -619,3 +619,9 @@ def test_property_any_metrics_rows_can_be_plotted(tmp_path, rows):
     run = report.Run(tmp_path, cfg, hist, None)
     report.plot_curves(run, tmp_path / "c.png")
     report.plot_lr(run, tmp_path / "lr.png")
+
+
+def test_raw_names_the_size_in_the_file_not_the_reduced_one(tmp_path):
+    big = digit_png(tmp_path / "big.png", side=2048, width=100)
+    with pytest.raises(P.ImageError, match="--raw needs a 28x28 MNIST-style image, got 2048x2048"):
+        P.preprocess(big, raw=True)

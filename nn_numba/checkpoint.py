@@ -12,6 +12,7 @@ header before the payload it promises, and allocates the file's size once: the a
 into that one buffer.
 """
 
+import ctypes
 import json
 import math
 import os
@@ -325,7 +326,7 @@ def _parse(path: Path) -> _Parsed:
 
 def _array(buf: bytearray, off: int, shape: tuple[int, ...]) -> np.ndarray:
     """The little-endian floats at buf[off:] as a writable, native float32, C-contiguous array: a view
-    into buf (aligned: buf is malloc'd and off a multiple of 4), a copy only on a big-endian host."""
+    into buf (aligned when buf's address + off is a multiple of 4), a copy only on a big-endian host."""
     a = np.frombuffer(buf, "<f4", math.prod(shape), off).reshape(shape)
     return a if a.dtype.isnative else a.astype(np.float32)
 
@@ -354,6 +355,19 @@ def _no_constant(s: str):
     raise ValueError(f"{s} is not JSON")
 
 
+def _align(buf: bytearray, off: int, n: int) -> int:
+    """Where the n bytes at buf[off:] are once moved (up to 3 bytes forward) to a 4-byte aligned address.
+
+    Sections are not padded, so OPTM's floats may start anywhere. The bytes they move over belong to the
+    next section's header or the CRC, both checked and no longer needed; moving them in place keeps the
+    arrays views into the one buffer (no second copy of the optimizer state)."""
+    base = np.frombuffer(buf, np.uint8).ctypes.data
+    k = -(base + off) % 4
+    if k:
+        ctypes.memmove(base + off + k, base + off, n)
+    return off + k
+
+
 def _optim(p: _Parsed, name: str) -> OptimState | None:
     for tag, off, n in p.sections:
         if tag != "OPTM":
@@ -369,7 +383,7 @@ def _optim(p: _Parsed, name: str) -> OptimState | None:
         if n != need:
             raise CheckpointError(f"checkpoint {name}: bad OPTM payload ({n} bytes, {KINDS[kind]} state for "
                                   f"{arch(p.sizes)} needs {need})")
-        slots, off = [], off + 16
+        slots, off = [], _align(p.buf, off + 16, n - 16)
         for s in range(nslots):
             slot = []
             for shape, what in zip(shapes, names, strict=True):

@@ -157,15 +157,21 @@ def test_header_promising_more_than_the_file_holds_is_refused_before_reading(tmp
     assert peak(checkpoint.load, f) < 64 << 10
 
 
-def test_loading_costs_about_the_file_size(tmp_path):
-    """A 784-250-250-10 checkpoint with Adam state (3.2 MB): the file once, plus small change."""
+@pytest.mark.parametrize("pad", range(4))
+def test_loading_costs_about_the_file_size(tmp_path, pad):
+    """A 784-250-250-10 checkpoint with Adam state (3.2 MB): the file once, plus small change. META of
+    each length mod 4, so OPTM's floats start at every alignment; every array comes back aligned."""
     m = MLP.init([784, 250, 250, 10], np.random.default_rng(0))
-    optim = checkpoint.OptimState("adam", 5, [[a.copy() for wb in zip(m.weights, m.biases) for a in wb]] * 2)
+    flat = [a for wb in zip(m.weights, m.biases) for a in wb]
+    optim = checkpoint.OptimState("adam", 5, [[a + 1 for a in flat], [a * 2 for a in flat]])
     f = tmp_path / "big.ck"
-    checkpoint.save(f, checkpoint.Checkpoint(m.sizes, m.weights, m.biases, {"epoch": 1}, optim))
+    checkpoint.save(f, checkpoint.Checkpoint(m.sizes, m.weights, m.biases, {"e": "x" * pad}, optim))
     ck = checkpoint.load(f)
-    assert np.array_equal(ck.weights[0], m.weights[0]) and ck.weights[0].flags.writeable
-    assert ck.weights[0].flags.aligned and ck.weights[0].flags.c_contiguous
+    got = [a for wb in zip(ck.weights, ck.biases) for a in wb] + ck.optim.slots[0] + ck.optim.slots[1]
+    want = flat + optim.slots[0] + optim.slots[1]
+    for a, b in zip(got, want, strict=True):
+        assert np.array_equal(a, b) and a.dtype == np.float32
+        assert a.flags.writeable and a.flags.aligned and a.flags.c_contiguous
     assert peak(checkpoint.load, f) < f.stat().st_size + (256 << 10)
 
 

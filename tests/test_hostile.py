@@ -337,8 +337,8 @@ def test_results_are_printed_as_each_image_is_read(tmp_path, monkeypatch):
     for i in range(4):
         digit_png(tmp_path / f"{i}.png", side=60, width=6)
     read = []
-    real = P.preprocess
-    monkeypatch.setattr(P, "preprocess", lambda f, raw=False: read.append(f) or real(f, raw))
+    real = P.load_image
+    monkeypatch.setattr(P, "load_image", lambda f, *a, **kw: read.append(f) or real(f, *a, **kw))
 
     class Out:
         seen: list = []

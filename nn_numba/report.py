@@ -119,7 +119,9 @@ def _number(v: Any) -> bool:
 
 
 def steps_per_epoch(cfg: Config) -> int:
-    n_train = N_TRAIN - int(round(N_TRAIN * cfg.data.val_split))
+    from .rng import n_val
+
+    n_train = N_TRAIN - n_val(N_TRAIN, cfg.data.val_split)
     return math.ceil(n_train / cfg.train.batch_size)
 
 
@@ -142,10 +144,11 @@ def spread(start: int, stop: int) -> np.ndarray:
 
 
 def best_row(run: Run) -> dict[str, Any]:
-    """The epoch train.py kept as best.ck: highest validation accuracy (training accuracy without a
-    validation split), the first one on ties; NaN (not a number in metrics.jsonl) never wins."""
-    key = "val_acc" if run.has_val else "train_acc"
-    return max(run.hist, key=lambda r: -math.inf if math.isnan(r[key]) else r[key])
+    """The epoch train.py kept as best.ck; an epoch whose validation accuracy was not a number in
+    metrics.jsonl (NaN here) is not a candidate."""
+    from .runs import best_row as best
+
+    return best([r for r in run.hist if not math.isnan(r.get("val_acc", 0.0))] or run.hist)
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -408,7 +411,7 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
     b = best_row(run)
     wall = float(np.nansum([r["seconds"] for r in run.hist]))
     imgs = float(np.nansum([r.get("samples_per_s", 0.0) * r["seconds"] for r in run.hist]))
-    sel = "validation" if run.has_val else "training (no validation split)"
+    sel = "on validation" if run.has_val else "(no validation split: the last)"
     summary = {"run": str(run.path), "epochs": len(run.hist), "planned_epochs": run.cfg.train.epochs,
                "best_epoch": b["epoch"], "best_val_acc": b.get("val_acc"), "best_test_acc": b["test_acc"],
                "best_ck_test_acc": acc, "final_test_acc": run.hist[-1]["test_acc"], "wall_seconds": wall,
@@ -421,7 +424,7 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
           "", "## Summary", "",
           "| | |", "| --- | --- |",
           f"| epochs run | {len(run.hist)} of {run.cfg.train.epochs} |",
-          f"| best epoch on {sel} | {b['epoch']}"
+          f"| best epoch {sel} | {b['epoch']}"
           + (f" ({_pct(b['val_acc'])} validation)" if run.has_val else f" ({_pct(b['train_acc'])} train)")
           + " |",
           f"| its test accuracy | {_pct(b['test_acc'])} (recomputed from best.ck"

@@ -375,14 +375,22 @@ OptimState Optimizer::state() const {
     return st;
 }
 
-double Schedule::at(long s, int epoch) const {
+double Schedule::at(long s) const {
     if (s < warmup) return lr * double(s + 1) / double(warmup);
-    if (kind == "step") return lr * std::pow(gamma, double(epoch / std::max(1, step_epochs)));
+    if (kind == "step") return lr * std::pow(gamma, double(s / steps_per_epoch / std::max(1, step_epochs)));
     if (kind == "cosine") {
-        if (total <= warmup) return lr;
-        return min_lr + (lr - min_lr) * (1.0 + std::cos(M_PI * double(s - warmup) / double(total - warmup))) / 2.0;
+        const double frac = double(s - warmup) / double(std::max(total - warmup, 1L));
+        return min_lr + (lr - min_lr) * (1.0 + std::cos(M_PI * std::min(frac, 1.0))) / 2.0;
     }
     return lr;
+}
+
+double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, bool mean, double lr, int* correct) {
+    forward(net, w, nb);
+    const double loss = loss_grad(w, net, y, nb, mean, correct);
+    backward(net, w, nb);
+    opt.step(net, w, lr);
+    return loss;
 }
 
 // ---------------------------------------------------------------- evaluation

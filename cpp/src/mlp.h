@@ -78,12 +78,18 @@ struct Optimizer {
     OptimState state() const;
 };
 
+// One training step on the batch in w.A[0] (nb rows): forward, loss and gradient, backward, optimiser
+// update with rate lr. Returns the summed loss; *correct gets the number of argmax hits.
+double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, bool mean, double lr, int* correct);
+
+// The learning rate of docs/training.md (nn_numba.train.lr_at): linear warm-up over `warmup` steps,
+// then constant, step (times gamma every step_epochs epochs) or cosine (to min_lr at `total`).
 struct Schedule {
     std::string kind = "constant";  // constant | cosine | step
     double lr = 1e-3, min_lr = 0.0, gamma = 0.1;
-    int step_epochs = 5;
-    long warmup = 0, total = 1;  // in optimiser steps
-    double at(long s, int epoch) const;
+    int step_epochs = 10;
+    long steps_per_epoch = 1, warmup = 0, total = 1;  // in optimiser steps
+    double at(long s) const;  // the rate of step s, counted from 0
 };
 
 struct Eval {

@@ -151,20 +151,22 @@ static void test_schedule() {
     s.min_lr = 0.1;
     s.warmup = 10;
     s.total = 110;
-    CHECK_NEAR(s.at(0, 0), 0.1, 1e-12);  // (s + 1) / Wu
-    CHECK_NEAR(s.at(9, 0), 1.0, 1e-12);
-    CHECK_NEAR(s.at(10, 0), 1.0, 1e-12);
-    CHECK_NEAR(s.at(60, 0), 0.55, 1e-12);
-    CHECK_NEAR(s.at(110, 0), 0.1, 1e-12);
+    CHECK_NEAR(s.at(0), 0.1, 1e-12);  // (s + 1) / Wu
+    CHECK_NEAR(s.at(9), 1.0, 1e-12);
+    CHECK_NEAR(s.at(10), 1.0, 1e-12);
+    CHECK_NEAR(s.at(60), 0.55, 1e-12);
+    CHECK_NEAR(s.at(110), 0.1, 1e-12);
+    CHECK_NEAR(s.at(500), 0.1, 1e-12);  // past the end (a resumed run trained longer): stays at min_lr
     s.kind = "step";
     s.warmup = 0;
     s.gamma = 0.5;
     s.step_epochs = 2;
-    CHECK_NEAR(s.at(5, 1), 1.0, 1e-12);
-    CHECK_NEAR(s.at(5, 2), 0.5, 1e-12);
-    CHECK_NEAR(s.at(5, 5), 0.25, 1e-12);
+    s.steps_per_epoch = 10;
+    CHECK_NEAR(s.at(19), 1.0, 1e-12);  // epoch 1
+    CHECK_NEAR(s.at(20), 0.5, 1e-12);  // epoch 2
+    CHECK_NEAR(s.at(55), 0.25, 1e-12);  // epoch 5
     s.kind = "constant";
-    CHECK_NEAR(s.at(1000, 9), 1.0, 1e-12);
+    CHECK_NEAR(s.at(1000), 1.0, 1e-12);
 }
 
 static void test_rng() {

@@ -290,7 +290,12 @@ std::vector<std::string> flag_names(std::vector<std::string> more) {
 Config resolve_config(const Args& a) {
     Config c;
     if (a.has("--config")) c = load_config(a.get("--config"));
-    else if (a.has("--resume")) c = load_config(folder_of(resume_checkpoint(a.get("--resume"))) + "/config.toml");
+    else if (a.has("--resume")) {
+        const std::string run = a.get("--resume");
+        if (::access(run.c_str(), F_OK) != 0)
+            throw NNError("cannot resume " + run + ": no such run folder or checkpoint (give a run folder or its last.ck)");
+        c = load_config(resume_run_dir(run) + "/config.toml");  // the run's own config
+    }
     bool over = false;
     for (auto& f : FLAG_KEYS)
         if (a.has(f[0])) set_config_key(c, f[1], f[2], a.get(f[0])), over = true;

@@ -2,6 +2,7 @@
 
 #include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <ctime>
 #include <sys/stat.h>
@@ -83,3 +84,12 @@ void check_space(const std::string& folder, size_t n_params, int slots) {
 }
 
 std::string resume_checkpoint(const std::string& arg) { return is_dir(arg) ? arg + "/last.ck" : arg; }
+
+std::string resume_run_dir(const std::string& arg) {
+    const std::string dir = folder_of(resume_checkpoint(arg));
+    char* real = ::realpath(dir.c_str(), nullptr);  // runs/latest is a link: name the run itself
+    if (!real) return dir;
+    std::string out = real;
+    std::free(real);
+    return out;
+}

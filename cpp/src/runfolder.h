@@ -13,6 +13,8 @@ void point_latest(const std::string& run);
 void write_text_atomic(const std::string& path, const std::string& text);
 // Fails before training, not after an hour, when best.ck + last.ck (+ a save's temp copy) cannot fit.
 void check_space(const std::string& folder, size_t n_params, int slots);
-// --resume ARG: a run folder (then its last.ck) or a checkpoint file; the checkpoint and its run folder.
+// --resume ARG: a run folder (then its last.ck) or a checkpoint file; the checkpoint, and its run folder
+// with links resolved (OUT/latest is one).
 std::string resume_checkpoint(const std::string& arg);
+std::string resume_run_dir(const std::string& arg);
 std::string folder_of(const std::string& path);

@@ -213,7 +213,7 @@ std::string train(const Config& cfg, const TrainOptions& o) {
     }
 
     // Everything is checked: only now is anything written.
-    const std::string run = resuming ? folder_of(resume_checkpoint(o.resume)) : new_run_dir(cfg.out);
+    const std::string run = resuming ? resume_run_dir(o.resume) : new_run_dir(cfg.out);
     write_text_atomic(run + "/config.toml", config_toml(cfg));
     point_latest(run);
     check_space(run, net.n_params(), opt.kind);
@@ -252,19 +252,22 @@ std::string train(const Config& cfg, const TrainOptions& o) {
         if (with_optim) ck.optim = opt.state();
         return ck;
     };
+    g_stop = 0;
+    auto old_handler = std::signal(SIGINT, on_sigint);  // before the first line: a caller may react to it
     if (!o.quiet) {
         std::printf("run %s  |  %s  %s lr %g  batch %ld  %ld epochs  %d threads  train %ld / val %zu / test %u\n",
                     run.c_str(), sizes_str(net.sizes).c_str(), cfg.optim.c_str(), cfg.lr, B, long(cfg.epochs), threads,
                     n_train, val_idx.size(), te.images.n);
         if (resuming) std::printf("resuming %s at epoch %ld, step %lu\n", run.c_str(), long(epoch + 1), (unsigned long)opt.t);
+        if (resuming && epoch >= cfg.epochs)
+            std::printf("note: the run already has %ld epochs, the config asks for %ld: nothing to do (pass --epochs to "
+                        "train longer)\n", long(epoch), long(cfg.epochs));
         if (aug.enabled())
             std::printf("augment shift %d  rotate %g  scale %g  elastic_alpha %g  elastic_sigma %g\n", aug.shift,
                         aug.rotate, aug.scale, aug.elastic_alpha, aug.elastic_sigma);
         std::fflush(stdout);
     }
 
-    g_stop = 0;
-    auto old_handler = std::signal(SIGINT, on_sigint);
     std::vector<uint8_t> y(size_t(std::min(B, n_train)));
     const uint8_t* px = tr.images.pixels.data();
     const int n_in = int(sizes[0]);
@@ -347,6 +350,16 @@ std::string train(const Config& cfg, const TrainOptions& o) {
         }
     }
     std::signal(SIGINT, old_handler);
+    if (!o.quiet && !history.empty()) {  // the first best, as nn-numba train reports it
+        const json* best = &history[0];
+        auto score = [](const json& r) { return r.contains("val_acc") ? r["val_acc"] : r["train_acc"]; };
+        for (const json& r : history)
+            if (score(r).is_number() && (!score(*best).is_number() || score(r).get<double>() > score(*best).get<double>()))
+                best = &r;
+        auto pct = [&](const char* k) { return best->contains(k) && (*best)[k].is_number() ? 100 * (*best)[k].get<double>() : NAN; };
+        std::printf("done: best epoch %s (validation %.2f%%, test %.2f%%) saved in %s/best.ck\n", best->value("epoch", json()).dump().c_str(),
+                    pct("val_acc"), pct("test_acc"), run.c_str());
+    }
     return run;
 }
 

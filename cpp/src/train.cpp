@@ -318,13 +318,14 @@ std::string train(const Config& cfg, const TrainOptions& o) {
         history.push_back(row);
         const int64_t done = epoch + 1;
         batch0 = 0, run_loss = 0.0, run_correct = 0;
-        const double score = row.contains("val_acc") ? row["val_acc"].get<double>() : row["train_acc"].get<double>();
+        const bool has_val = row.contains("val_acc");
+        const double score = has_val ? row["val_acc"].get<double>() : -1.0;
         json summary;
         for (auto& [k, v] : row.items())
             if (k.size() > 4 && (k.compare(k.size() - 4, 4, "_acc") == 0 || k.compare(k.size() - 5, 5, "_loss") == 0))
                 summary[k] = v;
         summary["epoch"] = done;
-        if (score > best_val) {
+        if (score > best_val || !has_val) {  // best on validation, never on test; without validation: the last
             best_val = score;
             save_checkpoint(checkpoint(meta(summary), false), run + "/best.ck");
         }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build and test the C++ port twice: optimised (cpp/build) and with address + undefined-behaviour
 # sanitizers (cpp/build-asan), so a reader that overreads a corrupt file fails CI instead of passing.
-# Needs cmake >= 3.16, a C++17 compiler and zlib headers (Debian: apt-get install cmake g++ zlib1g-dev).
+# Needs cmake >= 3.16, a C++17 compiler, zlib, toml++ and nlohmann/json headers (Debian: apt-get install
+# cmake g++ zlib1g-dev libtomlplusplus-dev nlohmann-json3-dev).
 set -euo pipefail
 cd "$(dirname "$0")"
 jobs="${NN_JOBS:-2}"

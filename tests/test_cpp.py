@@ -595,6 +595,7 @@ def test_resume_refuses_damaged_or_foreign_runs(nn_cpp, mnist_path, tmp_path):
         (good, ["--seed", 4], "it was trained with [train] seed = 3, the config says 4; resume with the run's own"),
         (good, ["--optimizer", "sgd"], "it was trained with [optim] name = 'adam', the config says 'sgd'"),
         (tmp_path / "nowhere", [], "nowhere"),
+        (good, ["--limit", 0], "it was trained with --limit 600, this run asks for 0"),
     ]
     for folder, extra, msg in cases:
         before = {p.name: p.read_bytes() for p in folder.iterdir()} if folder.exists() else {}

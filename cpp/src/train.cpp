@@ -110,7 +110,7 @@ const char* SAME_ON_RESUME[][2] = {{"model", "sizes"}, {"optim", "name"}, {"data
 
 // The checkpoint's training state, checked as nn_numba.train._check_resume checks it: a damaged or
 // foreign run gives an NNError before anything is written.
-Resume open_resume(const std::string& arg, const Config& cfg, const std::vector<uint32_t>& sizes) {
+Resume open_resume(const std::string& arg, const Config& cfg, const std::vector<uint32_t>& sizes, long limit) {
     Resume r;
     const std::string path = resume_checkpoint(arg);
     r.ck = load_checkpoint(path, sizes);
@@ -150,6 +150,10 @@ Resume open_resume(const std::string& arg, const Config& cfg, const std::vector<
     if (r.ck.optim.kind > 2 || cfg.optim != KIND_NAMES[r.ck.optim.kind])
         throw NNError("cannot resume: the checkpoint's optimiser state is " + std::string(KIND_NAMES[std::min(r.ck.optim.kind, 2u)]) +
                       ", the config asks for " + cfg.optim);
+    const int64_t was = r.meta.contains("limit") && r.meta["limit"].is_number_integer() ? r.meta["limit"].get<int64_t>() : 0;
+    if (was != limit)
+        throw NNError("cannot resume " + arg + ": it was trained with --limit " + std::to_string(was) + ", this run asks for " +
+                      std::to_string(limit) + " (0 = all images); give the same --limit");
     r.epoch = st["epoch"].get<int64_t>();
     r.batch = st["batch"].get<int64_t>();
     r.run_correct = st["run_correct"].get<int64_t>();
@@ -177,7 +181,7 @@ std::string train(const Config& cfg, const TrainOptions& o) {
     std::vector<uint32_t> sizes(cfg.sizes.begin(), cfg.sizes.end());
     Resume res;
     const bool resuming = !o.resume.empty();
-    if (resuming) res = open_resume(o.resume, cfg, sizes);
+    if (resuming) res = open_resume(o.resume, cfg, sizes, o.limit);
     const int threads = set_threads(cfg.threads, o.quiet);
     const std::string dir = data_folder(o.data_dir, cfg.data_dir);
     Dataset tr = load_mnist(dir, true, sizes[0], sizes.back());

@@ -19,10 +19,10 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
+from nn_numba import rng
 from nn_numba.errors import NNError
 from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255 (fastmath would round x / 255)
 from nn_numba.kernels import gather
-from nn_numba.rng import AUGMENT, draw, key, sample_key
 
 S = 28  # image side
 P = S * S  # pixels per image
@@ -227,7 +227,7 @@ def grid_size(sigma: float) -> int:
     numbers (10 x 10 instead of 28 x 28 per axis for sigma 4). The spline averages neighbouring nodes, so
     no displacement exceeds alpha and the RMS one is about alpha / 3.5.
     """
-    return max(2, round((S - 1) / sigma) + 1)
+    return max(2, math.floor((S - 1) / sigma + 0.5) + 1)  # round half up, as nn-cpp does
 
 
 class Draws(NamedTuple):
@@ -245,22 +245,22 @@ def _draw_into(seed, epoch, q0, shift, rotate, scale, alpha, dx, dy, angle, fact
     # Sample r (position q0 + r of the epoch) reads uniform(seed, 3, epoch, q0 + r, k) for k = 0 dx, 1 dy,
     # 2 angle, 3 scale, 4 + (c * G + y) * G + x the elastic node; a part that is off keeps its k unread.
     # float64 throughout, no fastmath: 1 + scale * (2u - 1) must not become a fused multiply-add.
-    a = key(seed, AUGMENT, epoch)
+    a = rng.key(seed, rng.AUGMENT, epoch)
     G = field.shape[2]
     width = np.float64(2 * shift + 1)
     for r in range(dx.shape[0]):
-        b = sample_key(a, q0 + r)
+        b = rng.sample_key(a, q0 + r)
         if shift > 0:
-            dx[r] = np.int64(draw(b, 0) * width) - shift
-            dy[r] = np.int64(draw(b, 1) * width) - shift
+            dx[r] = np.int64(rng.draw(b, 0) * width) - shift
+            dy[r] = np.int64(rng.draw(b, 1) * width) - shift
         if rotate > 0:
-            angle[r] = rotate * (2.0 * draw(b, 2) - 1.0)
+            angle[r] = rotate * (2.0 * rng.draw(b, 2) - 1.0)
         if scale > 0:
-            factor[r] = 1.0 + scale * (2.0 * draw(b, 3) - 1.0)
+            factor[r] = 1.0 + scale * (2.0 * rng.draw(b, 3) - 1.0)
         for c in range(2):
             for y in range(G):
                 for x in range(G):
-                    u = draw(b, 4 + (c * G + y) * G + x)
+                    u = rng.draw(b, 4 + (c * G + y) * G + x)
                     field[r, c, y, x] = np.float32(alpha * (2.0 * u - 1.0))
 
 
@@ -320,16 +320,16 @@ def apply(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, aug: Augment, d: D
         elastic_gather(X_u8, idx, mats, d.field, out)
 
 
-def augment_grid(X_u8: np.ndarray, aug: Augment, rng: np.random.Generator, n: int = 64) -> np.ndarray:
+def augment_grid(X_u8: np.ndarray, aug: Augment, gen: np.random.Generator, n: int = 64) -> np.ndarray:
     """A uint8 picture of n cells on a k x k grid (k = ceil(sqrt(n)), 8 x 8 for n = 64): each row is one
     random training digit, its first column the original and the other columns independent augmentations."""
     if n < 1:
         raise ValueError(f"augment_grid needs n >= 1 cells, got {n}")
     k = math.isqrt(n - 1) + 1
-    rows = rng.integers(0, len(X_u8), size=k)
+    rows = gen.integers(0, len(X_u8), size=k)
     idx = np.repeat(rows, k)[:n].astype(np.int64)
     out = np.empty((n, P), dtype=np.float32)
-    augment_batch(X_u8, idx, out, aug, int(rng.integers(2**63)), 0, 0)
+    augment_batch(X_u8, idx, out, aug, int(gen.integers(2**63)), 0, 0)  # gen picks the rows and the seed
     out[::k] = LUT[X_u8[idx[::k]]]  # column 0: the original
     img = np.zeros((k * S, k * S), dtype=np.uint8)
     cells = np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8).reshape(n, S, S)

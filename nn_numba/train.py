@@ -24,9 +24,9 @@ from .checkpoint import SLOTS, Checkpoint, OptimState, load, save
 from .config import Config, ConfigError, check, from_dict
 from .errors import NNError
 from .model import MLP, evaluate, n_params
-from .runs import check_space, new_run_dir, point_latest, write_text_atomic
 from .rng import order as epoch_order
 from .rng import split
+from .runs import check_space, new_run_dir, point_latest, write_text_atomic
 from .schedule import lr_at
 
 KINDS = {"sgd": kernels.SGD, "momentum": kernels.MOMENTUM, "adam": kernels.ADAM}

@@ -178,7 +178,7 @@ def split(n, val_split, seed):
 
 def grid_nodes(sigma):
     """Side of the elastic control grid with its outer ring: inner nodes about sigma pixels apart, >= 2."""
-    return max(2, round(27 / sigma) + 1) + 2
+    return max(2, math.floor(27 / sigma + 0.5) + 1) + 2
 
 
 def aug_draws(seed, epoch, q, shift=0, rotate=0.0, scale=0.0, alpha=0.0, sigma=4.0):

@@ -169,6 +169,53 @@ def test_elastic_changes_digits_but_keeps_their_mass(digits):
     assert 0.7 < mass.min() and mass.max() < 1.4  # one digit: squeezed or stretched in places
 
 
+# ------------------------------------------------------------------------------------------ draws
+
+DRAW_MODES = {"shift": Augment(shift=3), "rotate": Augment(rotate=20.0), "scale": Augment(scale=0.2),
+              "elastic": Augment(elastic_alpha=2.5, elastic_sigma=6.0),
+              "all": Augment(shift=2, rotate=10, scale=0.1, elastic_alpha=2.0, elastic_sigma=4)}
+
+
+def _ref_draws(aug, seed, epoch, q):
+    return ref.aug_draws(seed, epoch, q, shift=aug.shift, rotate=aug.rotate, scale=aug.scale,
+                         alpha=aug.elastic_alpha, sigma=aug.elastic_sigma)
+
+
+@pytest.mark.parametrize("mode", list(DRAW_MODES))
+def test_draws_match_the_reference(mode):
+    aug = DRAW_MODES[mode]
+    d = draws(aug, 123, 4, 1000, 6)
+    for r in range(6):
+        want = _ref_draws(aug, 123, 4, 1000 + r)
+        assert (d.dx[r], d.dy[r], d.angle[r], d.scale[r]) == (want["dx"], want["dy"], want["angle"], want["scale"])
+        np.testing.assert_array_equal(d.field[r], want["field"])
+
+
+def test_draws_depend_on_position_only_and_parts_keep_their_draws():
+    aug = DRAW_MODES["all"]
+    whole = draws(aug, 9, 2, 0, 10)
+    tail = draws(aug, 9, 2, 4, 6)  # a resumed batch or a later one: the same sample, the same draws
+    for a, b in zip(whole, tail):
+        np.testing.assert_array_equal(a[4:], b)
+    assert not np.array_equal(whole.field, draws(aug, 9, 3, 0, 10).field)  # each epoch its own
+    alone = draws(Augment(shift=2), 9, 2, 0, 10)  # switching the other parts off moves no shift
+    np.testing.assert_array_equal(alone.dx, whole.dx)
+    np.testing.assert_array_equal(alone.dy, whole.dy)
+    assert (alone.angle == 0).all() and (alone.scale == 1).all() and alone.field.size == 0
+
+
+def test_draws_are_uniform_over_their_ranges():
+    aug = Augment(shift=2, rotate=10.0, scale=0.1, elastic_alpha=2.0, elastic_sigma=9.0)
+    d = draws(aug, 1, 0, 0, 5000)
+    counts = np.bincount(d.dx + 2, minlength=5)
+    assert len(counts) == 5 and counts.min() > 850 and counts.max() < 1150  # 1000 each expected
+    assert set(np.unique(d.dy)) == {-2, -1, 0, 1, 2}
+    for v, lo, hi in ((d.angle, -10, 10), (d.scale, 0.9, 1.1), (d.field, -2, 2)):
+        assert lo <= v.min() and v.max() <= hi
+        assert abs(v.mean() - (lo + hi) / 2) < 0.03 * (hi - lo)
+        assert abs(v.std() - (hi - lo) / 12**0.5) < 0.03 * (hi - lo)
+
+
 # ------------------------------------------------------------------------------------------ augment_batch
 
 MODES = {

@@ -56,6 +56,22 @@ def test_same_seed_gives_identical_weights(run, tmp_path, mnist_path):
     assert not np.array_equal(load(other / "last.ck").weights[0], a.weights[0])
 
 
+def test_without_validation_split_best_is_the_last_epoch(tmp_path, mnist_path):
+    """docs/training.md: no validation split, best.ck is the last epoch, even when training got worse
+    (a resumed second epoch at a far too high rate)."""
+    raw = json.loads(json.dumps(SMALL))
+    raw["data"] = {"val_split": 0.0}
+    raw["train"].update(out=str(tmp_path), epochs=1)
+    run = train(from_dict(raw), data_dir=str(mnist_path), quiet=True)
+    raw["train"]["epochs"], raw["optim"]["lr"] = 2, 0.2
+    train(from_dict(raw), data_dir=str(mnist_path), resume=str(run), quiet=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["train_acc"] < rows[0]["train_acc"]  # the case that tells the rules apart
+    best, last = load(run / "best.ck"), load(run / "last.ck")
+    assert best.meta["epoch"] == 2
+    assert all(np.array_equal(x, y) for x, y in zip(best.weights + best.biases, last.weights + last.biases))
+
+
 def test_validation_split_is_disjoint_and_seeded():
     tr, va = split(60000, 0.1, 0)
     assert len(tr) == 54000 and len(va) == 6000 and not np.intersect1d(tr, va).size

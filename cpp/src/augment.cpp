@@ -87,8 +87,8 @@ Augment::Augment(const Config& c)
       elastic_sigma(c.elastic_sigma) {}
 
 int Augment::grid() const {
-    // nn_numba.augment.grid_size: max(2, round(27 / sigma) + 1), Python's round (half to even) + the ring
-    return std::max(2, int(std::nearbyint((S - 1) / elastic_sigma)) + 1) + 2;
+    // nn_numba.augment.grid_size: max(2, floor(27 / sigma + 0.5) + 1) inner nodes, + the ring
+    return std::max(2, int(round_half_up((S - 1) / elastic_sigma)) + 1) + 2;
 }
 
 Draws augment_draws(const Augment& aug, uint64_t seed, uint64_t epoch, uint64_t q) {

@@ -1,5 +1,7 @@
 #include "mlp.h"
 
+#include "rng.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -373,6 +375,10 @@ OptimState Optimizer::state() const {
     if (kind >= 1) st.slots.push_back(slot0);
     if (kind == 2) st.slots.push_back(slot1);
     return st;
+}
+
+long Schedule::warmup_steps(double warmup_epochs, long steps_per_epoch) {
+    return round_half_up(warmup_epochs * double(steps_per_epoch));  // the product rounded, then + 0.5: no FMA
 }
 
 double Schedule::at(long s) const {

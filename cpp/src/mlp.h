@@ -90,6 +90,8 @@ struct Schedule {
     int step_epochs = 10;
     long steps_per_epoch = 1, warmup = 0, total = 1;  // in optimiser steps
     double at(long s) const;  // the rate of step s, counted from 0
+    // Wu = floor(warmup_epochs * steps_per_epoch + 0.5): round half up (docs/training.md)
+    static long warmup_steps(double warmup_epochs, long steps_per_epoch);
 };
 
 struct Eval {

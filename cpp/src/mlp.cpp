@@ -366,6 +366,14 @@ void Optimizer::step(Net& net, const Work& w, double lr) {
     }
 }
 
+double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, bool mean, double lr, int* correct) {
+    forward(net, w, nb);
+    double loss = loss_grad(w, net, y, nb, mean, correct);
+    backward(net, w, nb);
+    opt.step(net, w, lr);
+    return loss;
+}
+
 OptimState Optimizer::state() const {
     OptimState st;
     st.kind = uint32_t(kind);

@@ -78,6 +78,10 @@ struct Optimizer {
     OptimState state() const;
 };
 
+// One optimiser step on the batch already in w.A[0] (nb rows of n0 floats): forward, loss, backward, update.
+// Returns the summed per-sample loss; *correct gets the number of argmax hits.
+double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, bool mean, double lr, int* correct);
+
 struct Schedule {
     std::string kind = "constant";  // constant | cosine | step
     double lr = 1e-3, min_lr = 0.0, gamma = 0.1;

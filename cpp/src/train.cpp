@@ -4,7 +4,6 @@
 #include <cmath>
 #include <cstdio>
 #include <ctime>
-#include <sys/resource.h>
 #include <sys/stat.h>
 
 #ifdef _OPENMP
@@ -17,18 +16,6 @@
 #include "json.h"
 #include "mlp.h"
 
-namespace {
-
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-// CPU seconds of the whole process (all threads): on a shared machine wall time also counts
-// the time other programs hold the cores, CPU time does not.
-double cpu_seconds() {
-    struct rusage u;
-    getrusage(RUSAGE_SELF, &u);
-    return double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + 1e-6 * double(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
-}
-
 int optimizer_kind(const std::string& s) {
     if (s == "sgd") return 0;
     if (s == "momentum") return 1;
@@ -36,6 +23,10 @@ int optimizer_kind(const std::string& s) {
     throw NNError("unknown optimizer '" + s + "' (use sgd, momentum or adam)");
 }
 
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 std::string now_iso() {
     char b[32];
     std::time_t t = std::time(nullptr);
@@ -202,42 +193,4 @@ double train(const TrainConfig& cfg) {
         std::fflush(stdout);
     }
     return best_test;
-}
-
-BenchResult bench(int batch, int threads, int epochs, const std::vector<uint32_t>& sizes, const std::string& optimizer) {
-#ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
-    int used = omp_get_max_threads();
-#else
-    (void)threads;
-    int used = 1;
-#endif
-    // Random pixels and labels: timing does not depend on the values (no sparsity
-    // tricks), and the benchmark then needs no dataset.
-    const uint32_t N = 60000;
-    Rng rng(1234);
-    std::vector<uint8_t> px(size_t(N) * sizes[0]), y(N);
-    for (size_t i = 0; i < px.size(); i += 8) {  // eight random bytes per draw
-        uint64_t r = rng.next();
-        for (size_t k = i; k < std::min(px.size(), i + 8); k++, r >>= 8) px[k] = uint8_t(r);
-    }
-    for (auto& l : y) l = uint8_t(rng.below(sizes.back()));
-    Net net = he_init(sizes, rng);
-    Optimizer opt(optimizer_kind(optimizer), net);
-    Work w(net, batch);
-    Schedule sch;
-    sch.total = long(epochs) * ((N + batch - 1) / batch);
-    std::vector<uint32_t> order(N);
-    for (uint32_t i = 0; i < N; i++) order[i] = i;
-    long step = 0, hits = 0;
-    double lr, best = 1e30, best_cpu = 1e30;
-    for (int e = 0; e < epochs; e++) {
-        rng.shuffle(order);
-        auto t0 = Clock::now();
-        double c0 = cpu_seconds();
-        run_epoch(net, w, opt, sch, &step, e, px.data(), y.data(), order, batch, true, &hits, &lr);
-        best = std::min(best, since(t0));  // fastest epoch: least disturbed by other load
-        best_cpu = std::min(best_cpu, cpu_seconds() - c0);
-    }
-    return {best, N / best, best_cpu, used};
 }

@@ -1,4 +1,4 @@
-// The training loop of docs/training.md and the synthetic-data benchmark.
+// The training loop of docs/training.md.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -31,10 +31,5 @@ struct TrainConfig {
 // to cfg.out after every improving epoch. Returns the test accuracy of that checkpoint.
 double train(const TrainConfig& cfg);
 
-struct BenchResult {
-    double seconds_per_epoch, samples_per_s;  // wall clock, fastest epoch
-    double cpu_seconds_per_epoch;              // summed over threads, fastest epoch
-    int threads;
-};
-// Times `epochs` training epochs (adam, mean) of the default net on 60,000 random samples.
-BenchResult bench(int batch, int threads, int epochs, const std::vector<uint32_t>& sizes, const std::string& optimizer);
+// The OPTM code of an optimiser name: 0 sgd, 1 momentum, 2 adam; NNError for any other name.
+int optimizer_kind(const std::string& name);

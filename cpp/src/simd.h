@@ -32,6 +32,9 @@ inline vf zero() { return _mm512_setzero_ps(); }
 inline vf load(const float* p) { return _mm512_loadu_ps(p); }
 inline void store(float* p, vf x) { _mm512_storeu_ps(p, x); }
 inline vf loadn(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+typedef __mmask16 lmask;  // the first n lanes, made once for many loads (loadm)
+inline lmask mask_of(int n) { return lanes(n); }
+inline vf loadm(const float* p, lmask m) { return _mm512_maskz_loadu_ps(m, p); }
 inline void storen(float* p, vf x, int n) { _mm512_mask_storeu_ps(p, lanes(n), x); }
 inline vf bcast(float x) { return _mm512_set1_ps(x); }
 inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
@@ -61,6 +64,9 @@ inline vf zero() { return _mm256_setzero_ps(); }
 inline vf load(const float* p) { return _mm256_loadu_ps(p); }
 inline void store(float* p, vf x) { _mm256_storeu_ps(p, x); }
 inline vf loadn(const float* p, int n) { return _mm256_maskload_ps(p, lanes(n)); }
+typedef __m256i lmask;
+inline lmask mask_of(int n) { return lanes(n); }
+inline vf loadm(const float* p, lmask m) { return _mm256_maskload_ps(p, m); }
 inline void storen(float* p, vf x, int n) { _mm256_maskstore_ps(p, lanes(n), x); }
 inline vf bcast(float x) { return _mm256_set1_ps(x); }
 inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
@@ -93,6 +99,9 @@ inline vf loadn(const float* p, int n) {
 inline void storen(float* p, vf x, int n) {
     for (int q = 0; q < n && q < V; q++) p[q] = x[q];
 }
+typedef int lmask;
+inline lmask mask_of(int n) { return n; }
+inline vf loadm(const float* p, lmask n) { return loadn(p, n); }
 inline vf bcast(float x) { return vf{x, x, x, x}; }
 inline vf fma(vf a, vf b, vf c) { return a * b + c; }
 inline vf add(vf a, vf b) { return a + b; }
@@ -118,6 +127,16 @@ inline unsigned nonzero_lanes(vf x) {
 }
 
 #endif
+
+// Pins x to a register: the compiler then loads a vector once for all its uses instead of
+// folding a fresh load into each FMA (which makes a tile load-bound).
+inline void pin(vf& x) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    asm("" : "+v"(x));
+#else
+    (void)x;
+#endif
+}
 
 inline vf ld(const float* p, int n) { return n >= V ? load(p) : loadn(p, n); }
 inline void st(float* p, vf x, int n) {

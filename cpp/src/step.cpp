@@ -57,6 +57,7 @@ void dot_tile(int K, const float* A, int lda, const float* W, int ldw, const flo
         for (int s = 0; s < S; s++) w[s] = load(W + size_t(s) * ldw + k);
         for (int r = 0; r < R; r++) {
             vf a = load(A + size_t(r) * lda + k);
+            pin(a);
             for (int s = 0; s < S; s++) acc[r * S + s] = fma(a, w[s], acc[r * S + s]);
         }
     }
@@ -189,20 +190,33 @@ int lit_block(const float* X, int n0, int nb, int kb, int32_t* idx, float* pk) {
 // ---------------------------------------------------------------- backward
 
 // D[r, k0 ..] = (dZ[r] W)[k0 ..] where A[r] > 0, for R samples and one column block of TW.
+// In the last block (EDGE) a row of W ends inside the tile: the lanes past it read the start of
+// the next row, and the mask A > 0 zeroes them (A's padding is 0); only W's last row, which has no
+// next row, takes masked loads.
 template <int R, bool EDGE>
 void input_tile(int N, const float* dZ, int ldz, const float* W, int K, int k0, const float* A, int lda, float* D,
                 int ldd) {
     vf acc[R][TS];
     for (auto& row : acc)
         for (auto& a : row) a = zero();
-    for (int o = 0; o < N; o++) {
-        const float* w = W + size_t(o) * K + k0;
-        vf wv[TS];
-        for (int s = 0; s < TS; s++) wv[s] = EDGE ? loadn(w + s * V, K - k0 - s * V) : load(w + s * V);
+    auto add_row = [&](int o, const vf* wv) {
         for (int r = 0; r < R; r++) {
             const vf d = bcast(dZ[size_t(r) * ldz + o]);
             for (int s = 0; s < TS; s++) acc[r][s] = fma(d, wv[s], acc[r][s]);
         }
+    };
+    const int last = EDGE ? N - 1 : N;
+    for (int o = 0; o < last; o++) {
+        const float* w = W + size_t(o) * K + k0;
+        vf wv[TS];
+        for (int s = 0; s < TS; s++) wv[s] = load(w + s * V);
+        add_row(o, wv);
+    }
+    if (EDGE) {
+        const float* w = W + size_t(N - 1) * K + k0;
+        vf wv[TS];
+        for (int s = 0; s < TS; s++) wv[s] = loadn(w + s * V, K - k0 - s * V);
+        add_row(N - 1, wv);
     }
     for (int r = 0; r < R; r++)
         for (int s = 0; s < TS; s++) {
@@ -241,36 +255,40 @@ void input_grad(int nb, int N, int K, const float* dZ, int ldz, const float* W, 
 
 // The optimiser step on rows o .. o + nr - 1, columns k0 .. of a (.. x K) parameter matrix P with
 // its gradient tile g in registers; M, Vs its slots (or null).
+template <int KIND>
 void step_tile(const vf (*g)[TS], int nr, int o, int k0, int K, float* P, float* M, float* Vs, const StepArgs& s) {
     for (int r = 0; r < nr; r++)
         for (int q = 0; q < TS; q++) {
             const int n = K - k0 - q * V;
             if (n <= 0) break;
             const size_t off = size_t(o + r) * K + k0 + q * V;
-            st(P + off, update(s, ld(P + off, n), g[r][q], M ? M + off : nullptr, Vs ? Vs + off : nullptr, n, true), n);
+            st(P + off, update_k<KIND>(s, ld(P + off, n), g[r][q], M ? M + off : nullptr, Vs ? Vs + off : nullptr, n, true), n);
         }
 }
 
 // The gradient of rows o .. o + TR - 1 of W (N x K) at columns k0 .. k0 + TW - 1, summed over the
 // batch in sample order, then the optimiser step on that block of W. dZ has TR readable columns
-// from o (the padding and the buffers' slack); rows past N are computed and dropped.
-template <bool EDGE>
+// from o (the padding and the buffers' slack); rows past N are computed and dropped. EDGE: A's
+// rows end inside the tile (an unpadded input batch), so its loads are masked.
+template <bool EDGE, int KIND>
 void weight_tile(int nb, const float* dZ, int ldz, int o, const float* A, int lda, int K, int k0, int N, float* W,
                  float* M, float* Vs, const StepArgs& s) {
     vf acc[TR][TS];
     for (auto& row : acc)
         for (auto& a : row) a = zero();
+    lmask m[TS];
+    for (int q = 0; q < TS; q++) m[q] = mask_of(K - k0 - q * V);
     for (int b = 0; b < nb; b++) {
         const float* a = A + size_t(b) * lda + k0;
         vf av[TS];
-        for (int q = 0; q < TS; q++) av[q] = EDGE ? loadn(a + q * V, K - k0 - q * V) : load(a + q * V);
+        for (int q = 0; q < TS; q++) av[q] = EDGE ? loadm(a + q * V, m[q]) : load(a + q * V);
         const float* d = dZ + size_t(b) * ldz + o;
         for (int r = 0; r < TR; r++) {
             const vf c = bcast(d[r]);
             for (int q = 0; q < TS; q++) acc[r][q] = fma(c, av[q], acc[r][q]);
         }
     }
-    step_tile(acc, std::min(TR, N - o), o, k0, K, W, M, Vs, s);
+    step_tile<KIND>(acc, std::min(TR, N - o), o, k0, K, W, M, Vs, s);
 }
 
 // dB[o0 .. o0 + V) = column sums of dZ in sample order, then the step on those biases.
@@ -286,6 +304,7 @@ void bias_step(int nb, const float* dZ, int ldz, int o0, int N, float* B, float*
 // nowait: the next phase (the input gradient of the layer below) touches nothing this one writes.
 void weight_step(int nb, int N, int K, const float* dZ, int ldz, const float* A, int lda, float* W, float* B,
                  float* MW, float* VW, float* MB, float* VB, const StepArgs& s) {
+    const bool padded = lda >= (K + TW - 1) / TW * TW;  // whole tiles of A are readable
     const int nt = (N + TR - 1) / TR, kt = (K + TW - 1) / TW, bt = (N + V - 1) / V;
 #pragma omp for schedule(static) nowait
     for (int t = 0; t < nt * kt + bt; t++) {
@@ -294,13 +313,19 @@ void weight_step(int nb, int N, int K, const float* dZ, int ldz, const float* A,
             continue;
         }
         const int o = (t % nt) * TR, k0 = (t / nt) * TW;
-        if (k0 + TW <= K) weight_tile<false>(nb, dZ, ldz, o, A, lda, K, k0, N, W, MW, VW, s);
-        else weight_tile<true>(nb, dZ, ldz, o, A, lda, K, k0, N, W, MW, VW, s);
+        auto tile = padded || k0 + TW <= K ? (s.kind == 0   ? weight_tile<false, 0>
+                                    : s.kind == 1 ? weight_tile<false, 1>
+                                                  : weight_tile<false, 2>)
+                                 : (s.kind == 0   ? weight_tile<true, 0>
+                                    : s.kind == 1 ? weight_tile<true, 1>
+                                                  : weight_tile<true, 2>);
+        tile(nb, dZ, ldz, o, A, lda, K, k0, N, W, MW, VW, s);
     }
 }
 
 // The first layer's weight gradient on the sparse path: for pixel block kb, a TR x TW tile of dWT
 // summed over the m samples idx[:m] that light it (pk: their pixels), then the step on WT.
+template <int KIND>
 void sparse_weight_tile(int m, const int32_t* idx, const float* pk, const float* dZ, int ldz, int kb, int j, int n0,
                         float* WT, float* MT, float* VT, int ldT, const StepArgs& s) {
     vf acc[TR][TS];
@@ -317,7 +342,7 @@ void sparse_weight_tile(int m, const int32_t* idx, const float* pk, const float*
         }
     }
     const int k = kb * TR;
-    step_tile(acc, std::min(TR, n0 - k), k, j, ldT, WT, MT, VT, s);
+    step_tile<KIND>(acc, std::min(TR, n0 - k), k, j, ldT, WT, MT, VT, s);
 }
 
 // ---------------------------------------------------------------- the step
@@ -419,7 +444,8 @@ void sparse_first_step(Net& net, Work& w, Optimizer& opt, int nb, const StepArgs
         }
         const int kb = t / jt, j = (t % jt) * TW, m = w.bcnt[kb];
         if (m == 0 && idle) continue;
-        sparse_weight_tile(m, &w.bidx[size_t(kb) * w.cap], &w.pk[size_t(kb) * w.cap * SLOT], w.G[0].data(), ldT, kb, j,
+        auto tile = s.kind == 0 ? sparse_weight_tile<0> : s.kind == 1 ? sparse_weight_tile<1> : sparse_weight_tile<2>;
+        tile(m, &w.bidx[size_t(kb) * w.cap], &w.pk[size_t(kb) * w.cap * SLOT], w.G[0].data(), ldT, kb, j,
                            n0, w.WT.data(), MT, VT, ldT, s);
     }
 }

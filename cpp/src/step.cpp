@@ -92,25 +92,28 @@ void dot_rows(int S, int K, const float* A, int lda, const float* W, int ldw, co
 
 // Z (nb x N, row stride ldz) = relu?(A W^T + bias), W (N x K) as stored. Tiles with W's rows
 // outermost, so a thread's consecutive tiles share TS rows of W in L1.
+// One TR x TS tile of forward_dense at rows i, columns j.
+void dot_task(int i, int j, int nb, int N, int K, const float* A, int lda, const float* W, const float* bias, bool relu,
+              float* Z, int ldz) {
+    const int mr = std::min(TR, nb - i), nr = std::min(TS, N - j);
+    const float* a = A + size_t(i) * lda;
+    const float* w = W + size_t(j) * K;
+    float* z = Z + size_t(i) * ldz + j;
+    switch (mr) {
+        case 6: dot_rows<6>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+        case 5: dot_rows<5>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+        case 4: dot_rows<4>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+        case 3: dot_rows<3>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+        case 2: dot_rows<2>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+        default: dot_rows<1>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+    }
+}
+
 void forward_dense(int nb, int N, int K, const float* A, int lda, const float* W, const float* bias, bool relu,
                    float* Z, int ldz) {
     const int mt = (nb + TR - 1) / TR, nt = (N + TS - 1) / TS;
 #pragma omp for schedule(static)
-    for (int t = 0; t < mt * nt; t++) {
-        const int i = (t % mt) * TR, j = (t / mt) * TS;
-        const int mr = std::min(TR, nb - i), nr = std::min(TS, N - j);
-        const float* a = A + size_t(i) * lda;
-        const float* w = W + size_t(j) * K;
-        float* z = Z + size_t(i) * ldz + j;
-        switch (mr) {
-            case 6: dot_rows<6>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
-            case 5: dot_rows<5>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
-            case 4: dot_rows<4>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
-            case 3: dot_rows<3>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
-            case 2: dot_rows<2>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
-            default: dot_rows<1>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
-        }
-    }
+    for (int t = 0; t < mt * nt; t++) dot_task((t % mt) * TR, (t / mt) * TS, nb, N, K, A, lda, W, bias, relu, Z, ldz);
 }
 
 // The lit pixels of one sample x (n0 floats) in pixel order: cols[:cnt], vals[:cnt]. Blocks of V
@@ -240,17 +243,21 @@ void input_rows(int mr, int N, const float* dZ, int ldz, const float* W, int K, 
 
 // D (nb x K, stride ldd = A's) = (dZ W) masked by A > 0: the gradient at the layer's input through
 // the previous ReLU. Column blocks outermost: a run of tiles reads the same N x TW block of W.
+// One TR x TW tile of input_grad at rows i, columns k0.
+void input_task(int i, int k0, int nb, int N, int K, const float* dZ, int ldz, const float* W, const float* A, int lda,
+                float* D) {
+    const int mr = std::min(TR, nb - i);
+    const float* dz = dZ + size_t(i) * ldz;
+    const float* a = A + size_t(i) * lda;
+    float* d = D + size_t(i) * lda;
+    if (k0 + TW <= K) input_rows<false>(mr, N, dz, ldz, W, K, k0, a, lda, d, lda);
+    else input_rows<true>(mr, N, dz, ldz, W, K, k0, a, lda, d, lda);
+}
+
 void input_grad(int nb, int N, int K, const float* dZ, int ldz, const float* W, const float* A, int lda, float* D) {
     const int mt = (nb + TR - 1) / TR, kt = (K + TW - 1) / TW;
 #pragma omp for schedule(static)
-    for (int t = 0; t < mt * kt; t++) {
-        const int i = (t % mt) * TR, k0 = (t / mt) * TW, mr = std::min(TR, nb - i);
-        const float* dz = dZ + size_t(i) * ldz;
-        const float* a = A + size_t(i) * lda;
-        float* d = D + size_t(i) * lda;
-        if (k0 + TW <= K) input_rows<false>(mr, N, dz, ldz, W, K, k0, a, lda, d, lda);
-        else input_rows<true>(mr, N, dz, ldz, W, K, k0, a, lda, d, lda);
-    }
+    for (int t = 0; t < mt * kt; t++) input_task((t % mt) * TR, (t / mt) * TW, nb, N, K, dZ, ldz, W, A, lda, D);
 }
 
 // The optimiser step on rows o .. o + nr - 1, columns k0 .. of a (.. x K) parameter matrix P with
@@ -452,6 +459,33 @@ void sparse_first_step(Net& net, Work& w, Optimizer& opt, int nb, const StepArgs
 
 float* slot(std::vector<std::vector<float>>& v, int i) { return v.empty() ? nullptr : v[i].data(); }
 
+// Softmax cross-entropy of samples i .. i + mr - 1: their losses, hits and dZ_L.
+void loss_rows(const Net& net, Work& w, const uint8_t* y, int i, int mr, double scale) {
+    const int L = net.layers(), C = int(net.sizes[L]), ld = w.ld[L];
+    for (int b = i; b < i + mr; b++) {
+        int arg;
+        w.loss[b] = xent_row(w.H[L].data() + size_t(b) * ld, C, y[b], scale, w.G[L - 1].data() + size_t(b) * ld, &arg);
+        w.hit[b] = arg == y[b];
+    }
+}
+
+// The last layer, the loss and the gradient at the last layer's input, TR samples per task: a
+// sample needs only its own row at each stage, so the three stages share one parallel loop.
+void last_layer(const Net& net, Work& w, const uint8_t* y, int nb, double scale) {
+    const int L = net.layers(), N = int(net.sizes[L]), K = int(net.sizes[L - 1]);
+    const float* A = w.H[L - 1].data();
+#pragma omp for schedule(static)
+    for (int i = 0; i < nb; i += TR) {
+        for (int j = 0; j < N; j += TS)
+            dot_task(i, j, nb, N, K, A, w.ld[L - 1], net.W[L - 1].data(), net.B[L - 1].data(), false, w.H[L].data(),
+                     w.ld[L]);
+        loss_rows(net, w, y, i, std::min(TR, nb - i), scale);
+        for (int k0 = 0; k0 < K; k0 += TW)
+            input_task(i, k0, nb, N, K, w.G[L - 1].data(), w.ld[L], net.W[L - 1].data(), A, w.ld[L - 1],
+                       w.G[L - 2].data());
+    }
+}
+
 }  // namespace
 
 void sync(Net& net, Work& w, Optimizer& opt) {
@@ -460,7 +494,7 @@ void sync(Net& net, Work& w, Optimizer& opt) {
 
 double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, bool mean, double lr, int* correct) {
     prepare(net, w);
-    const int L = net.layers(), n0 = int(net.sizes[0]), C = int(net.sizes[L]);
+    const int L = net.layers(), n0 = int(net.sizes[0]);
     const StepArgs s = opt.begin(lr);
     // MNIST-like batches (few lit pixels) take the sparse first layer; dense inputs the tiles
     const bool sparse = nb < TR || density(w.A[0].data(), std::min(nb, 8), n0) <= 0.4;
@@ -472,19 +506,18 @@ double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, b
         else
             forward_dense(nb, int(net.sizes[1]), n0, w.A[0].data(), n0, net.W[0].data(), net.B[0].data(), L > 1,
                           w.H[1].data(), w.ld[1]);
-        for (int l = 1; l < L; l++)
+        for (int l = 1; l + 1 < L; l++)
             forward_dense(nb, int(net.sizes[l + 1]), int(net.sizes[l]), w.H[l].data(), w.ld[l], net.W[l].data(),
-                          net.B[l].data(), l + 1 < L, w.H[l + 1].data(), w.ld[l + 1]);
+                          net.B[l].data(), true, w.H[l + 1].data(), w.ld[l + 1]);
+        if (L > 1) {
+            last_layer(net, w, y, nb, scale);
+        } else {
 #pragma omp for schedule(static)
-        for (int b = 0; b < nb; b++) {
-            int arg;
-            w.loss[b] = xent_row(w.H[L].data() + size_t(b) * w.ld[L], C, y[b], scale,
-                                 w.G[L - 1].data() + size_t(b) * w.ld[L], &arg);
-            w.hit[b] = arg == y[b];
+            for (int i = 0; i < nb; i += TR) loss_rows(net, w, y, i, std::min(TR, nb - i), scale);
         }
         for (int l = L - 1; l >= 0; l--) {
             const int N = int(net.sizes[l + 1]), K = int(net.sizes[l]);
-            if (l > 0)  // reads the old W_l, so before its step
+            if (l > 0 && l < L - 1)  // reads the old W_l, so before its step (last_layer did l = L - 1)
                 input_grad(nb, N, K, w.G[l].data(), w.ld[l + 1], net.W[l].data(), w.H[l].data(), w.ld[l],
                            w.G[l - 1].data());
             if (l == 0 && sparse) sparse_first_step(net, w, opt, nb, s);

@@ -1,4 +1,5 @@
 #include "mlp.h"
+#include "error.h"
 #include "update.h"
 
 #include <algorithm>
@@ -244,7 +245,13 @@ void load_batch(Work& w, const uint8_t* pixels, int n_in, const uint32_t* idx, i
     }
 }
 
+// The rule of train_step: nothing reads W1 while train_step holds it.
+static void check_not_lent(bool lent) {
+    if (lent) throw NNError("internal error: train_step holds the first layer's weights; call sync(net, w, opt) first");
+}
+
 void forward(const Net& net, Work& w, int nb) {
+    check_not_lent(net.w1_lent);
     const int L = net.layers();
     for (int l = 0; l < L; l++) {
         const int in = int(net.sizes[l]), out = int(net.sizes[l + 1]);
@@ -345,6 +352,7 @@ static void update_all(const StepArgs& s, float* th, const float* g, float* m, f
 }
 
 void Optimizer::step(Net& net, const Work& w, double lr) {
+    check_not_lent(net.w1_lent || w1_lent);
     const StepArgs s = begin(lr);
     int pi = 0;
     for (int l = 0; l < net.layers(); l++) {
@@ -359,6 +367,7 @@ void Optimizer::step(Net& net, const Work& w, double lr) {
 }
 
 OptimState Optimizer::state() const {
+    check_not_lent(w1_lent);
     OptimState st;
     st.kind = uint32_t(kind);
     st.step = t;

@@ -19,6 +19,7 @@ struct Net {
     std::vector<uint32_t> sizes;        // n0 ... nL
     std::vector<std::vector<float>> W;  // W[l]: n_{l+1} x n_l
     std::vector<std::vector<float>> B;  // B[l]: n_{l+1}
+    bool w1_lent = false;               // W[0] is stale: train_step holds W1 in its Work (see sync)
     int layers() const { return int(sizes.size()) - 1; }
     size_t n_params() const;
 };
@@ -117,6 +118,7 @@ struct Optimizer {
     double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
     uint64_t t = 0;                                   // steps taken
     std::vector<std::vector<float>> slot0, slot1;     // velocity, or Adam m and v; per parameter W1 B1 W2 ...
+    bool w1_lent = false;                             // slot0[0], slot1[0] are stale (see sync)
     Optimizer(int kind, const Net& net);
     // One update of every parameter with learning rate lr, using w.dW / w.dB.
     void step(Net& net, const Work& w, double lr);
@@ -133,9 +135,11 @@ struct Optimizer {
 // It keeps its activations in w.H / w.G: w.A[1..L], w.dZ, w.dW and w.dB are left alone.
 // The rule for net.W[0] and the optimiser's slots of W1: on the sparse path train_step keeps them
 // transposed inside w (w.transposed), so between train_step calls net.W[0], opt.slot0[0],
-// opt.slot1[0] and opt.state() are stale. Call sync(net, w, opt) before reading or writing any
-// of them (evaluate, predict, a checkpoint, loading a resumed state); the next train_step picks
-// the change up. net.B, the other layers and opt.t are always current.
+// opt.slot1[0] and opt.state() are stale (net.w1_lent and opt.w1_lent say so, and forward,
+// evaluate, predict, Optimizer::step and state() throw NNError rather than read them). Call
+// sync(net, w, opt) before reading or writing any of them (evaluate, predict, a checkpoint,
+// loading a resumed state); the next train_step picks the change up. net.B, the other layers
+// and opt.t are always current.
 double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, bool mean, double lr, int* correct);
 // Makes net.W[0] and opt's W1 slots current (see train_step). Cheap when they already are.
 void sync(Net& net, Work& w, Optimizer& opt);

@@ -394,7 +394,7 @@ void move_first(Net& net, Work& w, Optimizer& opt, bool to_t) {
     transpose_first(net.W[0], w.WT, n1, n0, ldT, to_t);
     if (opt.kind >= 1) transpose_first(opt.slot0[0], w.MT, n1, n0, ldT, to_t);
     if (opt.kind == 2) transpose_first(opt.slot1[0], w.VT, n1, n0, ldT, to_t);
-    w.transposed = to_t;
+    w.transposed = net.w1_lent = opt.w1_lent = to_t;
 }
 
 // The share of non-zero values in the first rows of X: picks the first layer's path.

@@ -316,6 +316,27 @@ static void test_train_step(const std::vector<uint32_t>& sz, const RefOpt& o, bo
     CHECK(opt2.state().slots == opt.state().slots);
 }
 
+// While train_step holds W1 transposed, whatever reads net.W[0] or the W1 slots refuses to;
+// after sync they read what train_step trained.
+static void test_sync_rule() {
+    Rng rng(9);
+    Net net = he_init({20, 5, 3}, rng);
+    Optimizer opt(2, net);
+    Work w(net, 6);
+    std::vector<uint8_t> px(6 * 20, 0), y = {0, 1, 2, 0, 1, 2};
+    for (int i = 0; i < 6; i++) px[i * 20 + i] = 200;  // one lit pixel each: the sparse path
+    std::vector<uint32_t> idx = {0, 1, 2, 3, 4, 5};
+    load_batch(w, px.data(), 20, idx.data(), 6);
+    const std::vector<float> before = net.W[0];
+    train_step(net, w, opt, y.data(), 6, true, 0.1, nullptr);
+    CHECK(net.w1_lent && opt.w1_lent);
+    expect_error("evaluate before sync", [&] { evaluate(net, px.data(), y.data(), 6); }, "call sync");
+    expect_error("state before sync", [&] { opt.state(); }, "call sync");
+    sync(net, w, opt);
+    CHECK(!net.w1_lent && !opt.w1_lent && net.W[0] != before);
+    CHECK(evaluate(net, px.data(), y.data(), 6).n == 6 && opt.state().slots.size() == 2);
+}
+
 static void test_schedule() {
     Schedule s;
     s.kind = "cosine";
@@ -374,6 +395,7 @@ int main() {
         for (RefOpt o : {RefOpt{0, 0.05}, RefOpt{0, 0.05, 0.01}, RefOpt{1, 0.05}, RefOpt{1, 0.05, 0.01, 0.9, true},
                          RefOpt{2, 1e-3}, RefOpt{2, 1e-3, 0.01}})
             for (bool mean : {true, false}) test_train_step(sz, o, mean);
+    test_sync_rule();
     test_schedule();
     test_rng();
     return finish("test_mlp");

@@ -30,7 +30,7 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instea
 
 
 def _default_checkpoint(checkpoint: str | None) -> Path:
-    from .train import default_checkpoint
+    from .runs import default_checkpoint
 
     return default_checkpoint(checkpoint)
 

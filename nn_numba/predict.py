@@ -265,7 +265,7 @@ def free_name(folder: Path, stem: str, taken: set[Path]) -> Path:
 
 def default_checkpoint(runs_dir: str | os.PathLike = "runs") -> Path:
     """RUN/best.ck of the newest run (runs/latest)."""
-    from .train import default_checkpoint as newest
+    from .runs import default_checkpoint as newest
 
     return newest(None, runs_dir)
 

@@ -100,7 +100,7 @@ def steps_per_epoch(cfg: Config) -> int:
 
 def schedule(cfg: Config) -> np.ndarray:
     """The learning rate of every optimiser step the config plans: (epochs * steps_per_epoch,) float64."""
-    from .train import lr_at
+    from .schedule import lr_at
 
     spe = steps_per_epoch(cfg)
     return np.array([lr_at(cfg, s, spe) for s in range(cfg.train.epochs * spe)])
@@ -444,7 +444,7 @@ def report(runs: list[str] | None = None, out: str | None = None, data_dir: str 
            runs_root: str = "runs", quiet: bool = False) -> list[dict[str, Any]]:
     """Report on each run folder (default: the latest under runs_root); returns one summary per run."""
     from .data import load_mnist
-    from .train import latest_run
+    from .runs import latest_run
 
     _plt()  # fail first, in one line, when matplotlib is missing
     folders = [Path(r) for r in runs] if runs else [latest_run(runs_root)]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import time
 from dataclasses import asdict
@@ -25,6 +24,8 @@ from .checkpoint import SLOTS, Checkpoint, OptimState, load, save
 from .config import Config, ConfigError, check, from_dict
 from .errors import NNError
 from .model import MLP, evaluate, n_params
+from .runs import check_space, new_run_dir, point_latest, write_text_atomic
+from .schedule import lr_at
 
 KINDS = {"sgd": kernels.SGD, "momentum": kernels.MOMENTUM, "adam": kernels.ADAM}
 
@@ -48,21 +49,6 @@ def set_threads(threads: int) -> int:
         n = limit
     numba.set_num_threads(n)
     return n
-
-
-def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
-    """The learning rate of optimiser step `step` (from 0), as in docs/training.md."""
-    o, s = cfg.optim, cfg.schedule
-    warm = int(round(s.warmup_epochs * steps_per_epoch))
-    if step < warm:
-        return o.lr * (step + 1) / warm
-    if s.name == "step":
-        return o.lr * s.gamma ** (step // steps_per_epoch // s.step_epochs)
-    if s.name == "cosine":
-        total = cfg.train.epochs * steps_per_epoch
-        frac = (step - warm) / max(total - warm, 1)
-        return s.min_lr + (o.lr - s.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0))) / 2
-    return o.lr
 
 
 def split(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,102 +160,9 @@ def to_checkpoint(model: MLP, meta: dict, optim: OptimState | None = None) -> Ch
                       meta, optim)
 
 
-def new_run_dir(out: str) -> Path:
-    """OUT/<timestamp>/, created now so an unwritable folder fails before any training."""
-    root = Path(out)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    for n in range(100):
-        run = root / (stamp if n == 0 else f"{stamp}-{n}")
-        try:
-            run.mkdir(parents=True, exist_ok=False)
-            return run
-        except OSError as e:
-            if isinstance(e, FileExistsError) and run.is_dir():
-                continue  # another run started this second
-            why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
-            raise NNError(f"cannot create the run folder {run}: {why} (choose another with --out)") from None
-    raise NNError(f"cannot create a new run folder in {root}: too many runs started this second")
-
-
-def point_latest(run: Path) -> None:
-    """OUT/latest -> run (a relative symlink, swapped in atomically)."""
-    link = run.parent / "latest"
-    tmp = run.parent / f".latest.tmp-{os.getpid()}"
-    try:
-        if tmp.is_symlink() or tmp.exists():
-            tmp.unlink()
-        tmp.symlink_to(run.name)
-        os.replace(tmp, link)
-        return
-    except OSError:
-        pass
-    try:  # no symlinks here (or `latest` is in the way): a text file naming the run, else nothing
-        tmp.unlink(missing_ok=True)
-        if not link.is_symlink() and not link.is_dir():
-            _write_text_atomic(link, run.name + "\n")
-    except (OSError, NNError):
-        pass  # a convenience only: never fail a run over it
-
-
-def latest_run(out: str | os.PathLike = "runs") -> Path:
-    """The newest run folder, via OUT/latest (a symlink, or a text file naming the run where links fail)."""
-    link = Path(out) / "latest"
-    if link.is_symlink() or link.is_dir():
-        return link.resolve()
-    if link.is_file():
-        return (link.parent / link.read_text().strip()).resolve()
-    raise NNError(f"no runs found in {out}/: run `nn-numba train configs/default.toml` first")
-
-
-def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = "runs") -> Path:
-    """`checkpoint` if given, else best.ck of the newest run."""
-    if checkpoint:
-        return Path(checkpoint)
-    try:
-        ck = latest_run(runs) / "best.ck"
-    except NNError:
-        ck = None
-    if ck is None or not ck.is_file():
-        raise NNError(f"no trained model found ({ck or Path(runs) / 'latest'} does not exist): "
-                      "run `nn-numba train configs/default.toml` first or pass --checkpoint")
-    return ck
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Temp file + fsync + rename, like checkpoint.save: `path` is always either the old or the new text."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # incl. a second Ctrl-C: leave no temp file behind
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise NNError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged "
-                          "(free some space or choose another --out)") from None
-        raise
-
-
 def _finite(d: dict) -> dict:
     """Metrics as strict JSON: a NaN/Inf number becomes null (checkpoint META refuses NaN)."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
-
-
-def check_space(folder: Path, n_params: int, slots: int) -> None:
-    """Fail before training, not after an hour, if best.ck + last.ck (+ the temp copy of a save) cannot fit."""
-    need = 4 * n_params * (1 + 2 * (1 + slots)) + (1 << 20)  # + 1 MB for META, metrics and config
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        return  # unknown: the saves will tell
-    if free < need:
-        raise NNError(f"not enough free space in {folder}: checkpoints need about {need / 1e6:.1f} MB, "
-                      f"{free / 1e6:.1f} MB free (free some space or choose another --out)")
 
 
 class _SigInt:
@@ -314,7 +207,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
     if not resume:
         run = new_run_dir(cfg.train.out)
     try:
-        _write_text_atomic(run / "config.toml", cfg.to_toml())
+        write_text_atomic(run / "config.toml", cfg.to_toml())
     except OSError as e:
         raise NNError(f"cannot write to the run folder {run}: {e.strerror} (choose another with --out)") from None
     point_latest(run)
@@ -446,7 +339,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
             save(run / "last.ck", to_checkpoint(model, meta(summary | {"resume": state}), trainer.optim_state()))
             # rewritten whole from the history (atomically, like the checkpoints): never a half line, and
             # after a resume it matches last.ck even if the process was killed between the two writes
-            _write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+            write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             if not quiet:
                 val = f"val {row['val_loss']:.4f} / {100 * row['val_acc']:.2f}%  " if "val_acc" in row else ""
                 tqdm.write(f"epoch {epoch:3d}  train {row['train_loss']:.4f} / {100 * row['train_acc']:.2f}%  "

@@ -284,13 +284,13 @@ def test_unwritable_out_fails_before_training(mnist_path, cfgs, tmp_path):
 
 
 def test_check_space_refuses_a_nearly_full_disk(tmp_path, monkeypatch):
-    from nn_numba import train
+    from nn_numba import runs
 
-    train.check_space(tmp_path, 1000, 2)  # plenty of room
+    runs.check_space(tmp_path, 1000, 2)  # plenty of room
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 10**5, 10**5))
     with pytest.raises(NNError, match="not enough free space"):
-        train.check_space(tmp_path, 1000, 2)
+        runs.check_space(tmp_path, 1000, 2)
 
 
 def test_threads_out_of_range_get_a_sensible_answer(capsys):

@@ -10,7 +10,8 @@ import pytest
 
 from nn_numba.checkpoint import load
 from nn_numba.config import from_dict
-from nn_numba.train import latest_run, split, train
+from nn_numba.runs import latest_run
+from nn_numba.train import split, train
 
 SMALL = {"model": {"sizes": [784, 64, 10]}, "optim": {"name": "adam", "lr": 2e-3},
          "schedule": {"name": "cosine"}, "train": {"epochs": 2, "batch_size": 256, "seed": 3}}

@@ -1,0 +1,100 @@
+"""Run folders: OUT/<timestamp>/ holding config.toml, metrics.jsonl, best.ck and last.ck, the OUT/latest
+pointer, the checkpoint a command uses by default, atomic text writes and the free-space check.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+from .errors import NNError
+
+
+def new_run_dir(out: str) -> Path:
+    """OUT/<timestamp>/, created now so an unwritable folder fails before any training."""
+    root = Path(out)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for n in range(100):
+        run = root / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            run.mkdir(parents=True, exist_ok=False)
+            return run
+        except OSError as e:
+            if isinstance(e, FileExistsError) and run.is_dir():
+                continue  # another run started this second
+            why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
+            raise NNError(f"cannot create the run folder {run}: {why} (choose another with --out)") from None
+    raise NNError(f"cannot create a new run folder in {root}: too many runs started this second")
+
+def point_latest(run: Path) -> None:
+    """OUT/latest -> run (a relative symlink, swapped in atomically)."""
+    link = run.parent / "latest"
+    tmp = run.parent / f".latest.tmp-{os.getpid()}"
+    try:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(run.name)
+        os.replace(tmp, link)
+        return
+    except OSError:
+        pass
+    try:  # no symlinks here (or `latest` is in the way): a text file naming the run, else nothing
+        tmp.unlink(missing_ok=True)
+        if not link.is_symlink() and not link.is_dir():
+            write_text_atomic(link, run.name + "\n")
+    except (OSError, NNError):
+        pass  # a convenience only: never fail a run over it
+
+def latest_run(out: str | os.PathLike = "runs") -> Path:
+    """The newest run folder, via OUT/latest (a symlink, or a text file naming the run where links fail)."""
+    link = Path(out) / "latest"
+    if link.is_symlink() or link.is_dir():
+        return link.resolve()
+    if link.is_file():
+        return (link.parent / link.read_text().strip()).resolve()
+    raise NNError(f"no runs found in {out}/: run `nn-numba train configs/default.toml` first")
+
+def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = "runs") -> Path:
+    """`checkpoint` if given, else best.ck of the newest run."""
+    if checkpoint:
+        return Path(checkpoint)
+    try:
+        ck = latest_run(runs) / "best.ck"
+    except NNError:
+        ck = None
+    if ck is None or not ck.is_file():
+        raise NNError(f"no trained model found ({ck or Path(runs) / 'latest'} does not exist): "
+                      "run `nn-numba train configs/default.toml` first or pass --checkpoint")
+    return ck
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Temp file + fsync + rename, like checkpoint.save: `path` is always either the old or the new text."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:  # incl. a second Ctrl-C: leave no temp file behind
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise NNError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged "
+                          "(free some space or choose another --out)") from None
+        raise
+
+def check_space(folder: Path, n_params: int, slots: int) -> None:
+    """Fail before training, not after an hour, if best.ck + last.ck (+ the temp copy of a save) cannot fit."""
+    need = 4 * n_params * (1 + 2 * (1 + slots)) + (1 << 20)  # + 1 MB for META, metrics and config
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return  # unknown: the saves will tell
+    if free < need:
+        raise NNError(f"not enough free space in {folder}: checkpoints need about {need / 1e6:.1f} MB, "
+                      f"{free / 1e6:.1f} MB free (free some space or choose another --out)")

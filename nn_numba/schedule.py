@@ -1,0 +1,22 @@
+"""The learning-rate schedule of docs/training.md: warm-up, then constant, step or cosine, per optimiser step."""
+
+from __future__ import annotations
+
+import math
+
+from .config import Config
+
+
+def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
+    """The learning rate of optimiser step `step` (from 0), as in docs/training.md."""
+    o, s = cfg.optim, cfg.schedule
+    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return o.lr * (step + 1) / warm
+    if s.name == "step":
+        return o.lr * s.gamma ** (step // steps_per_epoch // s.step_epochs)
+    if s.name == "cosine":
+        total = cfg.train.epochs * steps_per_epoch
+        frac = (step - warm) / max(total - warm, 1)
+        return s.min_lr + (o.lr - s.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0))) / 2
+    return o.lr

@@ -6,7 +6,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
@@ -29,20 +28,7 @@ using Clock = std::chrono::steady_clock;
 const char* PRODUCER = "nn-cpp 0.1.0";
 
 double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-// CPU seconds of the whole process (all threads): on a shared machine wall time also counts
-// the time other programs hold the cores, CPU time does not.
-double cpu_seconds() {
-    struct rusage u;
-    getrusage(RUSAGE_SELF, &u);
-    return double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + 1e-6 * double(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
-}
 
-int optimizer_kind(const std::string& s) {
-    if (s == "sgd") return 0;
-    if (s == "momentum") return 1;
-    if (s == "adam") return 2;
-    throw NNError("unknown optimizer '" + s + "' (use sgd, momentum or adam)");
-}
 const char* KIND_NAMES[] = {"sgd", "momentum", "adam"};
 
 std::string now_local() {  // as Python's datetime.now().isoformat(timespec="seconds")
@@ -177,6 +163,13 @@ void on_sigint(int) {
 
 }  // namespace
 
+int optimizer_kind(const std::string& s) {
+    if (s == "sgd") return 0;
+    if (s == "momentum") return 1;
+    if (s == "adam") return 2;
+    throw NNError("unknown optimizer '" + s + "' (use sgd, momentum or adam)");
+}
+
 std::string train(const Config& cfg, const TrainOptions& o) {
     std::vector<uint32_t> sizes(cfg.sizes.begin(), cfg.sizes.end());
     Resume res;
@@ -299,6 +292,7 @@ std::string train(const Config& cfg, const TrainOptions& o) {
             run_loss += loss;
             run_correct += hits;
             if (g_stop && bi + 1 < spe) {  // mid-epoch: save where we are and stop
+                sync(net, w, opt);
                 elapsed += since(t0);
                 json st = {{"epoch", epoch}, {"batch", bi + 1}, {"run_loss", run_loss}, {"run_correct", run_correct}};
                 save_checkpoint(checkpoint(meta({{"epoch", epoch}, {"resume", st}}), true), run + "/last.ck");
@@ -309,6 +303,7 @@ std::string train(const Config& cfg, const TrainOptions& o) {
         }
         const double seconds = since(t0);
         elapsed += seconds;
+        sync(net, w, opt);  // W1 and its optimiser slots back from train_step: evaluation and checkpoints read them
         json row = {{"epoch", epoch + 1}, {"step", opt.t}, {"lr", lr}, {"train_loss", run_loss / double(n_train)},
                     {"train_acc", double(run_correct) / double(n_train)}};
         if (!val_idx.empty()) {
@@ -366,59 +361,4 @@ std::string train(const Config& cfg, const TrainOptions& o) {
                     pct("val_acc"), pct("test_acc"), run.c_str());
     }
     return run;
-}
-
-namespace {
-
-// One epoch over `order` in mini-batches (the last, smaller batch is kept), for the benchmark.
-void run_epoch(Net& net, Work& w, Optimizer& opt, const Schedule& sch, const uint8_t* pixels, const uint8_t* labels,
-               const std::vector<uint32_t>& order, int batch) {
-    std::vector<uint8_t> y(std::min<size_t>(size_t(batch), order.size()));
-    const int n_in = int(net.sizes[0]);
-    for (size_t s = 0; s < order.size(); s += batch) {
-        int nb = int(std::min<size_t>(batch, order.size() - s));
-        load_batch(w, pixels, n_in, order.data() + s, nb);
-        for (int b = 0; b < nb; b++) y[b] = labels[order[s + b]];
-        int hits;
-        train_step(net, w, opt, y.data(), nb, true, sch.at(long(opt.t)), &hits);
-    }
-}
-
-}  // namespace
-
-BenchResult bench(int batch, int threads, int epochs, const std::vector<uint32_t>& sizes, const std::string& optimizer) {
-#ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
-    int used = omp_get_max_threads();
-#else
-    (void)threads;
-    int used = 1;
-#endif
-    // Random pixels and labels: timing does not depend on the values (no sparsity
-    // tricks), and the benchmark then needs no dataset.
-    const uint32_t N = 60000;
-    Rng rng(1234);
-    std::vector<uint8_t> px(size_t(N) * sizes[0]), y(N);
-    for (size_t i = 0; i < px.size(); i += 8) {  // eight random bytes per draw
-        uint64_t r = rng.next();
-        for (size_t k = i; k < std::min(px.size(), i + 8); k++, r >>= 8) px[k] = uint8_t(r);
-    }
-    for (auto& l : y) l = uint8_t(rng.below(sizes.back()));
-    Net net = he_init(sizes, rng);
-    Optimizer opt(optimizer_kind(optimizer), net);
-    Work w(net, batch);
-    Schedule sch;
-    sch.total = long(epochs) * ((N + batch - 1) / batch);
-    std::vector<uint32_t> order(N);
-    for (uint32_t i = 0; i < N; i++) order[i] = i;
-    double best = 1e30, best_cpu = 1e30;
-    for (int e = 0; e < epochs; e++) {
-        rng.shuffle(order);
-        auto t0 = Clock::now();
-        double c0 = cpu_seconds();
-        run_epoch(net, w, opt, sch, px.data(), y.data(), order, batch);
-        best = std::min(best, since(t0));  // fastest epoch: least disturbed by other load
-        best_cpu = std::min(best_cpu, cpu_seconds() - c0);
-    }
-    return {best, N / best, best_cpu, used};
 }

@@ -1,5 +1,4 @@
-// The training loop of docs/training.md (the same recipe, run folders and resume as nn_numba/train.py)
-// and the synthetic-data benchmark.
+// The training loop of docs/training.md: the same recipe, run folders and resume as nn_numba/train.py.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -24,10 +23,5 @@ struct Interrupted : NNError {
 // Trains per `cfg` into a new run folder (or the resumed one), which it returns.
 std::string train(const Config& cfg, const TrainOptions& opt);
 
-struct BenchResult {
-    double seconds_per_epoch, samples_per_s;  // wall clock, fastest epoch
-    double cpu_seconds_per_epoch;              // summed over threads, fastest epoch
-    int threads;
-};
-// Times `epochs` training epochs (adam, mean) of the default net on 60,000 random samples.
-BenchResult bench(int batch, int threads, int epochs, const std::vector<uint32_t>& sizes, const std::string& optimizer);
+// The OPTM code of an optimiser name: 0 sgd, 1 momentum, 2 adam; NNError for any other name.
+int optimizer_kind(const std::string& name);

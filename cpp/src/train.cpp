@@ -51,22 +51,6 @@ std::string data_folder(const std::string& flag, const std::string& config) {
     return base + "/nn-numba/mnist";
 }
 
-int set_threads(int64_t threads, bool quiet) {
-#ifdef _OPENMP
-    const int cores = omp_get_num_procs();
-    int n = threads == 0 ? cores : int(threads);
-    if (n > cores) {
-        if (!quiet) std::printf("note: --threads %d is more than the %d cores available; using %d\n", n, cores, cores);
-        n = cores;
-    }
-    omp_set_num_threads(n);
-    return n;
-#else
-    (void)threads, (void)quiet;
-    return 1;
-#endif
-}
-
 // ---------------------------------------------------------------- resume
 
 // Python's repr of a META value, for messages.
@@ -181,8 +165,8 @@ struct Data {
 Data load_data(const Config& cfg, const TrainOptions& o) {
     Data d;
     const std::string dir = data_folder(o.data_dir, cfg.data_dir);
-    d.tr = load_mnist(dir, true, uint32_t(cfg.sizes.front()), uint32_t(cfg.sizes.back()));
-    d.te = load_mnist(dir, false, uint32_t(cfg.sizes.front()), uint32_t(cfg.sizes.back()));
+    d.tr = load_mnist(dir, true);  // the config checked that sizes run from 784 to 10
+    d.te = load_mnist(dir, false);
     uint32_t N = d.tr.images.n;
     if (o.limit > 0 && o.limit < long(N)) N = uint32_t(o.limit);
     rng_split(N, cfg.val_split, uint64_t(cfg.seed), &d.train_idx, &d.val_idx);
@@ -386,6 +370,22 @@ void print_done(const json& history, const std::string& dir) {
 
 }  // namespace
 
+int use_threads(int requested) {
+    if (requested < 0 || requested > MAX_THREADS)
+        throw NNError("--threads " + std::to_string(requested) + " is out of range [0, " + std::to_string(MAX_THREADS) + "]");
+#ifdef _OPENMP
+    const int cores = omp_get_num_procs();
+    if (requested > cores) {
+        std::fprintf(stderr, "note: --threads %d is more than the %d cores available; using %d\n", requested, cores, cores);
+        requested = cores;
+    }
+    if (requested > 0) omp_set_num_threads(requested);
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 int optimizer_kind(const std::string& s) {
     if (s == "sgd") return 0;
     if (s == "momentum") return 1;
@@ -397,12 +397,12 @@ std::string train(const Config& cfg, const TrainOptions& o) {
     std::unique_ptr<Resume> res;
     if (!o.resume.empty())
         res = std::make_unique<Resume>(open_resume(o.resume, cfg, {cfg.sizes.begin(), cfg.sizes.end()}, o.limit));
-    const int threads = set_threads(cfg.threads, o.quiet);
+    Net net = initial_net(cfg, o, res.get());
+    const int threads = use_threads(int(cfg.threads));  // [0, 1024] already checked with the config
     const Data d = load_data(cfg, o);
     if (res && res->batch >= d.spe)
         throw NNError("cannot resume " + o.resume + ": its training state is damaged (batch " + std::to_string(res->batch) +
                       " of an epoch of " + std::to_string(d.spe) + "); use another last.ck or start anew");
-    Net net = initial_net(cfg, o, res.get());
     Run r(cfg, o.limit, net, make_optimizer(cfg, net, res.get()));
     if (res) r.take(*res);
 

@@ -9,6 +9,7 @@
 
 #include "augment.h"
 #include "check.h"
+#include "file.h"
 #include "minijson.h"
 #include "mlp.h"
 #include "rng.h"

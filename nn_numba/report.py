@@ -110,9 +110,10 @@ def schedule(cfg: Config) -> np.ndarray:
 
 
 def best_row(run: Run) -> dict[str, Any]:
-    """The epoch train.py kept as best.ck: highest validation accuracy, the first one on ties; without a
-    validation split, the last epoch."""
-    return max(run.hist, key=lambda r: r["val_acc"]) if run.has_val else run.hist[-1]
+    """The epoch train.py kept as best.ck."""
+    from .runs import best_row as best
+
+    return best(run.hist)
 
 
 # ---------------------------------------------------------------------------------------------------- figures

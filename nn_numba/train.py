@@ -27,7 +27,7 @@ from .errors import NNError
 from .model import MLP, evaluate, n_params
 from .rng import order as epoch_order
 from .rng import split
-from .runs import check_space, new_run_dir, point_latest, write_text_atomic
+from .runs import best_row, check_space, new_run_dir, point_latest, write_text_atomic
 from .schedule import lr_at
 
 KINDS = {"sgd": kernels.SGD, "momentum": kernels.MOMENTUM, "adam": kernels.ADAM}
@@ -320,11 +320,10 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
             row["samples_per_s"] = (n_tr - batch0 * B) / seconds if seconds > 0 else 0.0
             history.append(_finite(row))
             epoch, batch0, run_loss, run_correct = epoch + 1, 0, 0.0, 0
-            score = row.get("val_acc", -1.0)
             summary = _finite({k: row[k] for k in row if k.endswith(("_acc", "_loss"))}) | {"epoch": epoch}
             state = {"epoch": epoch, "batch": 0, "run_loss": 0.0, "run_correct": 0}
-            if score > best_val or "val_acc" not in row:  # no validation split: best.ck is the last epoch
-                best_val = score
+            if best_row(history) is history[-1]:
+                best_val = row.get("val_acc", -1.0)
                 save(run / "best.ck", to_checkpoint(model, meta(summary)))
             save(run / "last.ck", to_checkpoint(model, meta(summary | {"resume": state}), trainer.optim_state()))
             # rewritten whole from the history (atomically, like the checkpoints): never a half line, and

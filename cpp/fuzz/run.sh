@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzz the checkpoint and IDX readers with libFuzzer under ASan + UBSan, NN_FUZZ_SECONDS (default 30)
-# per target, from the seed corpus that make_seeds writes. Needs clang (Debian: apt-get install clang).
+# per target, from the seed corpus that make_seeds writes. Needs clang and its libFuzzer runtime
+# (Debian: apt-get install clang libclang-rt-dev).
 # A crash, leak, timeout or allocation over 64 MB fails, and its input is left in
 # cpp/build-fuzz/artifacts/: fix the bug, then copy the input into cpp/fuzz/regressions/TARGET/ so
 # ctest (fuzz_TARGET, normal and sanitizer builds) runs it from then on.

@@ -386,8 +386,8 @@ double Schedule::at(long s) const {
     if (s < warmup) return lr * double(s + 1) / double(warmup);
     if (kind == "step") return lr * std::pow(gamma, double(s / steps_per_epoch / std::max(1, step_epochs)));
     if (kind == "cosine") {
-        const double frac = double(s - warmup) / double(std::max(total - warmup, 1L));
-        return min_lr + (lr - min_lr) * (1.0 + std::cos(M_PI * std::min(frac, 1.0))) / 2.0;
+        const double frac = std::min(1.0, double(s - warmup) / double(std::max(total - warmup, 1L)));
+        return min_lr + (lr - min_lr) * (1.0 + std::cos(M_PI * frac)) / 2.0;
     }
     return lr;
 }

@@ -95,8 +95,9 @@ def optimizer(c: dict) -> ref.Optimizer:
 
 
 def schedule() -> list:
-    """lr at chosen steps of each schedule with warm-up. A key left out means its default: step_epochs 10,
-    gamma 0.1, min_lr 0 (the contract's defaults, which each trainer must have)."""
+    """lr at chosen steps of each schedule with warm-up, and 3 steps past the planned end. A key left out
+    means its default: step_epochs 10, gamma 0.1, min_lr 0 (the contract's defaults, which each trainer
+    must have)."""
     cases = [dict(name="constant", lr=0.1, warmup_epochs=0.25, steps_per_epoch=10, epochs=3),  # Wu 2.5 -> 3
              dict(name="constant", lr=0.1, warmup_epochs=0.45, steps_per_epoch=10, epochs=3),  # Wu 4.5 -> 5
              dict(name="step", lr=0.5, warmup_epochs=1.0, steps_per_epoch=7, epochs=25),  # step_epochs 10
@@ -106,7 +107,7 @@ def schedule() -> list:
     for c in cases:
         total = c["epochs"] * c["steps_per_epoch"]
         wu = ref.warmup_steps(c["warmup_epochs"], c["steps_per_epoch"])
-        steps = sorted({0, 1, max(wu - 1, 0), wu, wu + 1, total // 3, total // 2, total - 2, total - 1}
+        steps = sorted({0, 1, max(wu - 1, 0), wu, wu + 1, total // 3, total // 2, total - 2, total - 1, total + 3}
                        | {e * c["steps_per_epoch"] + d for e in (3, 10, 20) for d in (-1, 0)
                           if 0 < e * c["steps_per_epoch"] < total})
         kw = {k: v for k, v in c.items() if k not in ("steps_per_epoch",)}

@@ -21,7 +21,9 @@
 // and is summed in a fixed order, so the result is the same for any number of threads.
 #include <algorithm>
 #include <cmath>
+#include <string>
 
+#include "error.h"
 #include "mlp.h"
 #include "simd.h"
 #include "update.h"
@@ -493,6 +495,8 @@ void sync(Net& net, Work& w, Optimizer& opt) {
 }
 
 double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, bool mean, double lr, int* correct) {
+    if (nb < 1 || nb > w.cap) throw NNError("internal error: a batch of " + std::to_string(nb) + " in a Work for " +
+                                            std::to_string(w.cap));
     prepare(net, w);
     const int L = net.layers(), n0 = int(net.sizes[0]);
     const StepArgs s = opt.begin(lr);

@@ -4,10 +4,6 @@
 #include <chrono>
 #include <sys/resource.h>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 #include "idx.h"
 #include "mlp.h"
 #include "train.h"
@@ -57,16 +53,11 @@ double epoch(Net& net, Work& w, Optimizer& opt, const Dataset& d, const std::vec
 }  // namespace
 
 BenchResult bench(const BenchConfig& cfg) {
-#ifdef _OPENMP
-    if (cfg.threads > 0) omp_set_num_threads(cfg.threads);
-    const int used = omp_get_max_threads();
-#else
-    const int used = 1;
-#endif
+    const int used = use_threads(cfg.threads);
     const int kind = optimizer_kind(cfg.optimizer);
     Rng rng(1234);
-    const Dataset d = cfg.data_dir.empty() ? random_images(cfg.sizes, rng)
-                                           : load_mnist(cfg.data_dir, true, cfg.sizes[0], cfg.sizes.back());
+    if (!cfg.data_dir.empty()) check_mnist_net(cfg.sizes, "--sizes");
+    const Dataset d = cfg.data_dir.empty() ? random_images(cfg.sizes, rng) : load_mnist(cfg.data_dir, true);
     const uint32_t N = d.images.n;
     Net net = he_init(cfg.sizes, rng);
     Optimizer opt(kind, net);

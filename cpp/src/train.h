@@ -33,3 +33,9 @@ double train(const TrainConfig& cfg);
 
 // The OPTM code of an optimiser name: 0 sgd, 1 momentum, 2 adam; NNError for any other name.
 int optimizer_kind(const std::string& name);
+
+// --threads above this is refused (as in nn_numba's config); OpenMP cannot start 100,000 threads.
+constexpr int MAX_THREADS = 1024;
+// Sets the OpenMP thread count and returns it: 0 keeps the default (every core); more than the
+// cores is clamped to them, with a note on stderr. NNError outside 0..MAX_THREADS.
+int use_threads(int requested);

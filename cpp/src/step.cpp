@@ -21,7 +21,9 @@
 // and is summed in a fixed order, so the result is the same for any number of threads.
 #include <algorithm>
 #include <cmath>
+#include <string>
 
+#include "error.h"
 #include "mlp.h"
 #include "simd.h"
 #include "update.h"
@@ -366,9 +368,14 @@ void prepare(const Net& net, Work& w) {
         w.H[l].assign(rows * w.ld[l] + PAD, 0.0f);
         w.G[l - 1].assign(rows * w.ld[l] + PAD, 0.0f);
     }
-    const int n0 = int(net.sizes[0]), nblk = (n0 + TR - 1) / TR;
     w.loss.assign(w.cap, 0.0);
     w.hit.assign(w.cap, 0);
+}
+
+// The sparse path's index lists, at its first use (dense inputs never need them).
+void prepare_sparse(const Net& net, Work& w) {
+    if (!w.cnt.empty()) return;
+    const int n0 = int(net.sizes[0]), nblk = (n0 + TR - 1) / TR;
     w.cnt.assign(w.cap, 0);
     w.cols.assign(size_t(w.cap) * (n0 + V), 0);
     w.vals.assign(size_t(w.cap) * (n0 + V), 0.0f);
@@ -493,11 +500,14 @@ void sync(Net& net, Work& w, Optimizer& opt) {
 }
 
 double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, bool mean, double lr, int* correct) {
+    if (nb < 1 || nb > w.cap) throw NNError("internal error: a batch of " + std::to_string(nb) + " in a Work for " +
+                                            std::to_string(w.cap));
     prepare(net, w);
     const int L = net.layers(), n0 = int(net.sizes[0]);
     const StepArgs s = opt.begin(lr);
     // MNIST-like batches (few lit pixels) take the sparse first layer; dense inputs the tiles
     const bool sparse = nb < TR || density(w.A[0].data(), std::min(nb, 8), n0) <= 0.4;
+    if (sparse) prepare_sparse(net, w);
     if (sparse != w.transposed) move_first(net, w, opt, sparse);
     const double scale = mean ? 1.0 / nb : 1.0;
 #pragma omp parallel

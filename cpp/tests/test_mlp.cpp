@@ -393,7 +393,7 @@ int main() {
     test_gradients(false);
     test_gradients(true);
     test_optimizers();
-    for (const auto& sz : {std::vector<uint32_t>{40, 70, 19, 10}, {784, 250, 250, 10}, {30, 7}})
+    for (const auto& sz : {std::vector<uint32_t>{40, 70, 19, 10}, {100, 250, 70, 10}, {30, 7}})
         for (RefOpt o : {RefOpt{0, 0.05}, RefOpt{0, 0.05, 0.01}, RefOpt{1, 0.05}, RefOpt{1, 0.05, 0.01, 0.9, true},
                          RefOpt{2, 1e-3}, RefOpt{2, 1e-3, 0.01}})
             for (bool mean : {true, false}) test_train_step(sz, o, mean);

@@ -98,16 +98,16 @@ class Network:
         raw=True: the files are already 28x28 MNIST-style and are only turned grey (as `predict --raw`).
         A file that cannot be used raises an NNError naming it.
         """
-        from .predict import expand, preprocess
+        from .predict import ImageError, classify, expand, preprocess
 
-        items = expand([os.fspath(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)])
-        for _, _, error in items:
+        given = [paths] if isinstance(paths, str | os.PathLike) else paths
+        out = []
+        for name, f, error in expand([os.fspath(p) for p in given]):
             if error is not None:
-                raise NNError(error)
-        if not items:
-            return []
-        probs = self._mlp.predict_proba(np.stack([preprocess(f, raw=raw) for _, f, _ in items]).astype(np.float32))
-        return [Prediction(name, int(np.argmax(p)), p) for (name, _, _), p in zip(items, probs)]
+                raise ImageError(error)
+            p = classify(self._mlp, preprocess(f, raw=raw), name)
+            out.append(Prediction(name, int(np.argmax(p)), p))
+        return out
 
     def export(self, to: Source) -> Path:
         """Write the network to `to`: .onnx (needs nn-numba[export]) or .npz; see docs/api.md for both."""

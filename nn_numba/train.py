@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, kernels
+from . import __version__, jitcache, kernels
 from .checkpoint import SLOTS, Checkpoint, OptimState, load, save
 from .config import Config, ConfigError, check, from_dict
 from .errors import NNError
@@ -253,7 +253,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
               f"batch {B}  {cfg.train.epochs} epochs  {threads} threads  "
               f"train {len(tr_idx)} / val {len(va_idx)} / test {len(mnist.test_y)}")
         if _first_compile():
-            print("compiling the Numba kernels: about 30 s on the first run only (they are cached afterwards)")
+            print(f"compiling the Numba kernels: about 30 s on the first run only (cached in {jitcache.use()})")
         if aug.enabled:
             on = {k: v for k, v in asdict(cfg.augment).items() if v and k != "elastic_sigma" or
                   k == "elastic_sigma" and cfg.augment.elastic_alpha}
@@ -352,10 +352,10 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
 
 
 def _first_compile() -> bool:
-    """True when no compiled train_step is cached next to kernels.py (a fresh install)."""
-    if os.environ.get("NUMBA_CACHE_DIR") or os.environ.get("NUMBA_DISABLE_JIT"):
-        return False  # elsewhere, or not compiled at all: say nothing rather than guess
-    return not any((Path(kernels.__file__).parent / "__pycache__").glob("kernels.train_step-*.nbi"))
+    """True when no compiled train_step is in the kernel cache (a fresh install, or changed kernels)."""
+    if os.environ.get("NUMBA_DISABLE_JIT"):
+        return False  # not compiled at all
+    return not jitcache.cached("kernels.train_step")
 
 
 def _resume_source(resume: str) -> tuple[Checkpoint, Path]:

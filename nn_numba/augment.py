@@ -19,9 +19,12 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
+from nn_numba import jitcache
 from nn_numba.errors import NNError
 from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255
 from nn_numba.kernels import gather
+
+jitcache.use()  # before the first @njit(cache=True), as in kernels.py
 
 S = 28  # image side
 P = S * S  # pixels per image

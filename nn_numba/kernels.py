@@ -22,6 +22,7 @@ ReLU signs are random.
 import numpy as np
 from numba import njit, prange
 
+from . import jitcache
 from .simd import (
     prefetch,
     vadd,
@@ -43,6 +44,8 @@ from .simd import (
     vsum,
     vzero,
 )
+
+jitcache.use()  # before the first @njit(cache=True): the compiled kernels go to a folder keyed by their sources
 
 SGD, MOMENTUM, ADAM, NO_UPDATE = 0, 1, 2, 3  # optimiser codes, as in the checkpoint's OPTM section
 

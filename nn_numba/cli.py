@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -194,9 +195,22 @@ def bench(
     run_bench(threads, batches, quick=quick, as_json=as_json, kernel_batch=kernel_batch, data=data, passes=passes)
 
 
+class _CtrlC(BaseException):
+    """Ctrl-C outside the training loop (which has its own handler). Not KeyboardInterrupt, which Typer turns
+    into a silent exit 130; not an Exception, which Numba's compiler could wrap into one of its own errors."""
+
+
+def _ctrl_c(signum, frame) -> None:
+    raise _CtrlC
+
+
 def main() -> None:
+    signal.signal(signal.SIGINT, _ctrl_c)
     try:
         app()  # standalone: click prints usage errors and exits 2 by itself
+    except _CtrlC:
+        print("nn-numba: error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     except NNError as e:
         print(f"nn-numba: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

@@ -24,29 +24,54 @@ app = typer.Typer(
     help="Train and use a 784-250-250-10 MNIST network whose every loop is an explicit Numba kernel.",
 )
 
-DataDir = Annotated[str | None, typer.Option("--data-dir", help="Folder with the MNIST IDX files "
+class PlainHelp(typer.core.TyperCommand):
+    """--help with plain metavars, as click prints them (`CONFIG`, `[RUN]...`, `--epochs N`), not Typer's
+    `{CONFIG}` and `<list[str]>`. Every option names its own metavar."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [self.options_metavar, *(_usage(p) for p in self.params if p.param_type_name == "argument")]
+
+    def format_options(self, ctx, formatter) -> None:
+        args = [(_usage(p), p.help or "") for p in self.params if p.param_type_name == "argument"]
+        opts = [p.get_help_record(ctx) for p in self.get_params(ctx) if p.param_type_name != "argument"]
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        with formatter.section("Options"):
+            formatter.write_dl([o for o in opts if o])
+
+
+def _usage(arg) -> str:
+    """CONFIG, [CHECKPOINT], IMAGE... or [RUN]...: the argument's name, [optional], ... for several."""
+    name = arg.metavar or arg.name.upper()
+    name = name if arg.required else f"[{name}]"
+    return name + "..." if arg.nargs != 1 else name
+
+
+DataDir = Annotated[str | None, typer.Option("--data-dir", metavar="DIR", help="Folder with the MNIST IDX files "
                                                 "(default: $NN_NUMBA_DATA, the config, then a per-user cache).")]
 CheckpointArg = typer.Argument(metavar="CHECKPOINT", help="Checkpoint (default: best of the latest run).")
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 
 
-def _default_checkpoint(checkpoint: str | None) -> Path:
+def _default_checkpoint(checkpoint: str | None, command: str) -> Path:
     from .runs import default_checkpoint
 
-    return default_checkpoint(checkpoint)
+    return default_checkpoint(checkpoint, name_one=f"give one: `nn-numba {command} CHECKPOINT`")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def train(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="TOML config, e.g. configs/default.toml.")],
-    epochs: Annotated[int | None, typer.Option(help="Override [train] epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Override [train] batch_size.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Override [optim] lr.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Override [train] seed.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Override [train] threads (0 = all cores).")] = None,
-    out: Annotated[str | None, typer.Option(help="Override [train] out: where run folders go.")] = None,
+    epochs: Annotated[int | None, typer.Option(metavar="N", help="Override [train] epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(metavar="N", help="Override [train] batch_size.")] = None,
+    lr: Annotated[float | None, typer.Option(metavar="LR", help="Override [optim] lr.")] = None,
+    seed: Annotated[int | None, typer.Option(metavar="N", help="Override [train] seed.")] = None,
+    threads: Annotated[int | None, typer.Option(metavar="N", help="Override [train] threads (0 = all cores).")] = None,
+    out: Annotated[str | None, typer.Option(metavar="DIR", help="Override [train] out: where run folders go.")] = None,
     data_dir: DataDir = None,
-    resume: Annotated[str | None, typer.Option(help="Continue a run: its folder or its last.ck.")] = None,
+    resume: Annotated[str | None, typer.Option(metavar="RUN",
+                                               help="Continue a run: its folder or its last.ck.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
 ) -> None:
     """Train a network.
@@ -67,7 +92,7 @@ def train(
               f"test {100 * best['test_acc']:.2f}%) saved in {run / 'best.ck'}")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def evaluate(
     checkpoint: Annotated[str | None, CheckpointArg] = None,
     data_dir: DataDir = None,
@@ -81,7 +106,7 @@ def evaluate(
     from .model import MLP
     from .model import evaluate as run_eval
 
-    path = _default_checkpoint(checkpoint)
+    path = _default_checkpoint(checkpoint, "evaluate")
     model = MLP.from_checkpoint(load(path))
     if model.sizes[0] != 784 or model.sizes[-1] != 10:
         raise NNError(f"{path}: has sizes {model.sizes}, not an MNIST network (784 inputs, 10 classes)")
@@ -103,7 +128,7 @@ def evaluate(
         print(f"{d:>6}" + "".join(f"{c:>6}" for c in conf[d]))
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def info(
     checkpoint: Annotated[str | None, CheckpointArg] = None,
     as_json: Json = False,
@@ -111,25 +136,34 @@ def info(
     """What a checkpoint holds: sizes, parameters, epoch, accuracy."""
     from .checkpoint import describe
 
-    path = _default_checkpoint(checkpoint)
+    path = _default_checkpoint(checkpoint, "info")
     d = describe(path)
     if as_json:
         print(json.dumps(d, default=str))
         return
     for k, v in d.items():
-        if isinstance(v, float):
+        if v is None:
+            continue  # not recorded in this file
+        if isinstance(v, bool):
+            v = "yes" if v else "no"
+        elif isinstance(v, float):
             v = f"{v:.4f}"
-        print(f"{k:>14}: {v}")
+        elif isinstance(v, list):
+            v = " ".join(map(str, v))
+        print(f"{k.replace('_', ' '):>15}: {v}")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def predict(
     images: Annotated[list[str], typer.Argument(
         metavar="IMAGE", help="Image files or folders (PNG, JPEG, BMP, GIF, WebP, TIFF).")],
-    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: best of the latest run).")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, max=10, help="How many likeliest digits to show.")] = 3,
+    checkpoint: Annotated[str | None, typer.Option(metavar="FILE",
+                                                   help="Checkpoint (default: best of the latest run).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=10, metavar="K",
+                                       help="How many likeliest digits to show.")] = 3,
     raw: Annotated[bool, typer.Option("--raw", help="Images are already 28x28 MNIST-style: no preprocessing.")] = False,
-    save_preprocessed: Annotated[str | None, typer.Option(help="Write what the network saw into DIR.")] = None,
+    save_preprocessed: Annotated[str | None, typer.Option(metavar="DIR",
+                                                          help="Write what the network saw into DIR.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image and line.")] = False,
 ) -> None:
     """Read digits from image files.
@@ -143,9 +177,10 @@ def predict(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def download(
-    dir: Annotated[str | None, typer.Option("--dir", help="Where to put the files (default: the cache).")] = None,
+    dir: Annotated[str | None, typer.Option("--dir", metavar="DIR",
+                                            help="Where to put the files (default: the cache).")] = None,
 ) -> None:
     """Download MNIST and verify its SHA-256 sums."""
     from .data import download_command
@@ -153,11 +188,12 @@ def download(
     download_command(dir)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def report(
     runs: Annotated[list[str] | None, typer.Argument(metavar="RUN",
                                                      help="Run folders (default: the latest in runs/).")] = None,
-    out: Annotated[str | None, typer.Option(help="Write into DIR/<run-name>/ (default: RUN/report/).")] = None,
+    out: Annotated[str | None, typer.Option(metavar="DIR",
+                                            help="Write into DIR/<run-name>/ (default: RUN/report/).")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Plots and a report.md of runs (needs nn-numba[plot]).
@@ -169,18 +205,21 @@ def report(
     make_report(runs, out=out, data_dir=data_dir)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def bench(
-    threads: Annotated[str, typer.Option(help="Thread counts to test, comma-separated.")] = "1,2",
-    batches: Annotated[str, typer.Option(help="Batch sizes of the epoch runs, comma-separated.")] = "32,64,256,1024",
-    kernel_batch: Annotated[int, typer.Option(help="Batch size of the per-kernel table.")] = 256,
+    threads: Annotated[str, typer.Option(metavar="LIST", help="Thread counts to test, comma-separated.")] = "1,2",
+    batches: Annotated[str, typer.Option(metavar="LIST",
+                                         help="Batch sizes of the epoch runs, comma-separated.")] = "32,64,256,1024",
+    kernel_batch: Annotated[int, typer.Option(metavar="N", help="Batch size of the per-kernel table.")] = 256,
     quick: Annotated[bool, typer.Option("--quick", help="A short run (under 30 s): first thread count, "
                                                         "batches 64 and 256, shorter passes.")] = False,
-    data: Annotated[str, typer.Option(help="mnist: the training images, if on this machine (the first layer "
-                                                "skips their zero pixels); random: dense pixels.")] = "mnist",
-    passes: Annotated[int | None, typer.Option(help="Timed epoch passes per side and batch size (default 3, "
-                                                       "2 with --quick); more give steadier minima on a "
-                                                       "busy machine.")] = None,
+    data: Annotated[str, typer.Option(metavar="mnist|random",
+                                      help="mnist: the training images, if on this machine (the first layer "
+                                           "skips their zero pixels); random: dense pixels.")] = "mnist",
+    passes: Annotated[int | None, typer.Option(metavar="N",
+                                               help="Timed epoch passes per side and batch size (default 3, "
+                                                    "2 with --quick); more give steadier minima on a "
+                                                    "busy machine.")] = None,
     as_json: Json = False,
 ) -> None:
     """Speed of kernels and epochs against NumPy/BLAS.

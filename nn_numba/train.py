@@ -258,6 +258,9 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
             on = {k: v for k, v in asdict(cfg.augment).items() if v and k != "elastic_sigma" or
                   k == "elastic_sigma" and cfg.augment.elastic_alpha}
             print("augment " + "  ".join(f"{k} {v:g}" for k, v in on.items()))
+    # the training figures are means over the epoch's batches so far, as trained: distorted when augmenting
+    # (so they sit below validation accuracy), and each batch seen with the weights of that moment
+    running = "running mean, augmented" if aug.enabled else "running mean"
     y_all = mnist.train_y.astype(np.int64)
     # Compile (or load from the cache) every kernel of the loop now, so the first epoch's clock and
     # images/s measure training; a gradient-only step leaves weights, optimiser and random streams alone.
@@ -294,7 +297,9 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
                 run_correct += int((trainer.pred[:nb] == yb).sum())
                 bar.update(nb)
                 if bi % 50 == 0:
-                    bar.set_postfix(loss=f"{loss / nb:.4f}", refresh=False)
+                    seen = bi * B + nb
+                    bar.set_postfix_str(f"train loss {run_loss / seen:.4f} acc {100 * run_correct / seen:.2f}% "
+                                        f"({running})", refresh=False)
                 if sigint.hit:
                     bar.close()
                     trainer.sync()
@@ -342,7 +347,8 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
             write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             if not quiet:
                 val = f"val {row['val_loss']:.4f} / {100 * row['val_acc']:.2f}%  " if "val_acc" in row else ""
-                tqdm.write(f"epoch {epoch:3d}  train {row['train_loss']:.4f} / {100 * row['train_acc']:.2f}%  "
+                tqdm.write(f"epoch {epoch:3d}  train {row['train_loss']:.4f} / {100 * row['train_acc']:.2f}% "
+                           f"({running})  "
                            f"{val}test {row['test_loss']:.4f} / {100 * row['test_acc']:.2f}%  "
                            f"{row['samples_per_s']:,.0f} img/s  lr {lr:.3g}")
             if sigint.hit:

@@ -10,7 +10,8 @@ or llvmlite, gives a new folder, so compiled code is never older than its Python
 
 `use()` points numba.config.CACHE_DIR there; Numba reads it when an @njit(cache=True) decorator runs, so
 every module with cached kernels calls `use()` before its first one. Folders of other keys that no process
-has opened for KEEP_SECONDS are removed (one is a few MB).
+has opened for KEEP_SECONDS are removed (one is a few MB), and so are Numba's files in the package's own
+__pycache__, where it caches by default.
 """
 
 from __future__ import annotations
@@ -116,6 +117,11 @@ def folder() -> Path:
         atexit.register(shutil.rmtree, tmp, True)
         return Path(tmp)
     clear_old(path.parent, k)
+    for f in PACKAGE.glob("__pycache__/*.nb[ic]"):  # where Numba cached them without us: never read again
+        try:
+            f.unlink()
+        except OSError:
+            pass
     return path
 
 

@@ -20,6 +20,13 @@ def test_sources_are_the_compiled_modules_and_what_they_import():
     assert not {"cli.py", "train.py", "report.py", "jitcache.py"} & names
 
 
+def test_every_cached_kernel_module_sets_the_folder_first():
+    for p in PACKAGE.glob("*.py"):
+        text = p.read_text()
+        if "cache=True" in text and p.name != "jitcache.py":
+            assert -1 < text.find("jitcache.use()") < text.find("cache=True"), p.name
+
+
 def test_key_follows_the_kernel_sources(tmp_path):
     pkg = tmp_path / PACKAGE.name
     shutil.copytree(PACKAGE, pkg, ignore=shutil.ignore_patterns("__pycache__"))

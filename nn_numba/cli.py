@@ -244,7 +244,10 @@ def _ctrl_c(signum, frame) -> None:
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, _ctrl_c)
+    try:
+        old = signal.signal(signal.SIGINT, _ctrl_c)
+    except ValueError:  # not the main thread: leave Ctrl-C to whoever runs it
+        old = None
     try:
         app()  # standalone: click prints usage errors and exits 2 by itself
     except _CtrlC:
@@ -259,6 +262,9 @@ def main() -> None:
     except OSError as e:  # a file problem no module anticipated: still one line that names the file
         print(f"nn-numba: error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if old is not None:  # main() called in-process (tests): give Ctrl-C back
+            signal.signal(signal.SIGINT, old)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import NNError
+from .errors import CtrlC, NNError
 
 app = typer.Typer(
     add_completion=False,
@@ -234,13 +234,8 @@ def bench(
     run_bench(threads, batches, quick=quick, as_json=as_json, kernel_batch=kernel_batch, data=data, passes=passes)
 
 
-class _CtrlC(BaseException):
-    """Ctrl-C outside the training loop (which has its own handler). Not KeyboardInterrupt, which Typer turns
-    into a silent exit 130; not an Exception, which Numba's compiler could wrap into one of its own errors."""
-
-
 def _ctrl_c(signum, frame) -> None:
-    raise _CtrlC
+    raise CtrlC
 
 
 def main() -> None:
@@ -250,7 +245,7 @@ def main() -> None:
         old = None
     try:
         app()  # standalone: click prints usage errors and exits 2 by itself
-    except _CtrlC:
+    except CtrlC:
         print("nn-numba: error: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
     except NNError as e:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import __version__, jitcache, kernels
 from .checkpoint import SLOTS, Checkpoint, OptimState, load, save
 from .config import Config, ConfigError, check, from_dict
-from .errors import NNError
+from .errors import CtrlC, NNError
 from .model import MLP, evaluate, n_params
 from .runs import check_space, new_run_dir, point_latest, write_text_atomic
 from .schedule import lr_at
@@ -265,10 +265,15 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
     # Compile (or load from the cache) every kernel of the loop now, so the first epoch's clock and
     # images/s measure training; a gradient-only step leaves weights, optimiser and random streams alone.
     idx = tr_idx[:1]
-    if aug.enabled:
-        augment_batch(mnist.train_x, idx, trainer.xb[:1], aug, np.random.default_rng(0))
-    kernels.gather(mnist.train_x, idx, kernels.PIXEL, trainer.xb[:1])  # compiled for evaluate()
-    trainer.train_step(trainer.gather(mnist.train_x, idx), y_all[idx], 0.0, update=False, rows=True)
+    try:
+        if aug.enabled:
+            augment_batch(mnist.train_x, idx, trainer.xb[:1], aug, np.random.default_rng(0))
+        kernels.gather(mnist.train_x, idx, kernels.PIXEL, trainer.xb[:1])  # compiled for evaluate()
+        trainer.train_step(trainer.gather(mnist.train_x, idx), y_all[idx], 0.0, update=False, rows=True)
+    except CtrlC:  # (from the command's handler) nothing was trained in this process
+        what = (f"{run} is as it was. Resume with: nn-numba train CONFIG --resume {run}" if resume else
+                f"nothing was trained ({run} holds only its config.toml)")
+        raise Interrupted(f"interrupted before the first step; {what}") from None
     with _SigInt(run) as sigint:
         while epoch < cfg.train.epochs:
             epoch_rng_state = shuffle_rng.bit_generator.state  # the permutation is re-drawn on resume

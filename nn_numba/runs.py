@@ -12,10 +12,19 @@ from pathlib import Path
 from .errors import NNError
 
 
-def new_run_dir(out: str) -> Path:
-    """OUT/<timestamp>/, created now so an unwritable folder fails before any training."""
+def check_run_name(name: str) -> None:
+    """A run name is one folder name: letters, digits, '-', '_' and '.', not starting with '.'."""
+    ok = name and len(name) <= 100 and not name.startswith(".") and all(c.isalnum() or c in "-_." for c in name)
+    if not ok or name == "latest":
+        raise NNError(f"--name {name!r}: a run name is one folder name of letters, digits, '-', '_' and '.' "
+                      "(not starting with '.', not 'latest'), e.g. --name lr-3e-3")
+
+
+def new_run_dir(out: str, name: str | None = None) -> Path:
+    """OUT/NAME/ (or OUT/<timestamp>/), created now so an unwritable folder fails before any training; a
+    name already taken gets -1, -2, ..."""
     root = Path(out)
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = name or datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in range(100):
         run = root / (stamp if n == 0 else f"{stamp}-{n}")
         try:

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -190,8 +191,13 @@ class _SigInt:
             signal.signal(signal.SIGINT, self.old)
 
 
-def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, quiet: bool = False) -> Path:
-    """Train per `cfg`; returns the run folder holding config.toml, metrics.jsonl, last.ck and best.ck."""
+def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, quiet: bool = False,
+          name: str | None = None, on_epoch: Callable[[dict], None] | None = None) -> Path:
+    """Train per `cfg`; returns the run folder holding config.toml, metrics.jsonl, last.ck and best.ck.
+
+    name: the run folder's name (default: the time). on_epoch(row) is called after each epoch is saved,
+    with its metrics.jsonl row; an exception it raises ends the training there (a sweep's pruner does).
+    """
     from .augment import Augment, augment_batch
     from .data import load_mnist
 
@@ -205,7 +211,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
     B = cfg.train.batch_size
     steps_per_epoch = math.ceil(len(tr_idx) / B)
     if not resume:
-        run = new_run_dir(cfg.train.out)
+        run = new_run_dir(cfg.train.out, name)
     try:
         write_text_atomic(run / "config.toml", cfg.to_toml())
     except OSError as e:
@@ -356,6 +362,8 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
                            f"({running})  "
                            f"{val}test {row['test_loss']:.4f} / {100 * row['test_acc']:.2f}%  "
                            f"{row['samples_per_s']:,.0f} img/s  lr {lr:.3g}")
+            if on_epoch is not None:
+                on_epoch(row)
             if sigint.hit:
                 raise Interrupted(f"interrupted after epoch {epoch}; saved {run / 'last.ck'}. "
                                   f"Resume with: nn-numba train CONFIG --resume {run}")

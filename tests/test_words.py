@@ -16,7 +16,7 @@ from nn_numba.checkpoint import Checkpoint, save
 from nn_numba.config import from_dict
 from nn_numba.train import train
 
-COMMANDS = ["train", "evaluate", "info", "predict", "download", "report", "bench"]
+COMMANDS = ["train", "evaluate", "info", "predict", "serve", "sweep", "download", "report", "bench"]
 
 
 def _cli(*args, cwd=None):
@@ -28,7 +28,7 @@ def _options(command):
     return set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", _cli(command, "--help").stdout))
 
 
-@pytest.mark.parametrize("command,args", [("evaluate", []), ("info", []), ("predict", ["x.png"])])
+@pytest.mark.parametrize("command,args", [("evaluate", []), ("info", []), ("predict", ["x.png"]), ("serve", [])])
 def test_no_checkpoint_hint_names_what_the_command_takes(tmp_path, command, args):
     r = _cli(command, *args, cwd=tmp_path)  # no runs/ here
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no trained model found" in r.stderr

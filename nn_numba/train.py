@@ -25,7 +25,9 @@ from .checkpoint import SLOTS, Checkpoint, OptimState, load, save
 from .config import Config, ConfigError, check, from_dict
 from .errors import CtrlC, NNError
 from .model import MLP, evaluate, n_params
-from .runs import check_space, new_run_dir, point_latest, write_text_atomic
+from .rng import order as epoch_order
+from .rng import split
+from .runs import best_row, check_space, new_run_dir, point_latest, write_text_atomic
 from .schedule import lr_at
 
 KINDS = {"sgd": kernels.SGD, "momentum": kernels.MOMENTUM, "adam": kernels.ADAM}
@@ -50,13 +52,6 @@ def set_threads(threads: int) -> int:
         n = limit
     numba.set_num_threads(n)
     return n
-
-
-def split(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation indices: the validation set is the tail of a seed-fixed permutation."""
-    perm = np.random.default_rng([seed, 1]).permutation(n)
-    n_val = int(round(n * val_split))
-    return np.sort(perm[:n - n_val]), np.sort(perm[n - n_val:])
 
 
 class Trainer:
@@ -221,8 +216,6 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
 
     model = MLP.init(cfg.model.sizes, np.random.default_rng([cfg.train.seed, 0]))
     trainer = Trainer(cfg, model, min(B, len(tr_idx)))
-    shuffle_rng = np.random.default_rng([cfg.train.seed, 2])
-    aug_rng = np.random.default_rng([cfg.train.seed, 3])
     aug = Augment(**asdict(cfg.augment))
     history: list[dict] = []
     epoch, batch0, run_loss, run_correct, best_val, elapsed = 0, 0, 0.0, 0, -1.0, 0.0
@@ -234,12 +227,6 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
         if batch0 >= steps_per_epoch:
             raise NNError(f"cannot resume {resume}: its training state is damaged (batch {batch0} of an "
                           f"epoch of {steps_per_epoch}); use another last.ck or start anew")
-        try:
-            shuffle_rng.bit_generator.state = st["shuffle_rng"]
-            aug_rng.bit_generator.state = st["aug_rng"]
-        except (TypeError, ValueError, KeyError):
-            raise NNError(f"cannot resume {resume}: its random generator state is damaged; use another "
-                          "last.ck or start anew") from None
         history = start_ck.meta.get("history", [])
         best_val = start_ck.meta.get("best_val_acc", -1.0)
         elapsed = start_ck.meta.get("wall_time", 0.0)
@@ -269,11 +256,11 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
     running = "running mean, augmented" if aug.enabled else "running mean"
     y_all = mnist.train_y.astype(np.int64)
     # Compile (or load from the cache) every kernel of the loop now, so the first epoch's clock and
-    # images/s measure training; a gradient-only step leaves weights, optimiser and random streams alone.
+    # images/s measure training; a gradient-only step leaves weights and optimiser alone.
     idx = tr_idx[:1]
     try:
         if aug.enabled:
-            augment_batch(mnist.train_x, idx, trainer.xb[:1], aug, np.random.default_rng(0))
+            augment_batch(mnist.train_x, idx, trainer.xb[:1], aug, cfg.train.seed, 0, 0)
         kernels.gather(mnist.train_x, idx, kernels.PIXEL, trainer.xb[:1])  # compiled for evaluate()
         trainer.train_step(trainer.gather(mnist.train_x, idx), y_all[idx], 0.0, update=False, rows=True)
     except CtrlC:  # (from the command's handler) nothing was trained in this process
@@ -282,8 +269,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
         raise Interrupted(f"interrupted before the first step; {what}") from None
     with _SigInt(run) as sigint:
         while epoch < cfg.train.epochs:
-            epoch_rng_state = shuffle_rng.bit_generator.state  # the permutation is re-drawn on resume
-            order = tr_idx[shuffle_rng.permutation(len(tr_idx))] if cfg.data.shuffle else tr_idx
+            order = epoch_order(tr_idx, cfg.train.seed, epoch) if cfg.data.shuffle else tr_idx
             t0 = time.perf_counter()
             bar = tqdm(total=len(order), initial=batch0 * B, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
                        unit="img", unit_scale=True, leave=True, disable=quiet, dynamic_ncols=True)
@@ -293,7 +279,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
                 nb = len(idx)
                 xb = trainer.xb[:nb]
                 if aug.enabled:
-                    augment_batch(mnist.train_x, idx, xb, aug, aug_rng)
+                    augment_batch(mnist.train_x, idx, xb, aug, cfg.train.seed, epoch, bi * B)
                 else:
                     trainer.gather(mnist.train_x, idx)
                 yb = y_all[idx]
@@ -319,8 +305,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
                                        f"NaN or Inf (learning rate {lr:g}); try a smaller --lr. Checkpoints in "
                                        f"{run} are the last good ones")
                     elapsed += time.perf_counter() - t0
-                    state = {"epoch": epoch, "batch": bi + 1, "run_loss": run_loss, "run_correct": run_correct,
-                             "shuffle_rng": epoch_rng_state, "aug_rng": aug_rng.bit_generator.state}
+                    state = {"epoch": epoch, "batch": bi + 1, "run_loss": run_loss, "run_correct": run_correct}
                     if bi + 1 == steps_per_epoch:
                         break  # the epoch is complete: finish it normally below, then stop
                     save(run / "last.ck", to_checkpoint(model, meta({"epoch": epoch, "resume": state}),
@@ -345,12 +330,10 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
             row["samples_per_s"] = (n_tr - batch0 * B) / seconds if seconds > 0 else 0.0
             history.append(_finite(row))
             epoch, batch0, run_loss, run_correct = epoch + 1, 0, 0.0, 0
-            score = row.get("val_acc", row["train_acc"])
             summary = _finite({k: row[k] for k in row if k.endswith(("_acc", "_loss"))}) | {"epoch": epoch}
-            state = {"epoch": epoch, "batch": 0, "run_loss": 0.0, "run_correct": 0,
-                     "shuffle_rng": shuffle_rng.bit_generator.state, "aug_rng": aug_rng.bit_generator.state}
-            if score > best_val:
-                best_val = score
+            state = {"epoch": epoch, "batch": 0, "run_loss": 0.0, "run_correct": 0}
+            if best_row(history) is history[-1]:
+                best_val = row.get("val_acc", -1.0)
                 save(run / "best.ck", to_checkpoint(model, meta(summary)))
             save(run / "last.ck", to_checkpoint(model, meta(summary | {"resume": state}), trainer.optim_state()))
             # rewritten whole from the history (atomically, like the checkpoints): never a half line, and

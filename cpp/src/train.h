@@ -15,7 +15,7 @@ struct TrainConfig {
     std::string reduction = "mean";   // sum | mean
     std::string schedule = "cosine";  // constant | cosine | step
     double warmup_epochs = 0.0, min_lr = 0.0, gamma = 0.1;
-    int step_epochs = 5;
+    int step_epochs = 10;
     double val_split = 0.1;
     uint64_t seed = 0;
     int threads = 0;  // 0 = OpenMP default
@@ -30,6 +30,12 @@ struct TrainConfig {
 // Trains and writes the best-on-validation checkpoint (the last one with --val-split 0)
 // to cfg.out after every improving epoch. Returns the test accuracy of that checkpoint.
 double train(const TrainConfig& cfg);
+
+// --threads above this is refused (as in nn_numba's config); OpenMP cannot start 100,000 threads.
+constexpr int MAX_THREADS = 1024;
+// Sets the OpenMP thread count and returns it: 0 keeps the default (every core); more than the
+// cores is clamped to them, with a note on stderr. NNError outside 0..MAX_THREADS.
+int use_threads(int requested);
 
 struct BenchResult {
     double seconds_per_epoch, samples_per_s;  // wall clock, fastest epoch

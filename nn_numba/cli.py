@@ -7,6 +7,7 @@ never a traceback.
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from .errors import CtrlC, NNError
+from .errors import CtrlC, NNError, printable
 
 app = typer.Typer(
     add_completion=False,
@@ -117,6 +118,10 @@ def evaluate(
         raise NNError(f"{path}: has sizes {model.sizes}, not an MNIST network (784 inputs, 10 classes)")
     mnist = load_mnist(data_dir)
     loss, acc, pred = run_eval(model, mnist.test_x, mnist.test_y)
+    if not math.isfinite(loss):  # only non-finite logits make it so: the loss is computed in log space
+        from .predict import OVERFLOW
+
+        raise NNError(f"{path}: {OVERFLOW}")
     y = mnist.test_y.astype(np.int64)
     conf = np.zeros((10, 10), np.int64)
     np.add.at(conf, (y, pred), 1)
@@ -125,7 +130,7 @@ def evaluate(
         print(json.dumps({"checkpoint": str(path), "accuracy": acc, "loss": loss, "n": len(y),
                           "per_class_accuracy": per_class, "confusion": conf.tolist()}))
         return
-    print(f"{path}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}  ({len(y)} images)")
+    print(f"{printable(path)}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}  ({len(y)} images)")
     print("\nper class:  " + "  ".join(f"{d}: {100 * a:.1f}%" for d, a in enumerate(per_class)))
     print("\nconfusion (rows = true digit, columns = predicted):")
     print("      " + "".join(f"{d:>6}" for d in range(10)))
@@ -155,7 +160,7 @@ def info(
             v = f"{v:.4f}"
         elif isinstance(v, list):
             v = " ".join(map(str, v))
-        print(f"{k.replace('_', ' '):>15}: {v}")
+        print(f"{k.replace('_', ' '):>15}: {printable(v)}")  # META strings may hold anything, escape codes too
 
 
 @app.command(cls=PlainHelp)
@@ -294,6 +299,9 @@ def _ctrl_c(signum, frame) -> None:
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # what printable() lets through but the encoding cannot take
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         old = signal.signal(signal.SIGINT, _ctrl_c)
     except ValueError:  # not the main thread: leave Ctrl-C to whoever runs it
@@ -304,13 +312,13 @@ def main() -> None:
         print("nn-numba: error: interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
     except NNError as e:
-        print(f"nn-numba: error: {e}", file=sys.stderr)
+        print(f"nn-numba: error: {printable(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except MemoryError:  # configs and readers cap their sizes; this is the machine itself running out
         print("nn-numba: error: out of memory; use a smaller model or batch_size", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # a file problem no module anticipated: still one line that names the file
-        print(f"nn-numba: error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
+        print(f"nn-numba: error: {printable(e.filename or 'I/O')}: {printable(e.strerror or e)}", file=sys.stderr)
         sys.exit(1)
     finally:
         if old is not None:  # main() called in-process (tests): give Ctrl-C back

@@ -5,7 +5,9 @@ nothing big.
 Per-sample random parameters (shifts, angles, scales, the coarse elastic field) are the counter-based
 draws of nn_numba/rng.py, keyed by (seed, epoch, position in the epoch), as small (B x k) arrays. The
 warping kernels use no randomness and each sample is written by exactly one thread, so a batch is
-bit-identical for the same seed whatever the number of threads, and a resumed run sees the same batches.
+bit-identical for the same seed whatever the number of threads, and a resumed run sees the same batches;
+like every kernel they are compiled without fastmath (kernels.py, `_exact`, says why), so also whether
+they were compiled now or loaded from the cache.
 
 Geometry: pixel (x, y) has its centre at integer coordinates, x to the right, y down, the image centre is
 (13.5, 13.5). Every kernel maps each *output* pixel back to a source position (inverse mapping) and reads
@@ -19,10 +21,12 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from nn_numba import rng
+from nn_numba import jitcache, rng
 from nn_numba.errors import NNError
-from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255 (fastmath would round x / 255)
+from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255
 from nn_numba.kernels import gather
+
+jitcache.use()  # before the first @njit(cache=True), as in kernels.py
 
 S = 28  # image side
 P = S * S  # pixels per image
@@ -74,7 +78,7 @@ class Augment:
 # kernels
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True)
 def shift_gather(X_u8, idx, dx, dy, out):
     # X_u8 (N, 784) u8, idx (B,) i64, dx dy (B,) i64 (positive = right / down), out (B, 784) f32.
     # prange over samples: each output row is written by one thread only.
@@ -93,7 +97,7 @@ def shift_gather(X_u8, idx, dx, dy, out):
 W = S + 3  # side of the zero-padded source: 1 zero row/column before the image, 2 after
 
 
-@njit(inline="always", fastmath=True)
+@njit(inline="always")
 def _pad(src, pad):
     # src (784,) u8 -> pad (W*W,) f32 pixel values, image at rows/columns 1..28, zero border.
     # The border makes bilinear sampling branch-free: clamped positions outside read only zeros.
@@ -102,7 +106,7 @@ def _pad(src, pad):
             pad[(y + 1) * W + x + 1] = LUT[src[y * S + x]]
 
 
-@njit(inline="always", fastmath=True)
+@njit(inline="always")
 def _warp_row(pad, o, y, m, ex, ey, kk, wx, wy):
     # One output row y: o[y*28 + x] = bilinear sample of pad at m @ (x, y, 1) + (ex[x], ey[x]).
     # pad (W*W,) f32 from _pad, o (784,) f32, m (2, 3) f32, ex ey (28,) f32 displacements,
@@ -133,7 +137,7 @@ def _warp_row(pad, o, y, m, ex, ey, kk, wx, wy):
         o[r + x] = top + wy[x] * (bot - top)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True)
 def affine_gather(X_u8, idx, mats, out):
     # X_u8 (N, 784) u8, idx (B,) i64, out (B, 784) f32, mats (B, 2, 3) f32: inverse affine map from output
     # pixel (x, y) to source (sx, sy) = mats[b] @ (x, y, 1); bilinear, zero outside.
@@ -149,7 +153,7 @@ def affine_gather(X_u8, idx, mats, out):
             _warp_row(pad, out[b], y, mats[b], zero, zero, kk, wx, wy)
 
 
-@njit(parallel=True, cache=True, fastmath=True)
+@njit(parallel=True, cache=True)
 def elastic_gather(X_u8, idx, mats, field, out):
     # X_u8 (N, 784) u8, idx (B,) i64, mats (B, 2, 3) f32 as in affine_gather, out (B, 784) f32,
     # field (B, 2, G + 2, G + 2) f32: x and y displacement in pixels at the nodes of a control grid whose

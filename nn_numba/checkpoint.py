@@ -408,6 +408,12 @@ def load(path: str | Path, sizes: Sequence[int] | None = None) -> Checkpoint:
     return Checkpoint(p.sizes, p.params[0::2], p.params[1::2], meta, optim)
 
 
+def _trained_with(meta: dict) -> str | None:
+    """The optimiser named in META's config, if any."""
+    optim = meta.get("config", {}).get("optim") if isinstance(meta.get("config"), dict) else None
+    return optim.get("name") if isinstance(optim, dict) and isinstance(optim.get("name"), str) else None
+
+
 def describe(path: str | Path) -> dict:
     """A summary for `nn-numba info` (the file is fully checked first)."""
     path = Path(path)
@@ -422,7 +428,8 @@ def describe(path: str | Path) -> dict:
         "params": sum(a.size for a in p.params),
         "file_bytes": len(p.buf),
         "sections": [t for t, _, _ in p.sections],
-        "optimizer": None if optim is None else optim.kind,
+        "optimizer": optim.kind if optim is not None else _trained_with(meta),
+        "optimizer_state": optim is not None,  # best.ck has none: it holds the weights only
     }
     for k in ("epoch", "step", "val_acc", "test_acc", "best_val_acc", "producer", "created"):
         info[k] = meta.get(k)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .errors import NNError, printable
+from .errors import CtrlC, NNError, printable
 
 app = typer.Typer(
     add_completion=False,
@@ -24,32 +25,57 @@ app = typer.Typer(
     help="Train and use a 784-250-250-10 MNIST network whose every loop is an explicit Numba kernel.",
 )
 
-DataDir = Annotated[str | None, typer.Option("--data-dir", help="Folder with the MNIST IDX files "
+class PlainHelp(typer.core.TyperCommand):
+    """--help with plain metavars, as click prints them (`CONFIG`, `[RUN]...`, `--epochs N`), not Typer's
+    `{CONFIG}` and `<list[str]>`. Every option names its own metavar."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [self.options_metavar, *(_usage(p) for p in self.params if p.param_type_name == "argument")]
+
+    def format_options(self, ctx, formatter) -> None:
+        args = [(_usage(p), p.help or "") for p in self.params if p.param_type_name == "argument"]
+        opts = [p.get_help_record(ctx) for p in self.get_params(ctx) if p.param_type_name != "argument"]
+        if args:
+            with formatter.section("Arguments"):
+                formatter.write_dl(args)
+        with formatter.section("Options"):
+            formatter.write_dl([o for o in opts if o])
+
+
+def _usage(arg) -> str:
+    """CONFIG, [CHECKPOINT], IMAGE... or [RUN]...: the argument's name, [optional], ... for several."""
+    name = arg.metavar or arg.name.upper()
+    name = name if arg.required else f"[{name}]"
+    return name + "..." if arg.nargs != 1 else name
+
+
+DataDir = Annotated[str | None, typer.Option("--data-dir", metavar="DIR", help="Folder with the MNIST IDX files "
                                                 "(default: $NN_NUMBA_DATA, the config, then a per-user cache).")]
 CheckpointArg = typer.Argument(metavar="CHECKPOINT", help="Checkpoint (default: best of the latest run).")
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 
 
-def _default_checkpoint(checkpoint: str | None) -> Path:
+def _default_checkpoint(checkpoint: str | None, command: str) -> Path:
     from .runs import default_checkpoint
 
-    return default_checkpoint(checkpoint)
+    return default_checkpoint(checkpoint, name_one=f"give one: `nn-numba {command} CHECKPOINT`")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def train(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="A TOML file or a shipped config's name: "
-                                                                 "default, best, no-augment, seed.")],
-    epochs: Annotated[int | None, typer.Option(help="Override [train] epochs.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Override [train] batch_size.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Override [optim] lr.")] = None,
-    seed: Annotated[int | None, typer.Option(help="Override [train] seed.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Override [train] threads (0 = all cores).")] = None,
-    out: Annotated[str | None, typer.Option(help="Override [train] out: where run folders go.")] = None,
-    name: Annotated[str | None, typer.Option(help="The run folder's name (default: the date and time); "
-                                                  "report's plots use it as the label.")] = None,
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="A TOML file or a shipped config's "
+                                                                 "name: default, best, no-augment, seed.")],
+    epochs: Annotated[int | None, typer.Option(metavar="N", help="Override [train] epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(metavar="N", help="Override [train] batch_size.")] = None,
+    lr: Annotated[float | None, typer.Option(metavar="LR", help="Override [optim] lr.")] = None,
+    seed: Annotated[int | None, typer.Option(metavar="N", help="Override [train] seed.")] = None,
+    threads: Annotated[int | None, typer.Option(metavar="N", help="Override [train] threads (0 = all cores).")] = None,
+    out: Annotated[str | None, typer.Option(metavar="DIR", help="Override [train] out: where run folders go.")] = None,
+    name: Annotated[str | None, typer.Option(metavar="NAME", help="The run folder's name (default: the date and "
+                                                                  "time); report's plots use it as the label.")] = None,
     data_dir: DataDir = None,
-    resume: Annotated[str | None, typer.Option(help="Continue a run: its folder or its last.ck.")] = None,
+    resume: Annotated[str | None, typer.Option(metavar="RUN",
+                                               help="Continue a run: its folder or its last.ck.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
 ) -> None:
     """Train a network.
@@ -73,7 +99,7 @@ def train(
               f"test {100 * best['test_acc']:.2f}%) saved in {run / 'best.ck'}")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def evaluate(
     checkpoint: Annotated[str | None, CheckpointArg] = None,
     data_dir: DataDir = None,
@@ -87,7 +113,7 @@ def evaluate(
     from .model import MLP
     from .model import evaluate as run_eval
 
-    path = _default_checkpoint(checkpoint)
+    path = _default_checkpoint(checkpoint, "evaluate")
     model = MLP.from_checkpoint(load(path))
     if model.sizes[0] != 784 or model.sizes[-1] != 10:
         raise NNError(f"{path}: has sizes {model.sizes}, not an MNIST network (784 inputs, 10 classes)")
@@ -113,7 +139,7 @@ def evaluate(
         print(f"{d:>6}" + "".join(f"{c:>6}" for c in conf[d]))
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def info(
     checkpoint: Annotated[str | None, CheckpointArg] = None,
     as_json: Json = False,
@@ -121,25 +147,34 @@ def info(
     """What a checkpoint holds: sizes, parameters, epoch, accuracy."""
     from .checkpoint import describe
 
-    path = _default_checkpoint(checkpoint)
+    path = _default_checkpoint(checkpoint, "info")
     d = describe(path)
     if as_json:
         print(json.dumps(d, default=str))
         return
     for k, v in d.items():
-        if isinstance(v, float):
+        if v is None:
+            continue  # not recorded in this file
+        if isinstance(v, bool):
+            v = "yes" if v else "no"
+        elif isinstance(v, float):
             v = f"{v:.4f}"
-        print(f"{k:>14}: {printable(v)}")  # META strings may hold anything, terminal escape codes too
+        elif isinstance(v, list):
+            v = " ".join(map(str, v))
+        print(f"{k.replace('_', ' '):>15}: {printable(v)}")  # META strings may hold anything, escape codes too
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def predict(
     images: Annotated[list[str], typer.Argument(
         metavar="IMAGE", help="Image files or folders (PNG, JPEG, BMP, GIF, WebP, TIFF).")],
-    checkpoint: Annotated[str | None, typer.Option(help="Checkpoint (default: best of the latest run).")] = None,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, max=10, help="How many likeliest digits to show.")] = 3,
+    checkpoint: Annotated[str | None, typer.Option(metavar="FILE",
+                                                   help="Checkpoint (default: best of the latest run).")] = None,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=10, metavar="K",
+                                       help="How many likeliest digits to show.")] = 3,
     raw: Annotated[bool, typer.Option("--raw", help="Images are already 28x28 MNIST-style: no preprocessing.")] = False,
-    save_preprocessed: Annotated[str | None, typer.Option(help="Write what the network saw into DIR.")] = None,
+    save_preprocessed: Annotated[str | None, typer.Option(metavar="DIR",
+                                                          help="Write what the network saw into DIR.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image and line.")] = False,
 ) -> None:
     """Read digits from image files.
@@ -153,15 +188,17 @@ def predict(
     raise typer.Exit(code)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def serve(
     checkpoint: Annotated[str | None, typer.Argument(
-        metavar="[CHECKPOINT_OR_RUN]", help="Checkpoint or run folder (default: best of the latest run).")] = None,
-    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
-    host: Annotated[str, typer.Option(help="Address to listen on; anything but 127.0.0.1 or localhost lets "
-                                           "other machines in.")] = "127.0.0.1",
+        metavar="CHECKPOINT_OR_RUN", help="Checkpoint or run folder (default: best of the latest run).")] = None,
+    port: Annotated[int, typer.Option(min=0, max=65535, metavar="PORT",
+                                      help="Port to listen on (0: any free one).")] = 8000,
+    host: Annotated[str, typer.Option(metavar="ADDRESS", help="Address to listen on; anything but 127.0.0.1 or "
+                                                              "localhost lets other machines in.")] = "127.0.0.1",
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the web browser.")] = False,
-    runs: Annotated[str, typer.Option(help="Folder whose runs the page offers to choose from.")] = "runs",
+    runs: Annotated[str, typer.Option(metavar="DIR",
+                                      help="Folder whose runs the page offers to choose from.")] = "runs",
 ) -> None:
     """Draw a digit in the browser and watch the network read it (needs nn-numba[serve]).
 
@@ -172,11 +209,12 @@ def serve(
     run_server(checkpoint, host=host, port=port, open_browser=open_browser, runs=runs)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def export(
     source: Annotated[str, typer.Argument(metavar="CHECKPOINT_OR_RUN",
                                           help="A checkpoint or a run folder (its best.ck), e.g. runs/latest.")],
-    to: Annotated[str, typer.Option("--to", help="Output file: .onnx (needs nn-numba[export]) or .npz (NumPy).")] = "",
+    to: Annotated[str, typer.Option("--to", metavar="FILE",
+                                    help="Output file: .onnx (needs nn-numba[export]) or .npz (NumPy).")] = "",
 ) -> None:
     """Write a network as ONNX or NumPy .npz, to run it elsewhere.
 
@@ -190,10 +228,11 @@ def export(
     print(f"wrote {out}")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def configs(
     name: Annotated[str | None, typer.Argument(metavar="NAME", help="Print this shipped config.")] = None,
-    to: Annotated[str | None, typer.Option("--to", help="Copy it to this file or folder (never overwrites).")] = None,
+    to: Annotated[str | None, typer.Option("--to", metavar="PATH",
+                                           help="Copy it to this file or folder (never overwrites).")] = None,
 ) -> None:
     """The configs that ship with nn-numba: list them, print one, or copy one to start from."""
     from .shipped import copy, listing, shipped_path
@@ -212,16 +251,16 @@ def configs(
 def sweep(
     sweep_file: Annotated[str, typer.Argument(metavar="SWEEP_FILE", help="A sweep file, e.g. "
                                               "configs/no-augment.sweep.toml (docs/sweep.md).")],
-    trials: Annotated[int | None, typer.Option(min=1, help="End when the study has this many trials "
-                                                           "(default: the file's `trials`).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Trials run at once on this machine; they share its "
-                                                     "cores.")] = 1,
-    storage: Annotated[str | None, typer.Option(help="Where the study lives: an SQL URL "
-                                                     "(postgresql://USER:PASSWORD@HOST/DB) or a journal "
-                                                     "file (*.log) that other machines reach too (default: "
-                                                     "SWEEP/study.db).")] = None,
-    name: Annotated[str | None, typer.Option(help="The study's name (default: the file's).")] = None,
-    out: Annotated[str, typer.Option(help="Where sweep folders go.")] = "sweeps",
+    trials: Annotated[int | None, typer.Option(min=1, metavar="N", help="End when the study has this many "
+                                                                        "trials (default: the file's).")] = None,
+    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Trials run at once on this machine; they "
+                                                                  "share its cores.")] = 1,
+    storage: Annotated[str | None, typer.Option(metavar="URL", help="Where the study lives: an SQL URL "
+                                                                    "(postgresql://USER:PASSWORD@HOST/DB) or a "
+                                                                    "journal file (*.log) that other machines "
+                                                                    "reach too (default: SWEEP/study.db).")] = None,
+    name: Annotated[str | None, typer.Option(metavar="NAME", help="The study's name (default: the file's).")] = None,
+    out: Annotated[str, typer.Option(metavar="DIR", help="Where sweep folders go.")] = "sweeps",
     data_dir: DataDir = None,
 ) -> None:
     """Search hyperparameters with Optuna (needs nn-numba[sweep]).
@@ -237,9 +276,10 @@ def sweep(
               data_dir=data_dir)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def download(
-    dir: Annotated[str | None, typer.Option("--dir", help="Where to put the files (default: the cache).")] = None,
+    dir: Annotated[str | None, typer.Option("--dir", metavar="DIR",
+                                            help="Where to put the files (default: the cache).")] = None,
 ) -> None:
     """Download MNIST and verify its SHA-256 sums."""
     from .data import download_command
@@ -247,11 +287,12 @@ def download(
     download_command(dir)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def report(
     runs: Annotated[list[str] | None, typer.Argument(metavar="RUN",
                                                      help="Run folders (default: the latest in runs/).")] = None,
-    out: Annotated[str | None, typer.Option(help="Write into DIR/<run-name>/ (default: RUN/report/).")] = None,
+    out: Annotated[str | None, typer.Option(metavar="DIR",
+                                            help="Write into DIR/<run-name>/ (default: RUN/report/).")] = None,
     data_dir: DataDir = None,
 ) -> None:
     """Plots and a report.md of runs (needs nn-numba[plot]).
@@ -263,18 +304,21 @@ def report(
     make_report(runs, out=out, data_dir=data_dir)
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def bench(
-    threads: Annotated[str, typer.Option(help="Thread counts to test, comma-separated.")] = "1,2",
-    batches: Annotated[str, typer.Option(help="Batch sizes of the epoch runs, comma-separated.")] = "32,64,256,1024",
-    kernel_batch: Annotated[int, typer.Option(help="Batch size of the per-kernel table.")] = 256,
+    threads: Annotated[str, typer.Option(metavar="LIST", help="Thread counts to test, comma-separated.")] = "1,2",
+    batches: Annotated[str, typer.Option(metavar="LIST",
+                                         help="Batch sizes of the epoch runs, comma-separated.")] = "32,64,256,1024",
+    kernel_batch: Annotated[int, typer.Option(metavar="N", help="Batch size of the per-kernel table.")] = 256,
     quick: Annotated[bool, typer.Option("--quick", help="A short run (under 30 s): first thread count, "
                                                         "batches 64 and 256, shorter passes.")] = False,
-    data: Annotated[str, typer.Option(help="mnist: the training images, if on this machine (the first layer "
-                                                "skips their zero pixels); random: dense pixels.")] = "mnist",
-    passes: Annotated[int | None, typer.Option(help="Timed epoch passes per side and batch size (default 3, "
-                                                       "2 with --quick); more give steadier minima on a "
-                                                       "busy machine.")] = None,
+    data: Annotated[str, typer.Option(metavar="mnist|random",
+                                      help="mnist: the training images, if on this machine (the first layer "
+                                           "skips their zero pixels); random: dense pixels.")] = "mnist",
+    passes: Annotated[int | None, typer.Option(metavar="N",
+                                               help="Timed epoch passes per side and batch size (default 3, "
+                                                    "2 with --quick); more give steadier minima on a "
+                                                    "busy machine.")] = None,
     as_json: Json = False,
 ) -> None:
     """Speed of kernels and epochs against NumPy/BLAS.
@@ -289,12 +333,23 @@ def bench(
     run_bench(threads, batches, quick=quick, as_json=as_json, kernel_batch=kernel_batch, data=data, passes=passes)
 
 
+def _ctrl_c(signum, frame) -> None:
+    raise CtrlC
+
+
 def main() -> None:
     for stream in (sys.stdout, sys.stderr):  # what printable() lets through but the encoding cannot take
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
     try:
+        old = signal.signal(signal.SIGINT, _ctrl_c)
+    except ValueError:  # not the main thread: leave Ctrl-C to whoever runs it
+        old = None
+    try:
         app()  # standalone: click prints usage errors and exits 2 by itself
+    except CtrlC:
+        print("nn-numba: error: interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     except NNError as e:
         print(f"nn-numba: error: {printable(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -304,6 +359,9 @@ def main() -> None:
     except OSError as e:  # a file problem no module anticipated: still one line that names the file
         print(f"nn-numba: error: {printable(e.filename or 'I/O')}: {printable(e.strerror or e)}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if old is not None:  # main() called in-process (tests): give Ctrl-C back
+            signal.signal(signal.SIGINT, old)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ class NNError(Exception):
     exit_code = 1
 
 
+class CtrlC(BaseException):
+    """Ctrl-C outside the training loop, raised by the command's SIGINT handler. Not KeyboardInterrupt, which
+    Typer turns into a silent exit; not an Exception, which Numba's compiler could wrap into its own errors."""
+
+
 # control characters (a newline, ESC of a terminal escape code), lone surrogates (a file name that is not
 # UTF-8 reaches Python as U+DC80..U+DCFF) and the Unicode line separators
 _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff\u2028\u2029]")

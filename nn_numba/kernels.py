@@ -12,8 +12,8 @@ weights transposed, WT = W1ᵀ (see "The first layer" below):
 The tiles' sums live in 8-lane vector registers (`simd.f32x8`) for a whole reduction. Every output
 element is written by exactly one prange task with a summation order the code spells out, so results
 are bit-identical run after run, for any thread count, and whether a kernel was compiled now or loaded
-from the cache; that is why the products are compiled without `fastmath`, which would let LLVM reorder
-even the explicit vector adds. Float32 scalars are spelled np.float32(0): a bare 0.0 is float64 in Numba.
+from the cache (that is why no kernel is compiled with `fastmath`: see `_exact`). Float32 scalars are
+spelled np.float32(0): a bare 0.0 is float64 in Numba.
 Callers hand in 64-byte aligned arrays (`aligned_zeros`; activation rows padded to 16 floats): 32-byte
 loads that straddle cache lines cost 10-25 % on the products. No data-dependent branches in hot loops:
 ReLU signs are random.
@@ -22,6 +22,7 @@ ReLU signs are random.
 import numpy as np
 from numba import njit, prange
 
+from . import jitcache
 from .simd import (
     prefetch,
     vadd,
@@ -44,17 +45,21 @@ from .simd import (
     vzero,
 )
 
+jitcache.use()  # before the first @njit(cache=True): the compiled kernels go to a folder keyed by their sources
+
 SGD, MOMENTUM, ADAM, NO_UPDATE = 0, 1, 2, 3  # optimiser codes, as in the checkpoint's OPTM section
 
-# u8 -> float32 pixel, exactly u8 / 255 (a fastmath division could become a multiply by 1/255 and round
-# differently from the C++ port).
+# u8 -> float32 pixel, exactly u8 / 255 as the C++ port computes it: one table load per pixel instead of a
+# division.
 PIXEL = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
 
-_opts = dict(parallel=True, cache=True, fastmath=True)
-# The products and everything inlined into them are compiled *without* fastmath: their vector code fixes
-# every summation order itself, and fastmath would let LLVM reassociate those explicit adds as well, so
-# that the order, and the last bit of the result, depended on where the kernel was compiled in (measured:
-# a freshly compiled train_step and the same one loaded from the cache differed in gb).
+# Every kernel (here and in augment.py) is compiled *without* fastmath. Numba optimises a callee (a called
+# @njit function, or the body of a prange loop) in a module of its own, then links that optimised code
+# into its caller's module and optimises it again. Under fastmath's flags a second pass is free to
+# contract and reassociate what the first one left, so the caller's copy can round differently from the
+# callee's own, and which copy runs depends on whether they were compiled in this process or loaded from
+# the cache (augment.elastic_gather's prange body did: other last bits from a cold cache). IEEE arithmetic
+# is the same after any number of passes; where an FMA is wanted the code says so (`vfma`).
 _exact = dict(cache=True)
 
 
@@ -428,7 +433,7 @@ def _st(A, r, k, x, n):
         vstoren(A, r, k, x, n)
 
 
-@njit(fastmath=True, cache=True)
+@njit(**_exact)
 def update(p, g, m, v, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
     """One optimiser step on 1-D arrays (all (n,) float32): `update_row` on their only row."""
     n = p.shape[0]
@@ -436,7 +441,7 @@ def update(p, g, m, v, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
                nesterov, wd, b1, b2, eps, c1, c2)
 
 
-@njit(fastmath=True, cache=True)
+@njit(**_exact)
 def update_row(P, G, M, V, r, k0, k1, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
     """One optimiser step on P[r, k0:k1], PyTorch semantics (docs/training.md).
 
@@ -678,7 +683,7 @@ def _bias_step(dY, gb, b, mb, vb, j0, j1, kind, lr, mom, nesterov, b1, b2, eps, 
 # Softmax + cross-entropy + its gradient, fused.
 
 
-@njit(**_opts)
+@njit(parallel=True, **_exact)
 def softmax_xent(Z, y, dZ, loss, pred, scale):
     """Per-sample loss −log softmax(Z)[y], the predicted class, and dZ = scale · (softmax(Z) − onehot(y)).
 

@@ -57,6 +57,8 @@ SIZE = 28  # MNIST frame
 # own thinnest digits (5 % are under ~1.2 px) are mostly left alone.
 MIN_STROKE, STROKE = 1.0, 1.8
 MIN_CONTRAST = 0.05  # ink and paper closer than this (in [0, 1]) = nothing written
+BLANK = ("no ink found: the image is blank{}; use a picture of one digit written clearly darker (or lighter) "
+         "than its paper, filling a good part of the frame")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
@@ -201,7 +203,7 @@ def normalise(g: np.ndarray, name: str = "image") -> np.ndarray:
     ring = border(g)
     lo, hi = float(g.min()), float(g.max())
     if hi - lo < MIN_CONTRAST:
-        raise ImageError(f"{name}: no ink found: the image is blank (all pixels within {hi - lo:.3f})")
+        raise ImageError(f"{name}: " + BLANK.format(f" (all pixels within {hi - lo:.3f})"))
     if float(np.median(ring)) > (lo + hi) / 2:  # light paper, dark ink
         g = 1 - g
         ring = 1 - ring
@@ -209,7 +211,7 @@ def normalise(g: np.ndarray, name: str = "image") -> np.ndarray:
     spread = 1.4826 * float(np.median(np.abs(ring - paper)))  # robust std of the paper: noise, shading
     top = float(g.max())
     if top - paper < MIN_CONTRAST:
-        raise ImageError(f"{name}: no ink found: the image is blank (ink as bright as the paper)")
+        raise ImageError(f"{name}: " + BLANK.format(" (ink as bright as the paper)"))
     floor = min(paper + 3 * spread, paper + 0.5 * (top - paper))
     return np.clip((g - floor) / (top - floor), 0, 1).astype(np.float32)
 
@@ -219,7 +221,7 @@ def crop(a: np.ndarray, name: str = "image") -> np.ndarray:
     rows = np.flatnonzero((a > INK).any(axis=1))
     cols = np.flatnonzero((a > INK).any(axis=0))
     if rows.size == 0:
-        raise ImageError(f"{name}: no ink found: the image is blank")
+        raise ImageError(f"{name}: " + BLANK.format(""))
     return a[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
 
 

@@ -13,6 +13,10 @@ import math
 import numpy as np
 from numba import njit
 
+from . import jitcache
+
+jitcache.use()  # before the first @njit(cache=True), as in kernels.py
+
 SPLIT, SHUFFLE, AUGMENT = 1, 2, 3  # the streams
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)

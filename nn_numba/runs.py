@@ -73,8 +73,10 @@ def latest_run(out: str | os.PathLike = "runs") -> Path:
         return (link.parent / link.read_text().strip()).resolve()
     raise NNError(f"no runs found in {out}/: run `nn-numba train default` first")
 
-def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = "runs") -> Path:
-    """`checkpoint` if given, else best.ck of the newest run."""
+def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = "runs",
+                       name_one: str = "pass --checkpoint FILE") -> Path:
+    """`checkpoint` if given, else best.ck of the newest run. `name_one`: how the command takes a checkpoint,
+    for the hint when there is none."""
     if checkpoint:
         return Path(checkpoint)
     try:
@@ -83,7 +85,7 @@ def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = 
         ck = None
     if ck is None or not ck.is_file():
         raise NNError(f"no trained model found ({ck or Path(runs) / 'latest'} does not exist): "
-                      "run `nn-numba train default` first or pass --checkpoint")
+                      f"run `nn-numba train default` first, or {name_one}")
     return ck
 
 def resolve_checkpoint(path: str | os.PathLike | None = None, runs: str | os.PathLike = "runs") -> Path:

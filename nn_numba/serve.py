@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import describe, load
-from .errors import NNError
+from .errors import CtrlC, NNError
 from .model import MLP
 from .predict import SIZE, ImageError, classify, look, open_image, png_bytes, warnings_for
 
@@ -66,7 +66,7 @@ class Models:
         if default is None:
             if not self.entries:
                 raise NNError(f"no trained model found in {runs}/: run `nn-numba train default` "
-                              "first or pass a checkpoint or run folder")
+                              "first, or give one: `nn-numba serve CHECKPOINT_OR_RUN`")
             self.first = next(iter(self.entries))
 
     def add(self, path: Path) -> Entry:
@@ -274,6 +274,6 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, ope
     server = uvicorn.Server(uvicorn.Config(create_app(models), log_level="warning", lifespan="off"))
     try:
         server.run(sockets=[sock])  # Ctrl-C: uvicorn finishes the requests in flight, then re-raises it
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, CtrlC):  # CtrlC: what the command's own SIGINT handler raises
         pass
     print("stopped")

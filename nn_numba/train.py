@@ -20,10 +20,10 @@ import numba
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, kernels
+from . import __version__, jitcache, kernels
 from .checkpoint import SLOTS, Checkpoint, OptimState, load, save
 from .config import Config, ConfigError, check, from_dict
-from .errors import NNError
+from .errors import CtrlC, NNError
 from .model import MLP, evaluate, n_params
 from .rng import order as epoch_order
 from .rng import split
@@ -246,19 +246,27 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
               f"batch {B}  {cfg.train.epochs} epochs  {threads} threads  "
               f"train {len(tr_idx)} / val {len(va_idx)} / test {len(mnist.test_y)}")
         if _first_compile():
-            print("compiling the Numba kernels: about 30 s on the first run only (they are cached afterwards)")
+            print(f"compiling the Numba kernels: about 30 s on the first run only (cached in {jitcache.use()})")
         if aug.enabled:
             on = {k: v for k, v in asdict(cfg.augment).items() if v and k != "elastic_sigma" or
                   k == "elastic_sigma" and cfg.augment.elastic_alpha}
             print("augment " + "  ".join(f"{k} {v:g}" for k, v in on.items()))
+    # the training figures are means over the epoch's batches so far, as trained: distorted when augmenting
+    # (so they sit below validation accuracy), and each batch seen with the weights of that moment
+    running = "running mean, augmented" if aug.enabled else "running mean"
     y_all = mnist.train_y.astype(np.int64)
     # Compile (or load from the cache) every kernel of the loop now, so the first epoch's clock and
     # images/s measure training; a gradient-only step leaves weights and optimiser alone.
     idx = tr_idx[:1]
-    if aug.enabled:
-        augment_batch(mnist.train_x, idx, trainer.xb[:1], aug, cfg.train.seed, 0, 0)
-    kernels.gather(mnist.train_x, idx, kernels.PIXEL, trainer.xb[:1])  # compiled for evaluate()
-    trainer.train_step(trainer.gather(mnist.train_x, idx), y_all[idx], 0.0, update=False, rows=True)
+    try:
+        if aug.enabled:
+            augment_batch(mnist.train_x, idx, trainer.xb[:1], aug, cfg.train.seed, 0, 0)
+        kernels.gather(mnist.train_x, idx, kernels.PIXEL, trainer.xb[:1])  # compiled for evaluate()
+        trainer.train_step(trainer.gather(mnist.train_x, idx), y_all[idx], 0.0, update=False, rows=True)
+    except CtrlC:  # (from the command's handler) nothing was trained in this process
+        what = (f"{run} is as it was. Resume with: nn-numba train CONFIG --resume {run}" if resume else
+                f"nothing was trained ({run} holds only its config.toml)")
+        raise Interrupted(f"interrupted before the first step; {what}") from None
     with _SigInt(run) as sigint:
         while epoch < cfg.train.epochs:
             order = epoch_order(tr_idx, cfg.train.seed, epoch) if cfg.data.shuffle else tr_idx
@@ -286,7 +294,9 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
                 run_correct += int((trainer.pred[:nb] == yb).sum())
                 bar.update(nb)
                 if bi % 50 == 0:
-                    bar.set_postfix(loss=f"{loss / nb:.4f}", refresh=False)
+                    seen = bi * B + nb
+                    bar.set_postfix_str(f"train loss {run_loss / seen:.4f} acc {100 * run_correct / seen:.2f}% "
+                                        f"({running})", refresh=False)
                 if sigint.hit:
                     bar.close()
                     trainer.sync()
@@ -331,7 +341,8 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
             write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
             if not quiet:
                 val = f"val {row['val_loss']:.4f} / {100 * row['val_acc']:.2f}%  " if "val_acc" in row else ""
-                tqdm.write(f"epoch {epoch:3d}  train {row['train_loss']:.4f} / {100 * row['train_acc']:.2f}%  "
+                tqdm.write(f"epoch {epoch:3d}  train {row['train_loss']:.4f} / {100 * row['train_acc']:.2f}% "
+                           f"({running})  "
                            f"{val}test {row['test_loss']:.4f} / {100 * row['test_acc']:.2f}%  "
                            f"{row['samples_per_s']:,.0f} img/s  lr {lr:.3g}")
             if on_epoch is not None:
@@ -343,10 +354,10 @@ def train(cfg: Config, data_dir: str | None = None, resume: str | None = None, q
 
 
 def _first_compile() -> bool:
-    """True when no compiled train_step is cached next to kernels.py (a fresh install)."""
-    if os.environ.get("NUMBA_CACHE_DIR") or os.environ.get("NUMBA_DISABLE_JIT"):
-        return False  # elsewhere, or not compiled at all: say nothing rather than guess
-    return not any((Path(kernels.__file__).parent / "__pycache__").glob("kernels.train_step-*.nbi"))
+    """True when no compiled train_step is in the kernel cache (a fresh install, or changed kernels)."""
+    if os.environ.get("NUMBA_DISABLE_JIT"):
+        return False  # not compiled at all
+    return not jitcache.cached("kernels.train_step")
 
 
 def _resume_source(resume: str) -> tuple[Checkpoint, Path]:

@@ -362,7 +362,7 @@ def test_save_preprocessed_never_overwrites(tmp_path, capsys, mnist_test, model)
 
 def test_default_checkpoint(tmp_path):
     runs = tmp_path / "runs"
-    msg = r"no trained model found .*: run `nn-numba train default` first or pass --checkpoint"
+    msg = r"no trained model found .*: run `nn-numba train default` first, or pass --checkpoint FILE"
     with pytest.raises(NNError, match=msg):
         P.default_checkpoint(runs)
     run = runs / "2024-01-01_120000"

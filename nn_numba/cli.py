@@ -247,7 +247,7 @@ def configs(
         print(shipped_path(name).read_text(encoding="utf-8"), end="")
 
 
-@app.command()
+@app.command(cls=PlainHelp)
 def sweep(
     sweep_file: Annotated[str, typer.Argument(metavar="SWEEP_FILE", help="A sweep file, e.g. "
                                               "configs/no-augment.sweep.toml (docs/sweep.md).")],

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +107,10 @@ def schedule(cfg: Config) -> np.ndarray:
 
 
 def best_row(run: Run) -> dict[str, Any]:
-    """The epoch train.py kept as best.ck: highest validation accuracy (training accuracy without a
-    validation split), the first one on ties."""
-    key = "val_acc" if run.has_val else "train_acc"
-    return max(run.hist, key=lambda r: r[key])
+    """The epoch train.py kept as best.ck (runs.best_row)."""
+    from .runs import best_row as best
+
+    return best(run.hist)
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -226,6 +226,10 @@ def plot_lr(run: Run, path: Path) -> float:
             label="recorded in metrics.jsonl (epoch's last step)")
     for e in range(1, run.cfg.train.epochs):
         ax.axvline(e * spe, color="0.85", lw=0.8, zorder=0)
+    plan = run.cfg.schedule.plan_epochs
+    if run.cfg.schedule.name == "cosine" and 0 < plan < run.cfg.train.epochs:
+        ax.axvline(plan * spe, color="C2", ls=":", lw=1.2, label=f"end of the planned {plan} epochs: the "
+                   "extension runs at min_lr")
     ax.set_xlabel(f"optimiser step ({spe} per epoch; grey lines: epoch boundaries)")
     ax.set_ylabel("learning rate")
     ax.set_ylim(-0.02 * lr.max(), lr.max() * 1.08)
@@ -243,18 +247,17 @@ def plot_lr(run: Run, path: Path) -> float:
 
 def plot_augment(X_u8: np.ndarray, run: Run, path: Path) -> None:
     """Random training digits (first column) and independent augmentations of each (other columns)."""
-    from .augment import Augment, augment_grid
+    from .augment import augment_grid
 
     plt = _plt()
-    aug = Augment(**asdict(run.cfg.augment))
+    aug = run.cfg.augment
     img = augment_grid(X_u8, aug, np.random.default_rng([run.cfg.train.seed, 4]), n=64)
     fig, ax = plt.subplots(figsize=(6.4, 7))
     ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.axvline(27.5, color="C3", lw=1.5)  # the edge between the column of originals and the rest
-    on = [f"{k} {v:g}" for k, v in asdict(aug).items() if v and k != "elastic_sigma"]
-    on += [f"elastic_sigma {aug.elastic_sigma:g}"] if aug.elastic_alpha else []
+    on = [f"{k} {v:g}" for k, v in aug.active().items()]
     ax.set_title(f"augmentation ({', '.join(on)})\n"
                  "left of the red line: the original; right: random augmentations",
                  fontsize=9)
@@ -344,8 +347,7 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
     plot_confusion(conf, acc, dest / files["confusion"])
     shown = plot_mistakes(mnist.test_x, y, pred, proba, dest / files["mistakes"])
     gap = plot_lr(run, dest / files["lr"])
-    augmented = any(v for k, v in asdict(run.cfg.augment).items() if k != "elastic_sigma")
-    if augmented:
+    if run.cfg.augment.enabled:
         files["augment"] = "augment.png"
         plot_augment(mnist.train_x, run, dest / files["augment"])
 
@@ -386,7 +388,7 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
           "circles are the rates metrics.jsonl recorded for each epoch's last step. "
           + ("They agree." if gap < 1e-9 else f"**They differ by up to {100 * gap:.3g}%.**"), "",
           f"![learning rate per step]({files['lr']})", ""]
-    if augmented:
+    if run.cfg.augment.enabled:
         md += ["## Augmented training samples", "",
                "Each row is one training digit: the original on the left, random augmentations of it after.",
                "",

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nn_numba import checkpoint as ckmod
+from nn_numba import files
 from nn_numba.checkpoint import Checkpoint, CheckpointError, OptimState, describe, load, save
 from nn_numba.errors import NNError
 
@@ -517,7 +518,7 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, how):
     before = folder(tmp_path)
     real_open = open
     if how == "disk full":
-        monkeypatch.setattr(ckmod, "open", lambda f, m: FlakyFile(real_open(f, m), 1000), raising=False)
+        monkeypatch.setattr(files, "open", lambda f, m: FlakyFile(real_open(f, m), 1000), raising=False)
     elif how == "fsync":
         monkeypatch.setattr(os, "fsync", fail_on(OSError(errno.EIO, "Input/output error")))
     elif how == "replace":
@@ -525,7 +526,7 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, how):
     elif how == "interrupt":
         monkeypatch.setattr(os, "fsync", fail_on(KeyboardInterrupt()))
     else:
-        monkeypatch.setattr(ckmod, "open", fail_on(PermissionError(errno.EACCES, "Permission denied")),
+        monkeypatch.setattr(files, "open", fail_on(PermissionError(errno.EACCES, "Permission denied")),
                             raising=False)
     new = random_ck([20, 30, 10], seed=10, kind="adam", meta={"epoch": 2})
     if how == "interrupt":

@@ -378,7 +378,8 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
     """
     B, N = dY.shape
     K = A.shape[1]
-    W, gW, mW, vW = Wp
+    W, gW, mW, vW = Wp  # unpacked here: helpers in the loops take arrays (see _step)
+    b, gb, mb, vb = bp
     kind = h.kind
     nj = (N + 5) // 6
     pk = work[:nj * B * 8].reshape((nj, B, 8))
@@ -397,7 +398,7 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
                         s = vfma(vbload(dY, i, jj), _ld(A, i, kk, K - kk), s)
                     if kind == NO_UPDATE:
                         _st(gW, jj, kk, s, K - kk)
-                    _step_call(Wp, jj, kk, s, K - kk, h, h.weight_decay)
+                    _step_call(W, mW, vW, jj, kk, s, K - kk, h, h.weight_decay)
         else:
             C = pk[j // 6].T  # (8, B): C[q, p] = dY[p, j + q]
             nq = min(6, N - j)  # rows of W this tile owns; the rest is padding
@@ -416,23 +417,25 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
                     for half in range(2):
                         if kind == NO_UPDATE:
                             vstore(gW, j + q, k + 8 * half, acc[2 * q + half])
-                        _step(Wp, j + q, k + 8 * half, acc[2 * q + half], 8, h, h.weight_decay)
+                        _step(W, mW, vW, j + q, k + 8 * half, acc[2 * q + half], 8, h, h.weight_decay)
             else:
                 for kk in range(k, K, 8):
                     acc = _tile_n(C, 0, A, kk, K - kk)
                     for q in range(nq):
                         if kind == NO_UPDATE:
                             _st(gW, j + q, kk, acc[q], K - kk)
-                        _step_call(Wp, j + q, kk, acc[q], K - kk, h, h.weight_decay)
+                        _step_call(W, mW, vW, j + q, kk, acc[q], K - kk, h, h.weight_decay)
         if k == 0:  # the first column of tiles also owns gb and b: column sums of dY
-            _bias_step(dY, bp, j, min(j + 6, N), h)
+            _bias_step(dY, b, gb, mb, vb, j, min(j + 6, N), h)
 
 
-@njit(**_exact, inline="always")  # a call per 8 lanes would cost more than the step
-def _step(p, r, k, g, n, h, wd):
-    """The optimiser step, the only one: Param p's row r, columns k : k + n (n <= 8), with the gradient g
-    (8 lanes) and weight decay wd (h.weight_decay on weights, 0 on biases), PyTorch semantics
-    (docs/training.md). Explicit FMAs: one rounding each, the same in every compile.
+# a call per 8 lanes would cost more than the step; the arrays come one by one, not as a Param: taking an
+# array out of a tuple inside a loop makes Numba update its reference count, atomically, every time
+@njit(**_exact, inline="always")
+def _step(P, M, V, r, k, g, n, h, wd):  # noqa: PLR0913
+    """The optimiser step `h`, the only one: P[r, k : k + n] (n <= 8) with its moments M, V (2-D, P's
+    shape), the gradient g (8 lanes) and weight decay wd (h.weight_decay on weights, 0 on biases),
+    PyTorch semantics (docs/training.md). Explicit FMAs: one rounding each, the same in every compile.
 
     Weight tiles call it with g still in a register, in the task that computed g while the block of W is
     in L1 (no second pass over W and gW, no 1-D slice per row, whose reference count Numba would update
@@ -440,15 +443,14 @@ def _step(p, r, k, g, n, h, wd):
     kind = h.kind
     if kind == NO_UPDATE:
         return
-    P, M, V = p.value, p.m, p.v
     x = _ld(P, r, k, n)
     g = vfma(vbcast(wd), x, g)
     if kind == SGD:
-        x = vfma(vbcast(-h.lr), g, x)
+        x = _sgd(x, g, h.lr)
     elif kind == MOMENTUM:
         m = vfma(vbcast(h.momentum), _ld(M, r, k, n), g)
         _st(M, r, k, m, n)
-        x = vfma(vbcast(-h.lr), vfma(vbcast(h.momentum), m, g) if h.nesterov else m, x)
+        x = _sgd(x, vfma(vbcast(h.momentum), m, g) if h.nesterov else m, h.lr)
     else:  # ADAM
         m = vfma(vbcast(h.beta1), _ld(M, r, k, n), vmul(vbcast(1 - h.beta1), g))
         v = vfma(vbcast(h.beta2), _ld(V, r, k, n), vmul(vmul(vbcast(1 - h.beta2), g), g))
@@ -457,6 +459,13 @@ def _step(p, r, k, g, n, h, wd):
         x = vsub(x, vdiv(vmul(vbcast(h.lr * h.inv_bias1), m), vadd(vsqrt(vmul(v, vbcast(h.inv_bias2))),
                                                                      vbcast(h.eps))))
     _st(P, r, k, x, n)
+
+
+@njit(**_exact, inline="always")
+def _sgd(x, g, lr):
+    """x - lr·g in one rounding: the update of SGD and momentum in `_step`, and of the sparse weight
+    gradient's plain-SGD tiles (whose weight decay is 0, so `_step` would add nothing else)."""
+    return vfma(vbcast(-lr), g, x)
 
 
 # The rare paths (too few outputs for a tile, the ragged last columns, the biases) call the step instead of
@@ -481,9 +490,9 @@ def _st(A, r, k, x, n):
 def update(p, h):
     """One optimiser step `h` on a Param of 1-D float32 arrays (n,): `_step` along its only row."""
     n = p.value.shape[0]
-    row = Param(p.value.reshape((1, n)), p.grad.reshape((1, n)), p.m.reshape((1, n)), p.v.reshape((1, n)))
+    P, G, M, V = p.value.reshape((1, n)), p.grad.reshape((1, n)), p.m.reshape((1, n)), p.v.reshape((1, n))
     for k in range(0, n, 8):
-        _step_call(row, 0, k, _ld(row.grad, 0, k, n - k), min(n - k, 8), h, h.weight_decay)
+        _step(P, M, V, 0, k, _ld(G, 0, k, n - k), min(n - k, 8), h, h.weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -638,8 +647,10 @@ def sparse_backward_weight(nz, dY, WTp, bp, h):
     the image.
     """
     cnt, samples, pixels = nz.block_count, nz.block_samples, nz.block_pixels
+    WT, GT, MT, VT = WTp  # unpacked here: helpers in the loops take arrays (see _step)
+    b, gb, mb, vb = bp
     nb = cnt.shape[0]
-    K = WTp.value.shape[0]
+    K = WT.shape[0]
     N = dY.shape[1]
     nt = (N + 15) // 16
     skip_unlit = h.kind == SGD and h.weight_decay == 0
@@ -647,46 +658,47 @@ def sparse_backward_weight(nz, dY, WTp, bp, h):
         kb = t // nt
         j = (t % nt) * 16
         if kb == 0:
-            _bias_step(dY, bp, j, min(j + 16, N), h)
+            _bias_step(dY, b, gb, mb, vb, j, min(j + 16, N), h)
         m = cnt[kb]
         if m == 0 and skip_unlit:
             continue
         acc = _tile_rows(pixels[kb, :m].T, dY, samples[kb], j)
         k = kb * 6
-        if skip_unlit and j + 16 <= N and k + 6 <= K:  # the common case: plain SGD on a whole tile, inlined
+        if skip_unlit and j + 16 <= N and k + 6 <= K:  # the common case: `_step` for plain SGD, whole tile
             for r in range(12):
-                _step(WTp, k + r // 2, j + 8 * (r % 2), acc[r], 8, h, h.weight_decay)
+                c = j + 8 * (r % 2)
+                vstore(WT, k + r // 2, c, _sgd(vload(WT, k + r // 2, c), acc[r], h.lr))
             continue
-        _step_tile(acc, WTp, k, j, min(6, K - k), N, h)
+        _step_tile(acc, WT, GT, MT, VT, k, j, min(6, K - k), N, h)
 
 
 @njit(**_exact)
-def _step_tile(acc, p, k, j, nq, N, h):
-    """The general epilogue of a 6x16 gradient tile at (k, j) of Param p: rows k..k+nq-1, columns below N
-    (the gradient stored when NO_UPDATE), then `_step`. A function of its own, so that its registers do
+def _step_tile(acc, W, gW, mW, vW, k, j, nq, N, h):  # noqa: PLR0913 -- arrays one by one, as _step
+    """The general epilogue of a 6x16 gradient tile at (k, j) of W: rows k..k+nq-1, columns below N (the
+    gradient stored in gW when NO_UPDATE), then `_step`. A function of its own, so that its registers do
     not crowd the tile's."""
     for q in range(nq):
         for half in range(2):
             n = N - j - 8 * half
             if n > 0:
                 if h.kind == NO_UPDATE:
-                    _st(p.grad, k + q, j + 8 * half, acc[2 * q + half], n)
-                _step_call(p, k + q, j + 8 * half, acc[2 * q + half], min(n, 8), h, h.weight_decay)
+                    _st(gW, k + q, j + 8 * half, acc[2 * q + half], n)
+                _step(W, mW, vW, k + q, j + 8 * half, acc[2 * q + half], min(n, 8), h, h.weight_decay)
 
 
 @njit(**_exact)
-def _bias_step(dY, bp, j0, j1, h):
+def _bias_step(dY, b, gb, mb, vb, j0, j1, h):
     """gb[j0:j1] = Σ_batch dY[:, j0:j1], 8 columns at a time in sample order, and the optimiser step on
     b[j0:j1] (no weight decay on biases): the bias part of both weight-gradient kernels, done by the tasks
-    of their first block. dY (B, N), bp a Param of (N,) arrays, viewed as rows for `_step`."""
+    of their first block. dY (B, N), b/gb/mb/vb (N,), viewed as rows for `_step`."""
     B, N = dY.shape
-    row = Param(bp.value.reshape((1, N)), bp.grad.reshape((1, N)), bp.m.reshape((1, N)), bp.v.reshape((1, N)))
+    br, gbr, mbr, vbr = b.reshape((1, N)), gb.reshape((1, N)), mb.reshape((1, N)), vb.reshape((1, N))
     for j in range(j0, j1, 8):
         s = vzero()
         for i in range(B):
             s = vadd(s, vloadn(dY, i, j, j1 - j))
-        vstoren(row.grad, 0, j, s, j1 - j)
-        _step_call(row, 0, j, s, min(j1 - j, 8), h, 0.0)
+        vstoren(gbr, 0, j, s, j1 - j)
+        _step_call(br, mbr, vbr, 0, j, s, min(j1 - j, 8), h, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -143,10 +143,7 @@ def save(path: str | Path, ck: Checkpoint) -> None:
     crc = 0
     for c in chunks:
         crc = zlib.crc32(c, crc)
-    try:
-        write_atomic(path, [*chunks, struct.pack("<I", crc)], what="checkpoint")
-    except NNError as e:
-        raise CheckpointError(str(e)) from None
+    write_atomic(path, [*chunks, struct.pack("<I", crc)], what="checkpoint", error=CheckpointError)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,10 +11,12 @@ from pathlib import Path
 from .errors import NNError
 
 
-def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], what: str = "file") -> None:
+def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], what: str = "file",
+                 error: type[NNError] = NNError) -> None:
     """Write `chunks` to `path`: a temp file in the same folder, fsync, rename, then fsync the folder so
-    that the rename itself survives a power cut. A failure removes the temp file and raises one NNError
-    naming `what` and `path`; the previous file is then unchanged."""
+    that the rename itself survives a power cut. A failed write removes the temp file and raises one
+    `error` naming `what` and `path`; the previous file is then unchanged. Anything else (a Ctrl-C) is
+    re-raised as it is, after the clean-up."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     replaced = False
@@ -42,9 +44,9 @@ def write_atomic(path: Path, chunks: Iterable[bytes | memoryview], what: str = "
         if isinstance(e, FileNotFoundError) and not path.parent.is_dir():
             why = "the folder does not exist"
         if replaced:
-            raise NNError(f"{what} {path} was written but its folder could not be synced ({why}); "
-                          "check the disk") from None
-        raise NNError(f"cannot save {what} {path}: {why}; the previous file, if any, is unchanged") from None
+            raise error(f"{what} {path} was written but its folder could not be synced ({why}); "
+                        "check the disk") from None
+        raise error(f"cannot save {what} {path}: {why}; the previous file, if any, is unchanged") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -173,3 +173,21 @@ def test_a_run_folder_is_accepted_wherever_a_checkpoint_is(one_epoch, capsys):
     assert checkpoint_path(one_epoch) == one_epoch / "best.ck"
     cli.info(checkpoint=str(one_epoch), as_json=True)
     assert json.loads(capsys.readouterr().out)["path"] == str(one_epoch / "best.ck")
+
+
+def test_a_second_ctrl_c_during_a_save_keeps_its_exit_code(one_epoch, tmp_path, monkeypatch):
+    """The second Ctrl-C raises Interrupted (exit 130) wherever training is, also inside a checkpoint save:
+    the save cleans up and lets it through unchanged, not as a CheckpointError (exit 1)."""
+    import os
+
+    from nn_numba.train import Interrupted
+
+    ck = load(one_epoch / "last.ck")
+
+    def second_ctrl_c(fd):
+        raise Interrupted("stopped at once")
+
+    monkeypatch.setattr(os, "fsync", second_ctrl_c)
+    with pytest.raises(Interrupted) as e:
+        save(tmp_path / "last.ck", ck)
+    assert e.value.exit_code == 130 and list(tmp_path.iterdir()) == []

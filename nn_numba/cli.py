@@ -46,6 +46,8 @@ def train(
     seed: Annotated[int | None, typer.Option(help="Override [train] seed.")] = None,
     threads: Annotated[int | None, typer.Option(help="Override [train] threads (0 = all cores).")] = None,
     out: Annotated[str | None, typer.Option(help="Override [train] out: where run folders go.")] = None,
+    name: Annotated[str | None, typer.Option(help="The run folder's name (default: the date and time); "
+                                                  "report's plots use it as the label.")] = None,
     data_dir: DataDir = None,
     resume: Annotated[str | None, typer.Option(help="Continue a run: its folder or its last.ck, with its own "
                                                     "config; --epochs N extends it.")] = None,
@@ -56,22 +58,25 @@ def train(
     Writes runs/<timestamp>/ with config.toml, metrics.jsonl, best.ck and last.ck.
     """
     from .config import apply_overrides, load_config
+    from .runs import check_run_name
     from .train import open_resume, resumed_config
     from .train import train as run_training
 
     if config is None and resume is None:
         raise NNError("give a CONFIG (e.g. configs/default.toml), or --resume RUN to continue a run")
+    if name is not None:
+        check_run_name(name)
     plan = {"batch_size": batch_size, "lr": lr, "seed": seed}
     given = apply_overrides(load_config(config), **plan, threads=threads, out=out) if config else None
     if resume is None:
         cfg = apply_overrides(given, epochs=epochs)
-        run_training(cfg, data_dir=data_dir, quiet=quiet)
+        run_training(cfg, data_dir=data_dir, quiet=quiet, name=name)
         return
     r = open_resume(resume)
     if given is None and any(v is not None for v in plan.values()):
         given = apply_overrides(r.plan, **plan)
     cfg = resumed_config(r, given, epochs, threads=threads, out=out)
-    run_training(cfg, data_dir=data_dir, resume=r, quiet=quiet)
+    run_training(cfg, data_dir=data_dir, resume=r, quiet=quiet, name=name)  # name: for a new folder only
 
 
 @app.command()
@@ -148,6 +153,54 @@ def predict(
     code = predict_paths(images, checkpoint, top_k=top_k, raw=raw, as_json=as_json,
                          save_preprocessed=save_preprocessed)
     raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    checkpoint: Annotated[str | None, typer.Argument(
+        metavar="[CHECKPOINT_OR_RUN]", help="Checkpoint or run folder (default: best of the latest run).")] = None,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on (0: any free one).")] = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but 127.0.0.1 or localhost lets "
+                                           "other machines in.")] = "127.0.0.1",
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the web browser.")] = False,
+    runs: Annotated[str, typer.Option(help="Folder whose runs the page offers to choose from.")] = "runs",
+) -> None:
+    """Draw a digit in the browser and watch the network read it (needs nn-numba[serve]).
+
+    Also a JSON API: POST /api/predict, GET /api/models (docs/serve.md).
+    """
+    from .serve import serve as run_server
+
+    run_server(checkpoint, host=host, port=port, open_browser=open_browser, runs=runs)
+
+
+@app.command()
+def sweep(
+    sweep_file: Annotated[str, typer.Argument(metavar="SWEEP_FILE", help="A sweep file, e.g. "
+                                              "configs/no-augment.sweep.toml (docs/sweep.md).")],
+    trials: Annotated[int | None, typer.Option(min=1, help="End when the study has this many trials "
+                                                           "(default: the file's `trials`).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Trials run at once on this machine; they share its "
+                                                     "cores.")] = 1,
+    storage: Annotated[str | None, typer.Option(help="Where the study lives: an SQL URL "
+                                                     "(postgresql://USER:PASSWORD@HOST/DB) or a journal "
+                                                     "file (*.log) that other machines reach too (default: "
+                                                     "SWEEP/study.db).")] = None,
+    name: Annotated[str | None, typer.Option(help="The study's name (default: the file's).")] = None,
+    out: Annotated[str, typer.Option(help="Where sweep folders go.")] = "sweeps",
+    data_dir: DataDir = None,
+) -> None:
+    """Search hyperparameters with Optuna (needs nn-numba[sweep]).
+
+    Each trial is a run folder under SWEEP/runs/; the same command again continues the study.
+    """
+    from .runs import check_run_name
+    from .sweep import sweep as run_sweep
+
+    if name is not None:
+        check_run_name(name)
+    run_sweep(sweep_file, trials=trials, workers=workers, storage_url=storage, name=name, out=out,
+              data_dir=data_dir)
 
 
 @app.command()

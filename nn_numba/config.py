@@ -191,6 +191,17 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
     return cfg
 
 
+def with_values(cfg: Config, values: dict[str, Any], source: str = "config") -> Config:
+    """A copy of `cfg` with dotted keys set ({"optim.lr": 0.01, ...}), checked like a file."""
+    d = cfg.to_dict()
+    for dotted, value in values.items():
+        table, _, key = dotted.partition(".")
+        if table not in d or key not in d[table]:
+            raise ConfigError(f"{source}: unknown config key '{dotted}' (keys are TABLE.KEY, e.g. optim.lr)")
+        d[table][key] = value
+    return from_dict(d, source)
+
+
 def _tables() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
@@ -274,9 +285,4 @@ OVERRIDES = {"epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"
 
 def apply_overrides(cfg: Config, **over: Any) -> Config:
     """Command-line flags (the keys of OVERRIDES; None: not given) over the file's values, checked again."""
-    d = cfg.to_dict()
-    for key, value in over.items():
-        if value is not None:
-            table, k = OVERRIDES[key]
-            d[table][k] = value
-    return from_dict(d, "command line")
+    return with_values(cfg, {".".join(OVERRIDES[k]): v for k, v in over.items() if v is not None}, "command line")

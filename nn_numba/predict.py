@@ -29,12 +29,15 @@ reproduces this convention for an arbitrary picture:
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -61,8 +64,8 @@ class ImageError(NNError):
 # preprocessing
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open `path` with Pillow (first frame, EXIF orientation applied), refusing huge and non-images."""
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Open the picture at `path` (first frame, EXIF orientation applied), refusing huge and non-images."""
     p = Path(path)
     if not p.exists():
         raise ImageError(f"{p}: no such file")
@@ -70,36 +73,46 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"{p}: is a folder, not an image")
     if p.stat().st_size == 0:
         raise ImageError(f"{p}: empty file (0 bytes): not an image")
-    limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
+    return open_image(p, str(p), max_pixels)
+
+
+def open_image(src: str | os.PathLike | IO[bytes], name: str, max_pixels: int | None = None) -> Image.Image:
+    """Pillow image from a path or a binary file object; `name` is what error messages call it.
+
+    Images of more than `max_pixels` (default MAX_PIXELS) are refused before their pixels are decoded
+    (decompression bombs: a tiny file that claims to be gigapixels).
+    """
+    cap = max_pixels or MAX_PIXELS
+    limit = min(cap, Image.MAX_IMAGE_PIXELS or cap)
     try:
         with warnings.catch_warnings():
             # we check the size ourselves below, with a clearer message than Pillow's warning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(p)
+            im = Image.open(src)
             w, h = im.size
             if w * h > limit:
-                raise _too_large(p, w, h, limit)
+                raise _too_large(name, w, h, limit)
             im.load()
             im = ImageOps.exif_transpose(im)
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{p}: image too large ({e}); refusing to decode a possible decompression bomb: "
+        raise ImageError(f"{name}: image too large ({e}); refusing to decode a possible decompression bomb: "
                          f"shrink the picture first") from e
     except UnidentifiedImageError as e:
         raise ImageError(
-            f"{p}: cannot identify image file: not a picture Pillow can read "
+            f"{name}: cannot identify image file: not a picture Pillow can read "
             f"(use PNG, JPEG, BMP, GIF, WebP or TIFF)"
         ) from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         # truncated or damaged data: Pillow recognised the format but could not decode the pixels
-        raise ImageError(f"{p}: unreadable image ({e}): the file is damaged or truncated") from e
+        raise ImageError(f"{name}: unreadable image ({e}): the file is damaged or truncated") from e
     if im.width == 0 or im.height == 0:
-        raise ImageError(f"{p}: empty image (0 pixels)")
+        raise ImageError(f"{name}: empty image (0 pixels)")
     return im
 
 
-def _too_large(p: Path, w: int, h: int, limit: int) -> ImageError:
+def _too_large(name: str, w: int, h: int, limit: int) -> ImageError:
     return ImageError(
-        f"{p}: image too large ({w}x{h} = {w * h:,} pixels, limit {limit:,}); refusing to decode a "
+        f"{name}: image too large ({w}x{h} = {w * h:,} pixels, limit {limit:,}); refusing to decode a "
         f"possible decompression bomb: shrink the picture first"
     )
 
@@ -224,29 +237,99 @@ def centre(a: np.ndarray, size: int = SIZE) -> np.ndarray:
     return out
 
 
+@dataclass
+class Seen:
+    """What the network is shown for one picture, and what the warnings about it look at."""
+
+    x: np.ndarray  # (784,) float32 in [0, 1], MNIST convention
+    edge_ink: float  # share of the picture's outermost ring of pixels that is ink (0 with raw)
+
+
+def look(im: Image.Image, name: str, raw: bool = False) -> Seen:
+    """Steps 2-7 above on an opened picture; `name` is what error messages call it."""
+    g = to_grey(im)
+    if raw:
+        if g.shape != (SIZE, SIZE):
+            raise ImageError(
+                f"{name}: --raw needs a {SIZE}x{SIZE} MNIST-style image, got {g.shape[1]}x{g.shape[0]}: "
+                f"drop --raw to preprocess it"
+            )
+        return Seen(g.reshape(-1).astype(np.float32), 0.0)
+    a = normalise(g, name)
+    edge = float((border(a) > INK).mean())
+    return Seen(centre(scale(thicken(crop(a, name)))).reshape(-1), edge)
+
+
 def preprocess(path: str | os.PathLike, raw: bool = False) -> np.ndarray:
     """The network's input for the picture at `path`: float32 (784,) in [0, 1], MNIST convention.
 
     With raw=True the picture must already be 28x28 white-on-black and is only converted to grey.
     """
-    im = load_image(path)
-    g = to_grey(im)
-    if raw:
-        if g.shape != (SIZE, SIZE):
-            raise ImageError(
-                f"{path}: --raw needs a {SIZE}x{SIZE} MNIST-style image, got {g.shape[1]}x{g.shape[0]}: "
-                f"drop --raw to preprocess it"
-            )
-        return g.reshape(-1).astype(np.float32)
-    a = crop(normalise(g, str(path)), str(path))
-    return centre(scale(thicken(a))).reshape(-1)
+    return look(load_image(path), str(path), raw).x
+
+
+# ---------------------------------------------------------------------------------------------------
+# inputs unlike MNIST: each MNIST image is one digit, whole, with a margin; a network trained on them
+# still answers for anything else, so these rules say when its answer deserves less trust.
+
+MARK_INK = 0.3  # a pixel of the 28x28 input above this (or next to one) is ink, for counting marks
+MARK_SHARE = 0.1  # a group of touching ink pixels holding this share of the ink is a mark of its own
+EDGE_INK = 0.02  # ink on more than this share of the picture's outer ring: the picture cuts through ink
+UNSURE = 0.6  # a top probability below this is worth saying
+
+
+def marks(x: np.ndarray) -> int:
+    """How many separate marks the 28x28 input holds: groups of 8-connected ink pixels (> MARK_INK) with
+    at least MARK_SHARE of the ink each. MNIST digits are one mark; "47" written apart is two."""
+    img = np.asarray(x, np.float32).reshape(SIZE, SIZE)
+    ink = max_filter(img, 3) > MARK_INK  # grown by a pixel: a stroke broken by a pixel stays one mark
+    total = float(img[ink].sum())
+    seen = np.zeros_like(ink)
+    count = 0
+    for start in zip(*np.nonzero(ink)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        stack, mass = [start], 0.0
+        while stack:
+            r, c = stack.pop()
+            mass += float(img[r, c])
+            for rr in range(max(r - 1, 0), min(r + 2, SIZE)):
+                for cc in range(max(c - 1, 0), min(c + 2, SIZE)):
+                    if ink[rr, cc] and not seen[rr, cc]:
+                        seen[rr, cc] = True
+                        stack.append((rr, cc))
+        count += mass >= MARK_SHARE * total
+    return count
+
+
+def warnings_for(seen: Seen, probs: np.ndarray) -> list[str]:
+    """Plain-language notes on why an answer may be wrong: the rules above, in a fixed order."""
+    out = []
+    n = marks(seen.x)
+    if n > 1:
+        out.append(f"{n} separate marks: the network reads one digit at a time; write one digit per picture")
+    if seen.edge_ink > EDGE_INK:
+        out.append("ink touches the edge of the picture: the digit may be cut off, or the picture shows more "
+                   "than the digit (a page edge, a shadow); crop to the digit with a margin around it")
+    top = float(np.max(probs))
+    if top < UNSURE:
+        out.append(f"the network is unsure: its top answer has only {100 * top:.0f}%")
+    return out
+
+
+def png_bytes(x: np.ndarray) -> bytes:
+    """What the network saw (784 floats in [0, 1]) as a 28x28 grey PNG, readable by `predict --raw`."""
+    img = np.clip(np.rint(np.asarray(x, np.float32).reshape(SIZE, SIZE) * 255), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def save_preprocessed(x: np.ndarray, path: str | os.PathLike) -> Path:
-    """Write what the network saw (784 floats in [0, 1]) as a 28x28 grey PNG, readable by `predict --raw`."""
-    img = np.clip(np.rint(np.asarray(x, np.float32).reshape(SIZE, SIZE) * 255), 0, 255).astype(np.uint8)
+    """Write png_bytes(x) to `path`."""
     p = Path(path)
-    Image.fromarray(img, mode="L").save(p, format="PNG")
+    p.write_bytes(png_bytes(x))
     return p
 
 
@@ -299,20 +382,20 @@ def predict_images(
         save_dir.mkdir(parents=True, exist_ok=True)
 
     items = expand(paths)
-    xs: list[np.ndarray] = []
+    seen: list[Seen] = []
     errors: dict[int, str] = {}
     for i, (_, f, e) in enumerate(items):
         if e is not None:
             errors[i] = e
             continue
         try:
-            xs.append(preprocess(f, raw=raw))
+            seen.append(look(load_image(f), str(f), raw))
         except NNError as ex:
             errors[i] = str(ex)
     probs = np.zeros((0, 10), np.float32)
-    if xs:
-        probs = np.asarray(model.predict_proba(np.stack(xs).astype(np.float32)), dtype=np.float32)
-        if probs.shape != (len(xs), 10):
+    if seen:
+        probs = np.asarray(model.predict_proba(np.stack([v.x for v in seen])), dtype=np.float32)
+        if probs.shape != (len(seen), 10):
             raise NNError(f"the model gives outputs of shape {probs.shape[1:]}, expected 10 digit classes")
 
     saved: set[Path] = set()
@@ -321,7 +404,7 @@ def predict_images(
         if i in errors:
             print(f"nn-numba: error: {errors[i]}", file=err, flush=True)
             continue
-        x, p = xs[j], probs[j]
+        v, p = seen[j], probs[j]
         j += 1
         order = np.argsort(-p, kind="stable")[:top_k]
         rec = {
@@ -330,11 +413,12 @@ def predict_images(
             "probability": round(float(p[order[0]]), 6),
             "top_k": [{"digit": int(d), "probability": round(float(p[d]), 6)} for d in order],
             "probabilities": [round(float(v), 6) for v in p],
+            "warnings": warnings_for(v, p),
         }
         if save_dir is not None:
             dst = free_name(save_dir, f.stem, saved)
             saved.add(dst)
-            rec["preprocessed"] = str(save_preprocessed(x, dst))
+            rec["preprocessed"] = str(save_preprocessed(v.x, dst))
         if as_json:
             print(json.dumps(rec), file=out, flush=True)
         else:
@@ -342,6 +426,8 @@ def predict_images(
             line = f"{name}: {rec['digit']} ({100 * rec['probability']:.1f}%)   top {top_k}: {alts}"
             if "preprocessed" in rec:
                 line += f"   saved {rec['preprocessed']}"
+            if rec["warnings"]:
+                line += "   warning: " + "; ".join(rec["warnings"])
             print(line, file=out, flush=True)
     return 1 if errors else 0
 

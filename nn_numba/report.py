@@ -23,6 +23,7 @@ import numpy as np
 from .checkpoint import Checkpoint, load
 from .config import Config, load_config
 from .errors import NNError
+from .runs import write_text_atomic
 
 N_TRAIN = 60000  # MNIST training images, before the validation split
 
@@ -442,6 +443,95 @@ def destinations(runs: list[Run], out: str | None) -> list[Path]:
     return dests
 
 
+# ----------------------------------------------------------------------------------------------------
+# a sweep folder (nn-numba sweep): SWEEP/trials.json
+
+
+def is_sweep(folder: Path) -> bool:
+    return (folder / "trials.json").is_file() and (folder / "sweep.toml").is_file()
+
+
+def load_trials(folder: Path) -> dict[str, Any]:
+    try:
+        d = json.loads((folder / "trials.json").read_text(encoding="utf-8"))
+        ok = isinstance(d.get("space"), dict) and all(isinstance(t, dict) for t in d.get("trials", None))
+    except (OSError, ValueError, TypeError, AttributeError):
+        ok = False
+    if not ok:
+        raise NNError(f"{folder}/trials.json: damaged; run the sweep command again to rewrite it")
+    return d
+
+
+def trial_value(t: dict[str, Any]) -> float | None:
+    """A trial's best validation accuracy: its result, or (pruned, stopped) the best epoch it reported."""
+    vals = [v for v in (t.get("value"), *t.get("intermediate", {}).values()) if isinstance(v, int | float)]
+    return max(vals) if vals else None
+
+
+def plot_sweep(d: dict[str, Any], dest: Path) -> list[str]:
+    """history.png (each trial's accuracy and the best so far) and one PNG per searched key."""
+    plt = _plt()
+    trials = [t for t in d["trials"] if trial_value(t) is not None]
+    colour = {"complete": "tab:blue", "pruned": "tab:orange"}
+    files = ["history.png"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for state, c in colour.items():
+        pts = [(t["number"], 100 * trial_value(t)) for t in trials if t["state"] == state]
+        if pts:
+            ax.scatter(*zip(*pts), c=c, label=state, s=25)
+    done = sorted((t["number"], 100 * t["value"]) for t in trials if t["state"] == "complete")
+    if done:
+        best = np.maximum.accumulate([v for _, v in done])
+        ax.step([n for n, _ in done], best, where="post", c="tab:green", label="best so far")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set(xlabel="trial", ylabel="best validation accuracy (%)", title=f"sweep {d['study']}: optimisation history")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(dest / "history.png", dpi=100)
+    plt.close(fig)
+    for key, kind in d["space"].items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for state, c in colour.items():
+            pts = [(t["params"][key], 100 * trial_value(t)) for t in trials
+                   if t["state"] == state and key in t["params"]]
+            if pts:
+                ax.scatter(*zip(*pts), c=c, label=state, s=25)
+        if kind == "log":
+            ax.set_xscale("log")
+        ax.set(xlabel=key, ylabel="best validation accuracy (%)", title=f"validation accuracy against {key}")
+        ax.legend()
+        fig.tight_layout()
+        name = f"param-{key.replace('.', '-')}.png"
+        fig.savefig(dest / name, dpi=100)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def report_sweep(folder: Path, out: str | None, quiet: bool = False) -> Path:
+    """SWEEP/report/ (or OUT/<sweep>/): the plots and a report.md with the table of trials."""
+    d = load_trials(folder)
+    dest = Path(out) / folder.name if out else folder / "report"
+    dest.mkdir(parents=True, exist_ok=True)
+    files = plot_sweep(d, dest)
+    keys = list(d["space"])
+    lines = [f"# Sweep {d['study']}", "", f"{len(d['trials'])} trials; the objective is the run's best validation "
+             "accuracy (pruned trials: the best epoch they reached).", "",
+             "| trial | state | validation | " + " | ".join(keys) + " | run |",
+             "|---|---|---|" + "---|" * len(keys) + "---|"]
+    for t in d["trials"]:
+        v = trial_value(t)
+        params = " | ".join(f"{t['params'][k]:.4g}" if isinstance(t["params"].get(k), float)
+                            else str(t["params"].get(k, "")) for k in keys)
+        run = Path(t["run"]).name if t.get("run") else ""
+        lines.append(f"| {t['number']} | {t['state']} | {'' if v is None else f'{100 * v:.2f}%'} | {params} | {run} |")
+    lines += [""] + [f"![{f}]({f})" for f in files] + [""]
+    write_text_atomic(dest / "report.md", "\n".join(lines))
+    if not quiet:
+        print(f"sweep {d['study']}: wrote {dest / 'report.md'}")
+    return dest
+
+
 def report(runs: list[str] | None = None, out: str | None = None, data_dir: str | None = None,
            runs_root: str = "runs", quiet: bool = False) -> list[dict[str, Any]]:
     """Report on each run folder (default: the latest under runs_root); returns one summary per run."""
@@ -450,6 +540,12 @@ def report(runs: list[str] | None = None, out: str | None = None, data_dir: str 
 
     _plt()  # fail first, in one line, when matplotlib is missing
     folders = [Path(r) for r in runs] if runs else [latest_run(runs_root)]
+    sweeps = [f for f in folders if is_sweep(f)]
+    for f in sweeps:
+        report_sweep(f, out, quiet)
+    folders = [f for f in folders if f not in sweeps]
+    if not folders:
+        return []
     loaded = [load_run(f) for f in folders]  # check them all before writing anything
     dests = destinations(loaded, out)
     data: dict[str, Any] = {}

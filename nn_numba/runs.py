@@ -18,12 +18,21 @@ from .errors import NNError
 from .files import write_text_atomic
 
 
+def check_run_name(name: str) -> None:
+    """A run name is one folder name: letters, digits, '-', '_' and '.', not starting with '.'."""
+    ok = name and len(name) <= 100 and not name.startswith(".") and all(c.isalnum() or c in "-_." for c in name)
+    if not ok or name == "latest":
+        raise NNError(f"--name {name!r}: a run name is one folder name of letters, digits, '-', '_' and '.' "
+                      "(not starting with '.', not 'latest'), e.g. --name lr-3e-3")
+
+
 def new_run_dir(out: str, name: str | None = None) -> Path:
-    """OUT/<name or timestamp>/, created now so an unwritable folder fails before any training."""
+    """OUT/NAME/ (or OUT/<timestamp>/), created now so an unwritable folder fails before any training; a
+    name already taken gets -1, -2, ..."""
     root = Path(out)
-    stem = name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = name or datetime.now().strftime("%Y%m%d-%H%M%S")
     for n in range(100):
-        run = root / (stem if n == 0 else f"{stem}-{n}")
+        run = root / (stamp if n == 0 else f"{stamp}-{n}")
         try:
             run.mkdir(parents=True, exist_ok=False)
             return run
@@ -32,7 +41,7 @@ def new_run_dir(out: str, name: str | None = None) -> Path:
                 continue  # another run of that name, or started this second
             why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
             raise NNError(f"cannot create the run folder {run}: {why} (choose another with --out)") from None
-    raise NNError(f"cannot create a new run folder in {root}: too many runs named {stem}")
+    raise NNError(f"cannot create a new run folder in {root}: too many runs named {stamp}")
 
 
 def is_run(folder: Path) -> bool:

@@ -12,6 +12,7 @@ import os
 import shlex
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -288,9 +289,13 @@ class Session:
 
 
 def train(cfg: Config, data_dir: str | None = None, resume: Resume | None = None, quiet: bool = False,
-          name: str | None = None) -> Path:
+          name: str | None = None, on_epoch: Callable[[dict], None] | None = None) -> Path:
     """Train per `cfg` (continuing `resume`, if given); returns the run folder holding config.toml,
-    metrics.jsonl, last.ck and best.ck."""
+    metrics.jsonl, last.ck and best.ck.
+
+    name: a new run folder's name (default: the time). on_epoch(row) is called after each epoch is saved,
+    with its metrics.jsonl row; an exception it raises ends the training there (a sweep's pruner does).
+    """
     threads = set_threads(cfg.train.threads)
     s = Session(cfg, data_dir, resume, quiet, name)
     with locked(s.run), _SigInt(s) as sigint:
@@ -303,6 +308,8 @@ def train(cfg: Config, data_dir: str | None = None, resume: Resume | None = None
             seconds, n_new = run_epoch(s, sigint)
             row = evaluate_epoch(s, seconds, n_new)
             save_epoch(s, row)
+            if on_epoch is not None:
+                on_epoch(row)
             if sigint.hit:
                 raise Interrupted(f"interrupted after epoch {s.progress.epoch}; saved {s.run / 'last.ck'}. "
                                   f"{s.resume_hint()}")

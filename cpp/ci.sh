@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Build and test the C++ port twice: optimised (cpp/build) and with address + undefined-behaviour
-# sanitizers (cpp/build-asan), so a reader that overreads a corrupt file fails CI instead of passing.
-# Needs cmake >= 3.16, a C++17 compiler and zlib headers (Debian: apt-get install cmake g++ zlib1g-dev).
+# sanitizers (cpp/build-asan), so a reader that overreads a corrupt file fails CI instead of passing;
+# then fuzz the checkpoint and IDX readers with libFuzzer for a bounded time (cpp/build-fuzz).
+# Needs cmake >= 3.16, a C++17 compiler, zlib headers and clang with libFuzzer
+# (Debian: apt-get install cmake g++ zlib1g-dev clang libclang-rt-dev).
 set -euo pipefail
 cd "$(dirname "$0")"
 jobs="${NN_JOBS:-2}"
@@ -17,3 +19,9 @@ cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=Debug -DNN_SANITIZE=ON -DNN_NATIVE=O
 cmake --build build-asan -j"$jobs"
 (cd build-asan && ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1 \
     ctest --output-on-failure)
+
+# libFuzzer on the checkpoint and IDX readers for a bounded time (fuzz/run.sh; NN_FUZZ_SECONDS=0 skips)
+if [ "${NN_FUZZ_SECONDS:-30}" != 0 ]; then
+    echo "== cpp: fuzz the checkpoint and IDX readers (libFuzzer + ASan/UBSan, ${NN_FUZZ_SECONDS:-30} s per target)"
+    bash fuzz/run.sh
+fi

@@ -3,6 +3,7 @@
 // same reason.
 #include "checkpoint.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -12,6 +13,7 @@
 #include <zlib.h>
 
 #include "error.h"
+#include "file.h"
 #include "json.h"
 
 namespace {
@@ -70,25 +72,6 @@ std::string sizes_str(const std::vector<uint32_t>& sizes) {
     return s;
 }
 
-std::vector<uint8_t> read_file(const std::string& path) {
-    int fd = ::open(path.c_str(), O_RDONLY);
-    if (fd < 0) throw file_error(path, std::string("cannot open: ") + std::strerror(errno));
-    std::vector<uint8_t> buf;
-    uint8_t chunk[1 << 16];
-    for (;;) {
-        ssize_t n = ::read(fd, chunk, sizeof chunk);
-        if (n < 0) {
-            int e = errno;
-            ::close(fd);
-            throw file_error(path, std::string("cannot read: ") + std::strerror(e));
-        }
-        if (n == 0) break;
-        buf.insert(buf.end(), chunk, chunk + n);
-    }
-    ::close(fd);
-    return buf;
-}
-
 // Header fields and the tiling of parameters + sections, without making any arrays.
 // Throws Truncated when the layout runs past the end of the file, so a short file
 // (an interrupted copy, the usual cause) is reported as such rather than as a bad CRC.
@@ -102,8 +85,9 @@ struct Layout {
     bool has_meta = false, has_optm = false;
 };
 
-static Layout layout(const std::vector<uint8_t>& b, const std::string& name) {
-    const uint64_t S = b.size();
+// The header alone (b holds at least its first min(S, MAX_HEADER) bytes of a file of S bytes).
+constexpr size_t MAX_HEADER = 24 + 4 * (MAX_LAYERS + 1);
+static Layout header_layout(const std::vector<uint8_t>& b, uint64_t S, const std::string& name) {
     uint32_t header_bytes = get_u32(b, 8), dtype = get_u32(b, 12), act = get_u32(b, 16), L = get_u32(b, 20);
     if (dtype != 1) throw file_error(name, "bad header field dtype=" + std::to_string(dtype) + " (version 1 knows 1 = f32)");
     if (act != 1)
@@ -131,7 +115,14 @@ static Layout layout(const std::vector<uint8_t>& b, const std::string& name) {
     if (P + 4 > S)
         throw Truncated(name + ": truncated (" + std::to_string(S) + " bytes, sizes " + sizes_str(lay.sizes) +
                         " need at least " + std::to_string(P + 4) + "); the save or copy was interrupted");
-    uint64_t off = P;
+    return lay;
+}
+
+static Layout layout(const std::vector<uint8_t>& b, const std::string& name) {
+    const uint64_t S = b.size();
+    Layout lay = header_layout(b, S, name);
+    const uint32_t L = uint32_t(lay.sizes.size()) - 1;
+    uint64_t off = 24 + 4 * (uint64_t(L) + 1) + 4 * lay.nparam;
     const uint64_t end = S - 4;
     while (off < end) {
         if (off + 16 > end)
@@ -167,9 +158,9 @@ static bool all_finite(const std::vector<float>& v) {
     return true;
 }
 
-Checkpoint parse_checkpoint(const std::vector<uint8_t>& b, const std::string& name,
-                            const std::vector<uint32_t>& expect) {
-    const size_t S = b.size();
+// Checks 1 and 2 on the first min(S, MAX_HEADER) bytes of a file of S bytes, then the truncation that
+// the header alone shows (which, like in parse_checkpoint, takes precedence over a checksum mismatch).
+static void check_start(const std::vector<uint8_t>& b, uint64_t S, const std::string& name) {
     // 1. magic, 2. version: never guess at a newer layout
     if (S < 4 || std::memcmp(b.data(), "NNCK", 4) != 0)
         throw file_error(name, "not an nn-numba checkpoint (does not start with NNCK)");
@@ -180,6 +171,18 @@ Checkpoint parse_checkpoint(const std::vector<uint8_t>& b, const std::string& na
                                    ", this reader knows " + std::to_string(CK_VERSION) + "): upgrade");
     if (version != CK_VERSION) throw file_error(name, "bad header field version=" + std::to_string(version) + " (must be 1)");
     if (S < 28) throw file_error(name, "truncated (" + std::to_string(S) + " bytes)");
+    try {
+        header_layout(b, S, name);
+    } catch (const Truncated&) {
+        throw;
+    } catch (const NNError&) {  // a bad header field is reported after the checksum, as below
+    }
+}
+
+Checkpoint parse_checkpoint(const std::vector<uint8_t>& b, const std::string& name,
+                            const std::vector<uint32_t>& expect) {
+    const size_t S = b.size();
+    check_start(b, S, name);
     // 3. CRC over everything but the last four bytes
     uint32_t stored = get_u32(b, S - 4), crc = crc_of(b.data(), S - 4);
     if (stored != crc) {
@@ -252,7 +255,16 @@ Checkpoint parse_checkpoint(const std::vector<uint8_t>& b, const std::string& na
 }
 
 Checkpoint load_checkpoint(const std::string& path, const std::vector<uint32_t>& expect) {
-    return parse_checkpoint(read_file(path), path, expect);
+    InFile f(path, "a checkpoint file");
+    // The header first: a file that is not a checkpoint, or that holds less than its header promises,
+    // is refused after reading at most MAX_HEADER bytes. Otherwise the rest, up to the size fstat gave.
+    std::vector<uint8_t> head(std::min<uint64_t>(f.size, MAX_HEADER));
+    f.read_exact(head.data(), head.size());
+    check_start(head, f.size, path);
+    std::vector<uint8_t> b(f.size);
+    std::copy(head.begin(), head.end(), b.begin());
+    f.read_exact(b.data() + head.size(), b.size() - head.size());
+    return parse_checkpoint(b, path, expect);
 }
 
 std::vector<uint8_t> serialize_checkpoint(const Checkpoint& ck) {

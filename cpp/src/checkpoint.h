@@ -26,6 +26,7 @@ constexpr uint32_t CK_VERSION = 1;
 
 // Loads and validates PATH. If `expect` is non-empty the sizes must equal it.
 // Throws NNError("PATH: what is wrong") on any problem; never reads past the buffer.
+// Only a regular file is read: the header first, then at most its size as fstat gives it.
 Checkpoint load_checkpoint(const std::string& path, const std::vector<uint32_t>& expect = {});
 // Same checks on an in-memory file image (the tests use it for corrupt variants).
 Checkpoint parse_checkpoint(const std::vector<uint8_t>& buf, const std::string& name,
@@ -34,8 +35,5 @@ Checkpoint parse_checkpoint(const std::vector<uint8_t>& buf, const std::string& 
 std::vector<uint8_t> serialize_checkpoint(const Checkpoint& ck);
 // Atomic: NAME.tmp-PID in the same folder, fsync, rename over NAME, fsync the folder.
 void save_checkpoint(const Checkpoint& ck, const std::string& path);
-
-// Whole file into memory; NNError if it cannot be read.
-std::vector<uint8_t> read_file(const std::string& path);
 // "784-250-250-10"
 std::string sizes_str(const std::vector<uint32_t>& sizes);

@@ -1,90 +1,162 @@
 #include "idx.h"
 
-#include <cerrno>
+#include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <zlib.h>
 
-#include "checkpoint.h"  // read_file
+#include "checkpoint.h"  // sizes_str
 #include "error.h"
+#include "file.h"
 
 namespace {
 
-// gzopen/gzread read gzip and plain files alike (plain files pass straight through),
-// so one code path serves both .gz and raw IDX files.
-struct GzFile {
-    gzFile f;
-    std::string path;
-    explicit GzFile(const std::string& p) : path(p) {
-        struct stat st;
-        if (::stat(p.c_str(), &st) != 0) throw file_error(p, std::string("cannot open: ") + std::strerror(errno));
-        if (S_ISDIR(st.st_mode)) throw file_error(p, "is a folder, expected an IDX file");
-        f = gzopen(p.c_str(), "rb");
-        if (!f) throw file_error(p, std::string("cannot open: ") + std::strerror(errno));
+constexpr uint32_t MAX_ITEMS = 1000000;  // MNIST has 60,000; EMNIST, the largest of the family, about 800,000
+const std::string FIX = "point --data-dir at a good copy (`nn-numba download --dir DIR` fetches one)";
+constexpr size_t CHUNK = 1 << 20;
+constexpr uint64_t MAX_DEFLATE_RATIO = 1032;
+
+NNError idx_error(const std::string& path, const std::string& what) { return file_error(path, what + "; " + FIX); }
+
+// The bytes of an IDX file, inflated when it is gzip (told by its first two bytes, not its name).
+// A gzip file is read member after member as Python's reader does: anything after a member that is
+// not another member is junk and refused (zlib's gzread would skip it silently).
+class IdxStream {
+  public:
+    explicit IdxStream(const std::string& path) : f_(path, "an IDX file") {
+        uint8_t magic[2] = {0, 0};
+        gz_ = f_.peek(magic, 2) == 2 && magic[0] == 0x1f && magic[1] == 0x8b;
+        if (gz_ && inflateInit2(&z_, 16 + MAX_WBITS) != Z_OK) throw NNError("out of memory");
     }
-    ~GzFile() { gzclose(f); }
-    // Reads up to n bytes; returns how many arrived (less only at end of data).
-    size_t read(void* dst, size_t n) {
-        size_t got = 0;
-        while (got < n) {
-            unsigned k = unsigned(std::min<size_t>(n - got, 1u << 20));
-            int r = gzread(f, static_cast<uint8_t*>(dst) + got, k);
-            if (r < 0) {
-                int code;
-                const char* msg = gzerror(f, &code);
-                throw file_error(path, std::string("corrupt gzip data (") + msg + ")");
+    ~IdxStream() {
+        if (gz_) inflateEnd(&z_);
+    }
+    bool gz() const { return gz_; }
+    uint64_t file_size() const { return f_.size; }
+    // Up to min(n, CHUNK) bytes of data; fewer only at its end.
+    size_t read(uint8_t* dst, size_t n) {
+        n = std::min(n, CHUNK);
+        if (!gz_) return f_.read(dst, n);
+        z_.next_out = dst;
+        z_.avail_out = uInt(n);
+        while (z_.avail_out > 0) {
+            if (z_.avail_in == 0 && !fill()) break;
+            if (!in_member_) {  // between members: another one may follow, nothing else
+                if (z_.avail_in < 2) fill();
+                if (z_.avail_in < 2 || z_.next_in[0] != 0x1f || z_.next_in[1] != 0x8b)
+                    throw idx_error(f_.path, "corrupt gzip file (junk after the compressed data)");
+                inflateReset(&z_);
+                in_member_ = true;
             }
-            if (r == 0) break;
-            got += size_t(r);
+            int r = inflate(&z_, Z_NO_FLUSH);
+            if (r == Z_STREAM_END) {
+                in_member_ = false;
+            } else if (r != Z_OK && !(r == Z_BUF_ERROR && z_.avail_in == 0)) {
+                throw idx_error(f_.path, std::string("corrupt gzip file (") + (z_.msg ? z_.msg : "inflate failed") + ")");
+            }
         }
-        // a gzip stream cut short reads as a clean end in some zlib versions; gzerror tells
-        int code;
-        gzerror(f, &code);
-        if (code != Z_OK && code != Z_BUF_ERROR) throw file_error(path, "corrupt gzip data");
-        if (code == Z_BUF_ERROR) throw file_error(path, "truncated (gzip stream ends early)");
-        return got;
+        if (z_.avail_out > 0 && in_member_)  // the input ran out inside a member
+            throw idx_error(f_.path, "corrupt gzip file (compressed stream ends early, truncated)");
+        return n - z_.avail_out;
     }
+
+  private:
+    // More input after what is left; false when the file has no more.
+    bool fill() {
+        size_t left = z_.avail_in;
+        std::memmove(in_, z_.next_in ? z_.next_in : in_, left);
+        size_t got = f_.read(in_ + left, sizeof in_ - left);
+        z_.next_in = in_;
+        z_.avail_in = uInt(left + got);
+        return got > 0;
+    }
+    InFile f_;
+    bool gz_ = false, in_member_ = false;
+    z_stream z_{};
+    uint8_t in_[1 << 16];
 };
 
 uint32_t be32(const uint8_t* p) { return uint32_t(p[0]) << 24 | uint32_t(p[1]) << 16 | uint32_t(p[2]) << 8 | p[3]; }
 
-// Reads header + data of a u8 IDX file with `ndim` dimensions.
-std::vector<uint8_t> read_idx(const std::string& path, uint8_t ndim, std::vector<uint32_t>* dims) {
-    GzFile g(path);
-    uint8_t head[4];
-    if (g.read(head, 4) != 4) throw file_error(path, "truncated (no IDX header)");
-    if (head[0] != 0 || head[1] != 0) throw file_error(path, "not an IDX file (bad magic)");
-    if (head[2] != 0x08) {
-        char t[8];
-        std::snprintf(t, sizeof t, "0x%02x", head[2]);
-        throw file_error(path, std::string("IDX element type ") + t + " is not unsigned byte (0x08)");
+// What an IDX file must be: magic, header length, bytes per item.
+struct Kind {
+    const char *name, *file;  // "images", "an images file"
+    uint32_t magic;
+    size_t hlen, item;
+};
+const Kind IMAGES = {"images", "an images file", 0x00000803, 16, 784},
+           LABELS = {"labels", "a labels file", 0x00000801, 8, 1};
+
+// Checks the header in head[0..got) and returns the item count. `expect_n`: the count it must claim
+// (0: any up to MAX_ITEMS). All of this happens before a byte of data is read or inflated.
+uint32_t check_header(const std::string& path, const uint8_t* head, size_t got, const Kind& k, uint32_t expect_n) {
+    if (got == 0) throw idx_error(path, "file is empty (no IDX header)");
+    if (got >= 4 && be32(head) != k.magic) {
+        char m[64];
+        std::snprintf(m, sizeof m, "bad IDX magic 0x%08x, expected 0x%08x", be32(head), k.magic);
+        throw idx_error(path, m + (std::string(" for ") + k.file + " (wrong or damaged file)"));
     }
-    if (head[3] != ndim)
-        throw file_error(path, "IDX file has " + std::to_string(head[3]) + " dimensions, expected " +
-                                   std::to_string(ndim));
-    uint64_t total = 1;
-    for (uint8_t i = 0; i < ndim; i++) {
-        uint8_t d[4];
-        if (g.read(d, 4) != 4) throw file_error(path, "truncated (IDX header)");
-        dims->push_back(be32(d));
-        total *= dims->back();  // at most 3 dims of < 2^32: no overflow before the check below
-        if (total > (uint64_t(1) << 40)) throw file_error(path, "IDX dimensions are absurdly large");
-    }
-    // Grow in 1 MiB steps as data arrives: never trust the header with the allocation.
-    std::vector<uint8_t> data;
-    while (data.size() < total) {
-        size_t want = size_t(std::min<uint64_t>(total - data.size(), 1 << 20));
-        size_t old = data.size();
-        data.resize(old + want);
-        size_t got = g.read(data.data() + old, want);
-        if (got < want)
-            throw file_error(path, "truncated (header promises " + std::to_string(total) + " data bytes, file has " +
-                                       std::to_string(old + got) + ")");
+    if (got < k.hlen)
+        throw idx_error(path, "only " + std::to_string(got) + " bytes, too short for an IDX " + k.name + " header");
+    const uint32_t n = be32(head + 4);
+    if (n > MAX_ITEMS)
+        throw idx_error(path, "header claims " + std::to_string(n) + " " + k.name + ", more than the " +
+                                  std::to_string(MAX_ITEMS) + " any MNIST-style file has");
+    if (expect_n && n != expect_n)
+        throw idx_error(path, "header claims " + std::to_string(n) + " " + k.name + ", expected " +
+                                  std::to_string(expect_n) + " (not the original MNIST file?)");
+    if (k.hlen == 16 && (be32(head + 8) != 28 || be32(head + 12) != 28))
+        throw idx_error(path, "images are " + std::to_string(be32(head + 8)) + "x" + std::to_string(be32(head + 12)) +
+                                  ", expected 28x28 (not MNIST?)");
+    return n;
+}
+
+NNError size_error(const std::string& path, const Kind& k, uint64_t expected, uint64_t got, bool more) {
+    const std::string what = got < expected ? "truncated" : "trailing bytes after the data";
+    return idx_error(path, what + ": the IDX header promises " + std::to_string(expected) + " bytes of " + k.name +
+                               " but the file holds " + (more ? "more than " + std::to_string(expected) : std::to_string(got)));
+}
+
+// Reads an IDX file of kind k: checks its header, calls on_header(n, most) before any data is read
+// (most: the data bytes the file can really hold: deflate expands at most 1032:1), then hands the
+// data to sink(bytes, len, offset) in pieces of whole items, at most CHUNK bytes each.
+void stream_idx(const std::string& path, const Kind& k, uint32_t expect_n,
+                const std::function<void(uint32_t, uint64_t)>& on_header,
+                const std::function<void(const uint8_t*, size_t, uint64_t)>& sink) {
+    IdxStream s(path);
+    uint8_t head[16];
+    size_t got = 0;
+    for (size_t r; got < k.hlen && (r = s.read(head + got, k.hlen - got)) > 0;) got += r;
+    const uint32_t n = check_header(path, head, got, k, expect_n);
+    const uint64_t expected = uint64_t(n) * k.item;
+    if (!s.gz() && s.file_size() - k.hlen != expected)  // a plain file: its size tells before reading
+        throw size_error(path, k, expected, s.file_size() - k.hlen, false);
+    on_header(n, s.gz() ? std::min(expected, MAX_DEFLATE_RATIO * s.file_size()) : expected);
+    std::vector<uint8_t> buf(std::min<uint64_t>(expected, CHUNK / k.item * k.item));
+    for (uint64_t off = 0; off < expected;) {
+        const size_t want = size_t(std::min<uint64_t>(expected - off, buf.size()));
+        size_t have = 0;
+        for (size_t r; have < want && (r = s.read(buf.data() + have, want - have)) > 0;) have += r;
+        if (have < want) throw size_error(path, k, expected, off + have, false);
+        sink(buf.data(), want, off);
+        off += want;
     }
     uint8_t extra;
-    if (g.read(&extra, 1) != 0) throw file_error(path, "trailing bytes after the IDX data");
+    if (s.read(&extra, 1) != 0) throw size_error(path, k, expected, expected + 1, true);
+}
+
+// All the data of an IDX file of kind k; *n gets the item count.
+std::vector<uint8_t> read_idx(const std::string& path, const Kind& k, uint32_t expect_n, uint32_t* n) {
+    std::vector<uint8_t> data;
+    stream_idx(path, k, expect_n, [&](uint32_t count, uint64_t most) {
+        *n = count;
+        data.reserve(size_t(most));  // one allocation, no copies as it grows, and little for a small file that lies
+    }, [&](const uint8_t* p, size_t len, uint64_t) { data.insert(data.end(), p, p + len); });
     return data;
 }
 
@@ -98,44 +170,68 @@ std::string sibling(const std::string& dir, const std::string& stem) {
 
 }  // namespace
 
-Images read_idx_images(const std::string& path) {
-    std::vector<uint32_t> dims;
+Images read_idx_images(const std::string& path, uint32_t expect_n) {
     Images im;
-    im.pixels = read_idx(path, 3, &dims);
-    im.n = dims[0];
-    im.rows = dims[1];
-    im.cols = dims[2];
-    if (im.rows == 0 || im.cols == 0) throw file_error(path, "IDX images have a zero dimension");
+    im.pixels = read_idx(path, IMAGES, expect_n, &im.n);
+    im.rows = im.cols = 28;
     return im;
 }
 
-std::vector<uint8_t> read_idx_labels(const std::string& path, uint32_t n_classes) {
-    std::vector<uint32_t> dims;
-    std::vector<uint8_t> y = read_idx(path, 1, &dims);
+Images read_idx_images(const std::string& path, const std::function<std::vector<uint32_t>(uint32_t)>& pick) {
+    Images im;
+    im.rows = im.cols = 28;
+    std::vector<std::pair<uint32_t, size_t>> want;  // (image index in the file, place in the result)
+    size_t next = 0;
+    stream_idx(path, IMAGES, 0, [&](uint32_t n, uint64_t) {
+        im.n = n;
+        std::vector<uint32_t> sel = pick(n);
+        for (size_t j = 0; j < sel.size(); j++) want.push_back({sel[j], j});
+        std::sort(want.begin(), want.end());
+        im.pixels.resize(sel.size() * IMAGES.item);
+    }, [&](const uint8_t* p, size_t len, uint64_t off) {
+        const uint64_t first = off / IMAGES.item, end = (off + len) / IMAGES.item;
+        for (; next < want.size() && want[next].first < end; next++)
+            std::copy_n(p + (want[next].first - first) * IMAGES.item, IMAGES.item,
+                        im.pixels.data() + want[next].second * IMAGES.item);
+    });
+    return im;
+}
+
+std::vector<uint8_t> read_idx_labels(const std::string& path, uint32_t expect_n) {
+    uint32_t n;
+    std::vector<uint8_t> y = read_idx(path, LABELS, expect_n, &n);
     for (size_t i = 0; i < y.size(); i++)
-        if (y[i] >= n_classes)
-            throw file_error(path, "label " + std::to_string(y[i]) + " at index " + std::to_string(i) +
-                                       " is out of range 0.." + std::to_string(n_classes - 1));
+        if (y[i] > 9)
+            throw idx_error(path, "label " + std::to_string(y[i]) + " at index " + std::to_string(i) +
+                                      " is outside 0-9 (damaged file?)");
     return y;
 }
 
-Dataset load_mnist(const std::string& dir, bool train, uint32_t n_inputs, uint32_t n_classes) {
+void check_mnist_net(const std::vector<uint32_t>& sizes, const std::string& source) {
+    if (sizes.front() != MNIST_INPUTS || sizes.back() != MNIST_CLASSES)
+        throw file_error(source, "the network has " + std::to_string(sizes.front()) + " inputs and " +
+                                     std::to_string(sizes.back()) + " outputs (sizes " + sizes_str(sizes) +
+                                     "); MNIST needs " + std::to_string(MNIST_INPUTS) + " inputs and " +
+                                     std::to_string(MNIST_CLASSES) + " outputs");
+}
+
+Dataset load_mnist(const std::string& dir, bool train) {
     const std::string pre = train ? "train" : "t10k";
+    const uint32_t n = train ? 60000 : 10000;
     Dataset d;
-    std::string ip = sibling(dir, pre + "-images-idx3-ubyte"), lp = sibling(dir, pre + "-labels-idx1-ubyte");
-    d.images = read_idx_images(ip);
-    d.labels = read_idx_labels(lp, n_classes);
-    if (d.labels.size() != d.images.n)
-        throw file_error(lp, std::to_string(d.labels.size()) + " labels for " + std::to_string(d.images.n) +
-                                 " images in " + ip);
-    if (uint64_t(d.images.rows) * d.images.cols != n_inputs)
-        throw file_error(ip, "images are " + std::to_string(d.images.rows) + "x" + std::to_string(d.images.cols) +
-                                 " but the network has " + std::to_string(n_inputs) + " inputs");
+    d.images = read_idx_images(sibling(dir, pre + "-images-idx3-ubyte"), n);
+    d.labels = read_idx_labels(sibling(dir, pre + "-labels-idx1-ubyte"), n);
     return d;
 }
 
 std::vector<uint8_t> read_pgm(const std::string& path, uint32_t rows, uint32_t cols) {
-    std::vector<uint8_t> b = read_file(path);
+    InFile f(path, "a PGM image");
+    // a 28x28 P5 file is under a kilobyte, header comments included: do not read a video named .pgm
+    if (f.size > (1 << 20))
+        throw file_error(path, std::to_string(f.size) + " bytes, too large for a " + std::to_string(cols) + "x" +
+                                   std::to_string(rows) + " PGM image");
+    std::vector<uint8_t> b(f.size);
+    f.read_exact(b.data(), b.size());
     size_t p = 0;
     // header tokens separated by whitespace, '#' comments to end of line
     auto token = [&](const char* what) -> uint64_t {

@@ -1,8 +1,11 @@
 // nn-cpp: evaluate / predict / train / bench. Every user-facing problem becomes
 // one line "nn-cpp: error: FILE: what is wrong" on stderr and exit code 1
 // (usage mistakes: exit code 2), never a crash or a stack trace.
+#include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <cstring>
 #include <new>
@@ -43,7 +46,7 @@ struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
-// Strict number parsing: "12abc" or "" is a usage error, not 12 or 0.
+// Strict number parsing: "12abc", "" or "nan" is a usage error, not 12, 0 or NaN.
 double to_double(const std::string& opt, const std::string& s) {
     size_t used = 0;
     double v = 0;
@@ -53,17 +56,33 @@ double to_double(const std::string& opt, const std::string& s) {
         used = 0;
     }
     if (used == 0 || used != s.size()) throw UsageError(opt + " expects a number, got '" + s + "'");
+    if (!std::isfinite(v)) throw UsageError(opt + " expects a finite number, got '" + s + "'");
     return v;
 }
+// The range of each integer option (as in nn_numba's config), checked before a value is narrowed to
+// its field: --epochs 4294967297 must not become 1.
+struct Range {
+    const char* opt;
+    long lo, hi;
+};
+const Range INT_RANGES[] = {{"--epochs", 1, 100000}, {"--batch-size", 1, 60000}, {"--step-epochs", 1, 1000000},
+                            {"--threads", 0, MAX_THREADS}, {"--seed", 0, LONG_MAX}, {"--limit", 0, LONG_MAX}};
 long to_long(const std::string& opt, const std::string& s) {
     size_t used = 0;
     long v = 0;
+    bool huge = false;
     try {
         v = std::stol(s, &used);
+    } catch (const std::out_of_range&) {
+        huge = true;
     } catch (...) {
         used = 0;
     }
-    if (used == 0 || used != s.size()) throw UsageError(opt + " expects an integer, got '" + s + "'");
+    if (!huge && (used == 0 || used != s.size())) throw UsageError(opt + " expects an integer, got '" + s + "'");
+    for (const Range& r : INT_RANGES)
+        if (opt == r.opt && (huge || v < r.lo || v > r.hi))
+            throw UsageError(opt + " " + s + " is out of range [" + std::to_string(r.lo) + ", " + std::to_string(r.hi) + "]");
+    if (huge) throw UsageError(opt + " " + s + " is out of range");
     return v;
 }
 
@@ -136,15 +155,7 @@ Args parse(int argc, char** argv, int start, const std::vector<std::string>& val
 }
 
 void set_threads(const Args& a) {
-#ifdef _OPENMP
-    if (a.has("--threads")) {
-        long t = to_long("--threads", a.get("--threads"));
-        if (t < 1) throw UsageError("--threads must be at least 1");
-        omp_set_num_threads(int(t));
-    }
-#else
-    (void)a;
-#endif
+    if (a.has("--threads")) use_threads(int(to_long("--threads", a.get("--threads"))));
 }
 
 int cmd_evaluate(int argc, char** argv) {
@@ -153,8 +164,9 @@ int cmd_evaluate(int argc, char** argv) {
     if (!a.has("--data-dir")) throw UsageError("evaluate needs --data-dir DIR");
     set_threads(a);
     Checkpoint ck = load_checkpoint(a.pos[0]);
+    check_mnist_net(ck.sizes, a.pos[0]);
     Net net = net_from_checkpoint(ck);
-    Dataset te = load_mnist(a.get("--data-dir"), false, net.sizes[0], net.sizes.back());
+    Dataset te = load_mnist(a.get("--data-dir"), false);
     Eval e = evaluate(net, te.images.pixels.data(), te.labels.data(), te.images.n);
     if (a.has("--json"))
         std::printf("{\"checkpoint\":%s,\"accuracy\":%s,\"loss\":%s,\"correct\":%ld,\"n\":%ld,\"sizes\":%s}\n",
@@ -199,37 +211,33 @@ int cmd_predict(int argc, char** argv) {
     if (a.pos.size() < 2) throw UsageError("predict takes CHECKPOINT FILE...");
     set_threads(a);
     Checkpoint ck = load_checkpoint(a.pos[0]);
+    check_mnist_net(ck.sizes, a.pos[0]);
     Net net = net_from_checkpoint(ck);
-    const uint32_t n_in = net.sizes[0], C = net.sizes.back();
+    const uint32_t C = net.sizes.back();
     std::vector<uint8_t> pixels;
     std::vector<std::string> names;
     std::vector<long> index, label;
     if (a.has("--index")) {
         if (a.pos.size() != 2) throw UsageError("with --index give exactly one IDX image file");
         const std::string& f = a.pos[1];
-        Images im = read_idx_images(f);
-        if (uint64_t(im.rows) * im.cols != n_in)
-            throw file_error(f, "images are " + std::to_string(im.rows) + "x" + std::to_string(im.cols) +
-                                    " but the network has " + std::to_string(n_in) + " inputs");
+        std::vector<uint32_t> picked;  // the file's images are streamed: only these are kept
+        Images im = read_idx_images(f, [&](uint32_t n) { return picked = parse_indices(a.all("--index"), n, f); });
+        pixels = std::move(im.pixels);
         // labels from the sibling file when there is one (train-images-idx3 -> train-labels-idx1)
         std::vector<uint8_t> labels;
         size_t k = f.rfind("images-idx3");
         if (k != std::string::npos) {
             std::string lf = f.substr(0, k) + "labels-idx1" + f.substr(k + 11);
-            if (FILE* t = std::fopen(lf.c_str(), "rb")) {
-                std::fclose(t);
-                labels = read_idx_labels(lf, C);
-                if (labels.size() != im.n) labels.clear();
-            }
+            struct stat st;
+            if (::stat(lf.c_str(), &st) == 0) labels = read_idx_labels(lf, im.n);
+            if (labels.size() != im.n) labels.clear();
         }
-        for (uint32_t i : parse_indices(a.all("--index"), im.n, f)) {
-            pixels.insert(pixels.end(), im.pixels.begin() + size_t(i) * n_in, im.pixels.begin() + size_t(i + 1) * n_in);
+        for (uint32_t i : picked) {
             names.push_back(f);
             index.push_back(i);
             label.push_back(labels.empty() ? -1 : labels[i]);
         }
     } else {
-        if (n_in != 784) throw file_error(a.pos[0], "network has " + std::to_string(n_in) + " inputs, PGM input needs 784");
         for (size_t i = 1; i < a.pos.size(); i++) {
             std::vector<uint8_t> px = read_pgm(a.pos[i]);
             pixels.insert(pixels.end(), px.begin(), px.end());

@@ -85,10 +85,24 @@ double run_epoch(Net& net, Work& w, Optimizer& opt, const Schedule& sch, long* s
 
 }  // namespace
 
-double train(const TrainConfig& cfg) {
+int use_threads(int requested) {
+    if (requested < 0 || requested > MAX_THREADS)
+        throw NNError("--threads " + std::to_string(requested) + " is out of range [0, " + std::to_string(MAX_THREADS) + "]");
 #ifdef _OPENMP
-    if (cfg.threads > 0) omp_set_num_threads(cfg.threads);
+    const int cores = omp_get_num_procs();
+    if (requested > cores) {
+        std::fprintf(stderr, "note: --threads %d is more than the %d cores available; using %d\n", requested, cores, cores);
+        requested = cores;
+    }
+    if (requested > 0) omp_set_num_threads(requested);
+    return omp_get_max_threads();
+#else
+    return 1;
 #endif
+}
+
+double train(const TrainConfig& cfg) {
+    use_threads(cfg.threads);
     const int kind = optimizer_kind(cfg.optimizer);
     if (cfg.reduction != "sum" && cfg.reduction != "mean")
         throw NNError("unknown reduction '" + cfg.reduction + "' (use sum or mean)");
@@ -115,9 +129,9 @@ double train(const TrainConfig& cfg) {
     }
     TrainConfig conf = cfg;
     conf.sizes = net.sizes;
-    const int L = net.layers();
-    Dataset tr = load_mnist(cfg.data_dir, true, net.sizes[0], net.sizes[L]);
-    Dataset te = load_mnist(cfg.data_dir, false, net.sizes[0], net.sizes[L]);
+    check_mnist_net(net.sizes, cfg.init.empty() ? "--sizes" : cfg.init);
+    Dataset tr = load_mnist(cfg.data_dir, true);
+    Dataset te = load_mnist(cfg.data_dir, false);
 
     // The validation split: the last val_split * N samples of a permutation fixed by the seed.
     uint32_t N = tr.images.n;
@@ -205,13 +219,7 @@ double train(const TrainConfig& cfg) {
 }
 
 BenchResult bench(int batch, int threads, int epochs, const std::vector<uint32_t>& sizes, const std::string& optimizer) {
-#ifdef _OPENMP
-    if (threads > 0) omp_set_num_threads(threads);
-    int used = omp_get_max_threads();
-#else
-    (void)threads;
-    int used = 1;
-#endif
+    const int used = use_threads(threads);
     // Random pixels and labels: timing does not depend on the values (no sparsity
     // tricks), and the benchmark then needs no dataset.
     const uint32_t N = 60000;

@@ -31,6 +31,12 @@ struct TrainConfig {
 // to cfg.out after every improving epoch. Returns the test accuracy of that checkpoint.
 double train(const TrainConfig& cfg);
 
+// --threads above this is refused (as in nn_numba's config); OpenMP cannot start 100,000 threads.
+constexpr int MAX_THREADS = 1024;
+// Sets the OpenMP thread count and returns it: 0 keeps the default (every core); more than the
+// cores is clamped to them, with a note on stderr. NNError outside 0..MAX_THREADS.
+int use_threads(int requested);
+
 struct BenchResult {
     double seconds_per_epoch, samples_per_s;  // wall clock, fastest epoch
     double cpu_seconds_per_epoch;              // summed over threads, fastest epoch

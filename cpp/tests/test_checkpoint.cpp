@@ -2,11 +2,14 @@
 // way a file can be wrong (each must be a clean NNError naming the problem).
 #include <cmath>
 #include <cstring>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
 #include "check.h"
 #include "checkpoint.h"
+#include "file.h"
 #include "minijson.h"
 #include "mlp.h"
 
@@ -245,11 +248,45 @@ static void test_corrupt() {
     }
 }
 
+// Files that are not checkpoints, or that claim far more than they hold: refused after reading the
+// header, without blocking and without memory in proportion to the claim or to an endless file.
+static void test_hostile_files() {
+    char tmp[] = "/tmp/nncpp-hostile-XXXXXX";
+    CHECK(mkdtemp(tmp) != nullptr);
+    const std::string dir = tmp;
+    CHECK(mkfifo((dir + "/fifo.ck").c_str(), 0600) == 0);
+    expect_bounded("fifo", [&] { load_checkpoint(dir + "/fifo.ck"); }, "fifo.ck: is a FIFO, not a checkpoint file", 64);
+    expect_bounded("dev zero", [] { load_checkpoint("/dev/zero"); }, "/dev/zero: is a character device", 64);
+    CHECK(symlink("/dev/zero", (dir + "/zero.ck").c_str()) == 0);
+    expect_bounded("link to dev zero", [&] { load_checkpoint(dir + "/zero.ck"); }, "zero.ck: is a character device", 64);
+    expect_bounded("folder", [&] { load_checkpoint(dir); }, "is a directory, not a checkpoint file", 64);
+    // 512 MB (sparse) of something else: four bytes tell, the rest is never read
+    auto sparse = [&](const std::string& name, const Bytes& head, off_t size) {
+        std::string p = dir + "/" + name;
+        int fd = open(p.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        CHECK(fd >= 0 && write(fd, head.data(), head.size()) == ssize_t(head.size()) && ftruncate(fd, size) == 0);
+        close(fd);
+        return p;
+    };
+    std::string big = sparse("big.ck", Bytes{'J', 'U', 'N', 'K'}, off_t(512) << 20);
+    expect_bounded("big non-checkpoint", [&] { load_checkpoint(big); }, "not an nn-numba checkpoint", 64);
+    // a 256 MB file whose header promises a 1000000-1000000 net (4 TB): truncated, from the header alone
+    Bytes head = read_file(std::string(NN_TEST_DATA) + "/tiny.ck");
+    head.resize(36);
+    set_u32(head, 24, 1000000);
+    set_u32(head, 28, 1000000);
+    big = sparse("claims.ck", head, off_t(256) << 20);
+    expect_bounded("header claims 4 TB", [&] { load_checkpoint(big); }, "truncated (268435456 bytes, sizes", 64);
+    std::string rm = "rm -rf " + dir;
+    CHECK(std::system(rm.c_str()) == 0);
+}
+
 int main() {
     try {
         test_tiny();
         test_round_trip();
         test_corrupt();
+        test_hostile_files();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "unexpected exception: %s\n", e.what());
         return 1;

@@ -2,10 +2,10 @@
 samples, distorts them and writes the float32 batch, so the data set is never copied and a step allocates
 nothing big.
 
-Per-sample random parameters (shifts, angles, scales, the coarse elastic field) are drawn from the numpy
-Generator in Python, in a fixed order, as small (B x k) arrays. The kernels themselves use no randomness and
-each sample is written by exactly one thread, so a batch is bit-identical for the same seed whatever the
-number of threads.
+Per-sample random parameters (shifts, angles, scales, the coarse elastic field) are the counter-based
+draws of nn_numba/rng.py, keyed by (seed, epoch, position in the epoch), as small (B x k) arrays. The
+warping kernels use no randomness and each sample is written by exactly one thread, so a batch is
+bit-identical for the same seed whatever the number of threads, and a resumed run sees the same batches.
 
 Geometry: pixel (x, y) has its centre at integer coordinates, x to the right, y down, the image centre is
 (13.5, 13.5). Every kernel maps each *output* pixel back to a source position (inverse mapping) and reads
@@ -13,13 +13,15 @@ the source there; outside the image is zero.
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
-from .config import Augment
-from .kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255 (fastmath would round x / 255)
-from .kernels import gather
+from nn_numba import rng
+from nn_numba.config import Augment
+from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255 (fastmath would round x / 255)
+from nn_numba.kernels import gather
 
 __all__ = ["Augment", "augment_batch", "augment_grid"]
 
@@ -178,23 +180,63 @@ def affine_mats(angle: np.ndarray, scale: np.ndarray, dx: np.ndarray, dy: np.nda
 
 
 def grid_size(sigma: float) -> int:
-    """Inner nodes per axis of the elastic control grid: spacing about sigma pixels, at least 2."""
-    return max(2, round((S - 1) / sigma) + 1)
-
-
-def elastic_grid(B: int, aug: Augment, rng: np.random.Generator) -> np.ndarray:
-    """Random control-grid displacements (B, 2, G + 2, G + 2) float32, uniform in [-alpha, alpha].
+    """Inner nodes per axis of the elastic control grid: spacing about sigma pixels, at least 2.
 
     Simard et al. smooth a per-pixel uniform random field with a Gaussian of width sigma; random nodes
     every sigma pixels under a cubic B-spline give the same kind of smooth field from far fewer random
     numbers (10 x 10 instead of 28 x 28 per axis for sigma 4). The spline averages neighbouring nodes, so
     no displacement exceeds alpha and the RMS one is about alpha / 3.5.
     """
-    G = grid_size(aug.elastic_sigma) + 2
-    f = rng.random((B, 2, G, G), dtype=np.float32)
-    f *= np.float32(2 * aug.elastic_alpha)
-    f -= np.float32(aug.elastic_alpha)
-    return f
+    return max(2, math.floor((S - 1) / sigma + 0.5) + 1)  # round half up, as nn-cpp does
+
+
+class Draws(NamedTuple):
+    """The random parameters of nb consecutive samples (docs/training.md, "Random numbers")."""
+
+    dx: np.ndarray  # (nb,) int64 shift right, pixels
+    dy: np.ndarray  # (nb,) int64 shift down
+    angle: np.ndarray  # (nb,) float64 degrees, counter-clockwise on screen
+    scale: np.ndarray  # (nb,) float64 factor
+    field: np.ndarray  # (nb, 2, G, G) float32 elastic control grid (G = grid_size(sigma) + 2), or (nb, 2, 0, 0)
+
+
+@njit(cache=True)
+def _draw_into(seed, epoch, q0, shift, rotate, scale, alpha, dx, dy, angle, factor, field):
+    # Sample r (position q0 + r of the epoch) reads uniform(seed, 3, epoch, q0 + r, k) for k = 0 dx, 1 dy,
+    # 2 angle, 3 scale, 4 + (c * G + y) * G + x the elastic node; a part that is off keeps its k unread.
+    # float64 throughout, no fastmath: 1 + scale * (2u - 1) must not become a fused multiply-add.
+    a = rng.key(seed, rng.AUGMENT, epoch)
+    G = field.shape[2]
+    width = np.float64(2 * shift + 1)
+    for r in range(dx.shape[0]):
+        b = rng.sample_key(a, q0 + r)
+        if shift > 0:
+            dx[r] = np.int64(rng.draw(b, 0) * width) - shift
+            dy[r] = np.int64(rng.draw(b, 1) * width) - shift
+        if rotate > 0:
+            angle[r] = rotate * (2.0 * rng.draw(b, 2) - 1.0)
+        if scale > 0:
+            factor[r] = 1.0 + scale * (2.0 * rng.draw(b, 3) - 1.0)
+        for c in range(2):
+            for y in range(G):
+                for x in range(G):
+                    u = rng.draw(b, 4 + (c * G + y) * G + x)
+                    field[r, c, y, x] = np.float32(alpha * (2.0 * u - 1.0))
+
+
+def draws(aug: Augment, seed: int, epoch: int, q0: int, nb: int) -> Draws:
+    """The distortions of the samples at positions q0 .. q0 + nb - 1 of epoch `epoch` (from 0).
+
+    Each is uniform: dx, dy integers in [-shift, shift], angle in [-rotate, rotate], scale in
+    [1 - scale, 1 + scale], the elastic nodes float32 in [-alpha, alpha]; a part that is off is 0 (1 for
+    the scale). Only the enabled parts are drawn; which k each part reads never depends on the others.
+    """
+    G = grid_size(aug.elastic_sigma) + 2 if aug.elastic_alpha > 0 else 0
+    d = Draws(np.zeros(nb, np.int64), np.zeros(nb, np.int64), np.zeros(nb), np.ones(nb),
+              np.zeros((nb, 2, G, G), np.float32))
+    _draw_into(seed, epoch, q0, int(aug.shift), float(aug.rotate), float(aug.scale), float(aug.elastic_alpha),
+               *d)
+    return d
 
 
 def _check(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
@@ -210,45 +252,44 @@ def _check(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
         raise ValueError(f"idx out of range [0, {len(X_u8)})")
 
 
-def augment_batch(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, aug: Augment,
-                  rng: np.random.Generator) -> None:
+def augment_batch(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, aug: Augment, seed: int, epoch: int,
+                  q0: int) -> None:
     """out (B, 784) float32 = the samples X_u8[idx] / 255, randomly distorted as aug says.
 
-    For the last, smaller batch pass a view out[:len(idx)] of the preallocated buffer. Draws from rng
-    only for the enabled parts, always in this order: shifts (dx, dy), angles, scales, elastic field; so
-    the same seed (or a restored rng state, on resume) gives the same batches.
+    idx are the samples at positions q0 .. q0 + B - 1 of epoch `epoch`'s order: their distortions are
+    draws(aug, seed, epoch, q0, B), so a batch depends only on where it is, never on what came before.
+    For the last, smaller batch pass a view out[:len(idx)] of the preallocated buffer.
     """
     _check(X_u8, idx, out)
-    B = len(idx)
     if not aug.enabled:
         gather(X_u8, idx, LUT, out)
         return
-    if aug.shift:
-        dx, dy = rng.integers(-aug.shift, aug.shift + 1, size=(2, B))
+    apply(X_u8, idx, out, aug, draws(aug, seed, epoch, q0, len(idx)))
+
+
+def apply(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, aug: Augment, d: Draws) -> None:
+    """out = the samples X_u8[idx] / 255 distorted by the given draws (the parts aug enables)."""
+    _check(X_u8, idx, out)
     if aug.rotate == 0 and aug.scale == 0 and aug.elastic_alpha == 0:
-        shift_gather(X_u8, idx, dx, dy, out)  # integer shift only: no interpolation, no blur
+        shift_gather(X_u8, idx, d.dx, d.dy, out)  # integer shift only: no interpolation, no blur
         return
-    if not aug.shift:
-        dx = dy = np.zeros(B)
-    angle = rng.uniform(-aug.rotate, aug.rotate, B) if aug.rotate else np.zeros(B)
-    scale = rng.uniform(1 - aug.scale, 1 + aug.scale, B) if aug.scale else np.ones(B)
-    mats = affine_mats(angle, scale, dx, dy)
+    mats = affine_mats(d.angle, d.scale, d.dx, d.dy)
     if aug.elastic_alpha == 0:
         affine_gather(X_u8, idx, mats, out)
     else:
-        elastic_gather(X_u8, idx, mats, elastic_grid(B, aug, rng), out)
+        elastic_gather(X_u8, idx, mats, d.field, out)
 
 
-def augment_grid(X_u8: np.ndarray, aug: Augment, rng: np.random.Generator, n: int = 64) -> np.ndarray:
+def augment_grid(X_u8: np.ndarray, aug: Augment, gen: np.random.Generator, n: int = 64) -> np.ndarray:
     """A uint8 picture of n cells on a k x k grid (k = ceil(sqrt(n)), 8 x 8 for n = 64): each row is one
     random training digit, its first column the original and the other columns independent augmentations."""
     if n < 1:
         raise ValueError(f"augment_grid needs n >= 1 cells, got {n}")
     k = math.isqrt(n - 1) + 1
-    rows = rng.integers(0, len(X_u8), size=k)
+    rows = gen.integers(0, len(X_u8), size=k)
     idx = np.repeat(rows, k)[:n].astype(np.int64)
     out = np.empty((n, P), dtype=np.float32)
-    augment_batch(X_u8, idx, out, aug, rng)
+    augment_batch(X_u8, idx, out, aug, int(gen.integers(2**63)), 0, 0)  # gen picks the rows and the seed
     out[::k] = LUT[X_u8[idx[::k]]]  # column 0: the original
     img = np.zeros((k * S, k * S), dtype=np.uint8)
     cells = np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8).reshape(n, S, S)

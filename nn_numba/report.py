@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +95,9 @@ def load_run(folder: str | Path) -> Run:
 
 
 def steps_per_epoch(cfg: Config) -> int:
-    n_train = N_TRAIN - int(round(N_TRAIN * cfg.data.val_split))
+    from .rng import n_val
+
+    n_train = N_TRAIN - n_val(N_TRAIN, cfg.data.val_split)
     return math.ceil(n_train / cfg.train.batch_size)
 
 
@@ -108,7 +110,7 @@ def schedule(cfg: Config) -> np.ndarray:
 
 
 def best_row(run: Run) -> dict[str, Any]:
-    """The epoch train.py kept as best.ck (runs.best_row)."""
+    """The epoch train.py kept as best.ck."""
     from .runs import best_row as best
 
     return best(run.hist)
@@ -227,10 +229,6 @@ def plot_lr(run: Run, path: Path) -> float:
             label="recorded in metrics.jsonl (epoch's last step)")
     for e in range(1, run.cfg.train.epochs):
         ax.axvline(e * spe, color="0.85", lw=0.8, zorder=0)
-    plan = run.cfg.schedule.plan_epochs
-    if run.cfg.schedule.name == "cosine" and 0 < plan < run.cfg.train.epochs:
-        ax.axvline(plan * spe, color="C2", ls=":", lw=1.2, label=f"end of the planned {plan} epochs: the "
-                   "extension runs at min_lr")
     ax.set_xlabel(f"optimiser step ({spe} per epoch; grey lines: epoch boundaries)")
     ax.set_ylabel("learning rate")
     ax.set_ylim(-0.02 * lr.max(), lr.max() * 1.08)
@@ -248,17 +246,18 @@ def plot_lr(run: Run, path: Path) -> float:
 
 def plot_augment(X_u8: np.ndarray, run: Run, path: Path) -> None:
     """Random training digits (first column) and independent augmentations of each (other columns)."""
-    from .augment import augment_grid
+    from .augment import Augment, augment_grid
 
     plt = _plt()
-    aug = run.cfg.augment
+    aug = Augment(**asdict(run.cfg.augment))
     img = augment_grid(X_u8, aug, np.random.default_rng([run.cfg.train.seed, 4]), n=64)
     fig, ax = plt.subplots(figsize=(6.4, 7))
     ax.imshow(img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.axvline(27.5, color="C3", lw=1.5)  # the edge between the column of originals and the rest
-    on = [f"{k} {v:g}" for k, v in aug.active().items()]
+    on = [f"{k} {v:g}" for k, v in asdict(aug).items() if v and k != "elastic_sigma"]
+    on += [f"elastic_sigma {aug.elastic_sigma:g}"] if aug.elastic_alpha else []
     ax.set_title(f"augmentation ({', '.join(on)})\n"
                  "left of the red line: the original; right: random augmentations",
                  fontsize=9)
@@ -348,14 +347,15 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
     plot_confusion(conf, acc, dest / files["confusion"])
     shown = plot_mistakes(mnist.test_x, y, pred, proba, dest / files["mistakes"])
     gap = plot_lr(run, dest / files["lr"])
-    if run.cfg.augment.enabled:
+    augmented = any(v for k, v in asdict(run.cfg.augment).items() if k != "elastic_sigma")
+    if augmented:
         files["augment"] = "augment.png"
         plot_augment(mnist.train_x, run, dest / files["augment"])
 
     b = best_row(run)
     wall = sum(r["seconds"] for r in run.hist)
     imgs = sum(r.get("samples_per_s", 0.0) * r["seconds"] for r in run.hist)
-    sel = "validation" if run.has_val else "training (no validation split)"
+    sel = "on validation" if run.has_val else "(no validation split: the last)"
     summary = {"run": str(run.path), "epochs": len(run.hist), "planned_epochs": run.cfg.train.epochs,
                "best_epoch": b["epoch"], "best_val_acc": b.get("val_acc"), "best_test_acc": b["test_acc"],
                "best_ck_test_acc": acc, "final_test_acc": run.hist[-1]["test_acc"], "wall_seconds": wall,
@@ -368,7 +368,7 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
           "", "## Summary", "",
           "| | |", "| --- | --- |",
           f"| epochs run | {len(run.hist)} of {run.cfg.train.epochs} |",
-          f"| best epoch on {sel} | {b['epoch']}"
+          f"| best epoch {sel} | {b['epoch']}"
           + (f" ({100 * b['val_acc']:.2f}% validation)" if run.has_val
              else f" ({100 * b['train_acc']:.2f}% train)")
           + " |",
@@ -389,7 +389,7 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
           "circles are the rates metrics.jsonl recorded for each epoch's last step. "
           + ("They agree." if gap < 1e-9 else f"**They differ by up to {100 * gap:.3g}%.**"), "",
           f"![learning rate per step]({files['lr']})", ""]
-    if run.cfg.augment.enabled:
+    if augmented:
         md += ["## Augmented training samples", "",
                "Each row is one training digit: the original on the left, random augmentations of it after.",
                "",

@@ -18,6 +18,14 @@ from .errors import NNError
 from .files import write_text_atomic
 
 
+def best_row(history: list[dict]) -> dict:
+    """The epoch a run keeps as best.ck (docs/training.md): the highest validation accuracy, the first one
+    on ties; without a validation split, the last epoch."""
+    if "val_acc" not in history[-1]:
+        return history[-1]
+    return max(history, key=lambda r: r["val_acc"])
+
+
 def check_run_name(name: str) -> None:
     """A run name is one folder name: letters, digits, '-', '_' and '.', not starting with '.'."""
     ok = name and len(name) <= 100 and not name.startswith(".") and all(c.isalnum() or c in "-_." for c in name)
@@ -97,16 +105,6 @@ def checkpoint_path(arg: str | os.PathLike | None = None, runs: str | os.PathLik
         raise NNError(f"no trained model found ({ck or Path(runs) / 'latest'} does not exist): "
                       "run `nn-numba train configs/default.toml` first or give a checkpoint or run folder")
     return ck
-
-
-def score(row: dict) -> float:
-    """What selects the best epoch: validation accuracy, or training accuracy when nothing is held out."""
-    return row.get("val_acc", row["train_acc"])
-
-
-def best_row(history: list[dict]) -> dict:
-    """The best epoch's metrics: the first with the highest score, which is the one best.ck holds."""
-    return max(history, key=score)
 
 
 def write_metrics(run: Path, history: list[dict]) -> None:

@@ -10,7 +10,7 @@ from .config import Config
 def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
     """The learning rate of optimiser step `step` (from 0), as in docs/training.md."""
     o, s = cfg.optim, cfg.schedule
-    warm = int(round(s.warmup_epochs * steps_per_epoch))
+    warm = warmup_steps(s.warmup_epochs, steps_per_epoch)
     if step < warm:
         return o.lr * (step + 1) / warm
     if s.name == "step":
@@ -26,3 +26,8 @@ def planned_epochs(cfg: Config) -> int:
     """The epochs the cosine decay spans: [schedule] plan_epochs, else [train] epochs. Extending a run sets
     plan_epochs to the old total, so the steps already run keep their rate and the new ones run at min_lr."""
     return cfg.schedule.plan_epochs or cfg.train.epochs
+
+
+def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:
+    """Wu = floor(warmup_epochs * steps_per_epoch + 0.5): round half up, as nn-cpp does."""
+    return math.floor(warmup_epochs * steps_per_epoch + 0.5)

@@ -30,7 +30,9 @@ from .errors import NNError
 from .files import write_text_atomic
 from .model import MLP, evaluate, n_params
 from .optim import SLOTS
-from .runs import best_row, check_space, is_run, locked, new_run_dir, point_latest, read_metrics, score, write_metrics
+from .rng import order as epoch_order
+from .rng import split
+from .runs import best_row, check_space, is_run, locked, new_run_dir, point_latest, read_metrics, write_metrics
 from .schedule import lr_at, planned_epochs
 from .trainer import Trainer
 
@@ -61,31 +63,22 @@ def set_threads(threads: int) -> int:
     return n
 
 
-def split(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Training and validation indices: the validation set is the tail of a seed-fixed permutation."""
-    perm = np.random.default_rng([seed, 1]).permutation(n)
-    n_val = int(round(n * val_split))
-    return np.sort(perm[:n - n_val]), np.sort(perm[n - n_val:])
-
-
 # --------------------------------------------------------------------------------------------------
 # What a run has done: into a checkpoint and back out of one
 
 
 @dataclass
 class Progress:
-    """Everything of a run besides weights and optimiser state: position, running sums, metrics, and the
-    random generators' states (the shuffle's as of the start of the epoch: its permutation is re-drawn)."""
+    """Everything of a run besides weights and optimiser state: position, running sums and metrics. (The
+    random draws are counter-based, rng.py: the position alone says where they continue.)"""
 
     epoch: int = 0  # epochs completed
     batch: int = 0  # mini-batches completed of the current epoch
     run_loss: float = 0.0  # summed loss of those mini-batches
     run_correct: int = 0  # and their correct predictions
     history: list[dict] = field(default_factory=list)  # one metrics row per completed epoch
-    best_val: float = -1.0  # the best epoch's score (runs.score)
+    best_val: float = -1.0  # the best epoch's validation accuracy (-1: none yet, or no validation split)
     wall_time: float = 0.0  # seconds of training so far
-    shuffle_rng: dict | None = None
-    aug_rng: dict | None = None
 
     def meta(self, cfg: Config, step: int, extra: dict, resumable: bool) -> dict:
         """A checkpoint's META: the run's config, history and, for last.ck, the state to resume from."""
@@ -94,14 +87,14 @@ class Progress:
              "wall_time": self.wall_time, **extra}
         if resumable:
             m["resume"] = {"epoch": self.epoch, "batch": self.batch, "run_loss": self.run_loss,
-                           "run_correct": self.run_correct, "shuffle_rng": self.shuffle_rng, "aug_rng": self.aug_rng}
+                           "run_correct": self.run_correct}
         return m
 
     @classmethod
     def from_meta(cls, meta: dict, steps_per_epoch: int, src: str) -> Progress:
         """The progress a last.ck's META records, checked: a damaged or crafted one is an NNError."""
         st = meta.get("resume")
-        p = cls(**{k: st.get(k) for k in ("epoch", "batch", "run_loss", "run_correct", "shuffle_rng", "aug_rng")},
+        p = cls(**{k: st.get(k) for k in ("epoch", "batch", "run_loss", "run_correct")},
                 history=meta.get("history"), best_val=meta.get("best_val_acc", -1.0),
                 wall_time=meta.get("wall_time", 0.0)) if isinstance(st, dict) else None
         if p is None or not p._valid(steps_per_epoch):
@@ -111,8 +104,7 @@ class Progress:
     def _valid(self, steps_per_epoch: int) -> bool:
         counts = all(type(v) is int and v >= 0 for v in (self.epoch, self.batch, self.run_correct))
         numbers = all(_number(v) for v in (self.run_loss, self.best_val, self.wall_time))
-        rngs = isinstance(self.shuffle_rng, dict) and isinstance(self.aug_rng, dict)
-        return (counts and numbers and rngs and self.batch < steps_per_epoch and isinstance(self.history, list)
+        return (counts and numbers and self.batch < steps_per_epoch and isinstance(self.history, list)
                 and len(self.history) == self.epoch and all(_row_ok(r, i + 1) for i, r in enumerate(self.history)))
 
 
@@ -236,8 +228,6 @@ class Session:
         self.steps_per_epoch = math.ceil(len(self.tr_idx) / B)
         self.model = MLP.init(cfg.model.sizes, np.random.default_rng([cfg.train.seed, 0]))
         self.trainer = Trainer(cfg, self.model, min(B, len(self.tr_idx)))
-        self.shuffle_rng = np.random.default_rng([cfg.train.seed, 2])
-        self.aug_rng = np.random.default_rng([cfg.train.seed, 3])
         self.progress = Progress()
         if resume is not None:
             self._continue(resume)
@@ -245,15 +235,9 @@ class Session:
         self.written_config = (self.run / "config.toml").read_text() if resume and resume.run else None
 
     def _continue(self, r: Resume) -> None:
-        self.progress = p = Progress.from_meta(r.ck.meta, self.steps_per_epoch, r.src)
+        self.progress = Progress.from_meta(r.ck.meta, self.steps_per_epoch, r.src)
         self.model.params[:] = MLP.from_checkpoint(r.ck).params
         self.trainer.load_optim_state(r.ck.optim)
-        try:
-            self.shuffle_rng.bit_generator.state = p.shuffle_rng
-            self.aug_rng.bit_generator.state = p.aug_rng
-        except (TypeError, ValueError, KeyError, OverflowError):
-            raise NNError(f"cannot resume {r.src}: its random generator state is damaged; use another "
-                          "last.ck or start anew") from None
 
     def lr(self) -> float:
         return lr_at(self.cfg, self.trainer.step, self.steps_per_epoch)
@@ -321,8 +305,7 @@ def run_epoch(s: Session, sigint: _SigInt) -> tuple[float, int]:
     """The rest of the current epoch's mini-batches; (seconds, samples trained). On a first Ctrl-C it
     saves last.ck after the current mini-batch and raises Interrupted."""
     cfg, p, tr, B = s.cfg, s.progress, s.trainer, s.cfg.train.batch_size
-    p.shuffle_rng = s.shuffle_rng.bit_generator.state  # the permutation is re-drawn on resume
-    order = s.tr_idx[s.shuffle_rng.permutation(len(s.tr_idx))] if cfg.data.shuffle else s.tr_idx
+    order = epoch_order(s.tr_idx, cfg.train.seed, p.epoch) if cfg.data.shuffle else s.tr_idx
     augment = cfg.augment.enabled
     t0, first = time.perf_counter(), p.batch
     with tqdm(total=len(order), initial=first * B, desc=f"epoch {p.epoch + 1}/{cfg.train.epochs}", unit="img",
@@ -331,7 +314,7 @@ def run_epoch(s: Session, sigint: _SigInt) -> tuple[float, int]:
             idx = order[bi * B:(bi + 1) * B]
             nb = len(idx)
             if augment:
-                augment_batch(s.mnist.train_x, idx, tr.xb[:nb], cfg.augment, s.aug_rng)
+                augment_batch(s.mnist.train_x, idx, tr.xb[:nb], cfg.augment, cfg.train.seed, p.epoch, bi * B)
             else:
                 tr.gather(s.mnist.train_x, idx)
             yb = s.y[idx]
@@ -346,7 +329,6 @@ def run_epoch(s: Session, sigint: _SigInt) -> tuple[float, int]:
                 bar.set_postfix(loss=f"{loss / nb:.4f}", refresh=False)
             if sigint.hit and p.batch < s.steps_per_epoch:
                 _save_interrupted(s, time.perf_counter() - t0)
-    p.aug_rng = s.aug_rng.bit_generator.state
     return time.perf_counter() - t0, len(order) - first * B
 
 
@@ -357,7 +339,6 @@ def _save_interrupted(s: Session, seconds: float) -> None:
     if not np.isfinite(s.model.params).all():
         raise s.diverged(f"at epoch {p.epoch + 1}, step {p.batch}", "the weights hold NaN or Inf")
     p.wall_time += seconds
-    p.aug_rng = s.aug_rng.bit_generator.state
     s.save("last.ck", {"epoch": p.epoch}, resumable=True)
     raise Interrupted(f"interrupted at epoch {p.epoch + 1}, step {p.batch}; saved {s.run / 'last.ck'}. "
                       f"{s.resume_hint()}")
@@ -386,10 +367,9 @@ def save_epoch(s: Session, row: dict) -> None:
     p = s.progress
     p.history.append(row)
     p.epoch, p.batch, p.run_loss, p.run_correct = p.epoch + 1, 0, 0.0, 0
-    p.shuffle_rng = s.shuffle_rng.bit_generator.state
     summary = {k: v for k, v in row.items() if k.endswith(("_acc", "_loss"))} | {"epoch": p.epoch}
-    if score(row) > p.best_val:
-        p.best_val = score(row)
+    if best_row(p.history) is row:
+        p.best_val = row.get("val_acc", -1.0)
         s.save("best.ck", summary, resumable=False)
     s.save("last.ck", summary, resumable=True)
     # rewritten whole from the history: after a kill between the two writes, resume repairs it
@@ -428,10 +408,10 @@ def _announce(s: Session, threads: int, resume: Resume | None) -> None:
 
 def _warm_up(s: Session) -> None:
     """Compile (or load from the cache) every kernel of the loop now, so the first epoch's clock and
-    images/s measure training; a gradient-only step leaves weights, optimiser and random streams alone."""
+    images/s measure training; a gradient-only step leaves weights and optimiser alone."""
     tr, X, idx = s.trainer, s.mnist.train_x, s.tr_idx[:1]
     if s.cfg.augment.enabled:
-        augment_batch(X, idx, tr.xb[:1], s.cfg.augment, np.random.default_rng(0))
+        augment_batch(X, idx, tr.xb[:1], s.cfg.augment, s.cfg.train.seed, 0, 0)
     kernels.gather(X, idx, kernels.PIXEL, tr.xb[:1])  # compiled for evaluate()
     tr.train_step(tr.gather(X, idx), s.y[idx], 0.0, update=False, listed=True)
 

@@ -5,6 +5,7 @@ import gzip
 import numba
 import numpy as np
 import pytest
+import reference as ref
 
 from nn_numba.augment import (
     Augment,
@@ -12,8 +13,8 @@ from nn_numba.augment import (
     affine_mats,
     augment_batch,
     augment_grid,
+    draws,
     elastic_gather,
-    elastic_grid,
     grid_size,
     shift_gather,
 )
@@ -44,60 +45,10 @@ def plain(X, idx):
     return (X[idx] / 255).astype(np.float32)
 
 
-def bilinear_ref(img, sx, sy):
-    """float64 bilinear sampling of img (28, 28) at (sx, sy) arrays, zero outside (zero-padded)."""
-    pad = np.zeros((S + 2, S + 2))
-    pad[1:-1, 1:-1] = img
-    x0, y0 = np.floor(sx), np.floor(sy)
-    fx, fy = sx - x0, sy - y0
-    inside = (sx > -1) & (sx < S) & (sy > -1) & (sy < S)
-    xi = np.where(inside, x0, -1).astype(int) + 1  # padded index, 0 = the zero border
-    yi = np.where(inside, y0, -1).astype(int) + 1
-    v = ((1 - fy) * ((1 - fx) * pad[yi, xi] + fx * pad[yi, xi + 1])
-         + fy * ((1 - fx) * pad[yi + 1, xi] + fx * pad[yi + 1, xi + 1]))
-    return np.where(inside, v, 0.0)
-
-
-def bspline_ref(f):
-    """float64 cubic B-spline of control nodes f (G + 2, G + 2) (inner G x G spanning the image) -> (28, 28)."""
-    G = len(f) - 2
-    pos = np.arange(S) * (G - 1) / (S - 1)
-    i = np.minimum(np.floor(pos), G - 2).astype(int)
-    t = pos - i
-    basis = [(1 - t) ** 3 / 6, (3 * t**3 - 6 * t**2 + 4) / 6, (-3 * t**3 + 3 * t**2 + 3 * t + 1) / 6, t**3 / 6]
-    Wm = np.zeros((S, G + 2))
-    for k, w in enumerate(basis):
-        Wm[np.arange(S), i + k] = w
-    return Wm @ f @ Wm.T  # [y, x]
-
-
 def warp_ref(X, idx, mats, field=None):
     """float64 reference of affine_gather / elastic_gather."""
-    y, x = np.mgrid[0:S, 0:S].astype(np.float64)
-    out = np.empty((len(idx), S * S))
-    for b, i in enumerate(idx):
-        m = mats[b].astype(np.float64)
-        sx = m[0, 0] * x + m[0, 1] * y + m[0, 2]
-        sy = m[1, 0] * x + m[1, 1] * y + m[1, 2]
-        if field is not None:
-            sx = sx + bspline_ref(field[b, 0].astype(np.float64))
-            sy = sy + bspline_ref(field[b, 1].astype(np.float64))
-        out[b] = bilinear_ref(X[i].reshape(S, S) / 255, sx, sy).ravel()
-    return out
-
-
-def shift_ref(img, dx, dy):
-    """np.roll, then zero what wrapped around."""
-    r = np.roll(img, (dy, dx), axis=(0, 1))
-    if dy > 0:
-        r[:dy] = 0
-    elif dy < 0:
-        r[dy:] = 0
-    if dx > 0:
-        r[:, :dx] = 0
-    elif dx < 0:
-        r[:, dx:] = 0
-    return r
+    return np.stack([ref.warp(X[i].reshape(S, S) / 255, mats[b], None if field is None else field[b]).ravel()
+                     for b, i in enumerate(idx)])
 
 
 # ------------------------------------------------------------------------------------------ kernels
@@ -112,8 +63,8 @@ def test_shift_matches_roll(X):
     out = np.full((len(idx), S * S), np.nan, np.float32)
     shift_gather(X, idx, dx, dy, out)
     for b in range(len(idx)):
-        ref = shift_ref(X[idx[b]].reshape(S, S), int(dx[b]), int(dy[b])).ravel()
-        np.testing.assert_array_equal(out[b], (ref / 255).astype(np.float32), err_msg=f"{dx[b]=} {dy[b]=}")
+        want = ref.shifted(X[idx[b]].reshape(S, S), int(dx[b]), int(dy[b])).ravel()
+        np.testing.assert_array_equal(out[b], (want / 255).astype(np.float32), err_msg=f"{dx[b]=} {dy[b]=}")
 
 
 def test_affine_identity_is_exact_gather(X):
@@ -135,11 +86,11 @@ def test_affine_quarter_turns_equal_rot90(X, k):
     exact = {1: [[0, -1, 27], [1, 0, 0]], 2: [[-1, 0, 27], [0, -1, 27]], 3: [[0, 1, 0], [-1, 0, 27]]}[k]
     out = np.empty((len(idx), S * S), np.float32)
     affine_gather(X, idx, np.tile(np.array(exact, np.float32), (len(idx), 1, 1)), out)
-    ref = np.stack([np.rot90(X[i].reshape(S, S), k).ravel() for i in idx])
-    np.testing.assert_array_equal(out, (ref / 255).astype(np.float32))
+    want = np.stack([np.rot90(X[i].reshape(S, S), k).ravel() for i in idx])
+    np.testing.assert_array_equal(out, (want / 255).astype(np.float32))
     # the helper's float cos/sin are not exactly 0/1, so only nearly equal
     affine_gather(X, idx, affine_mats(np.full(8, 90.0 * k), np.ones(8), np.zeros(8), np.zeros(8)), out)
-    np.testing.assert_allclose(out, ref / 255, atol=1e-5)
+    np.testing.assert_allclose(out, want / 255, atol=1e-5)
 
 
 def test_affine_matches_float64_reference(X):
@@ -187,9 +138,9 @@ def test_elastic_constant_field_is_a_shift(X):
     field[:, 0], field[:, 1] = 2.0, -3.0
     out = np.empty((len(idx), S * S), np.float32)
     elastic_gather(X, idx, mats, field, out)
-    ref = np.empty_like(out)
-    shift_gather(X, idx, np.full(len(idx), -2), np.full(len(idx), 3), ref)
-    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
+    want = np.empty_like(out)
+    shift_gather(X, idx, np.full(len(idx), -2), np.full(len(idx), 3), want)
+    np.testing.assert_allclose(out, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("sigma", [4.0, 9.0, 100.0, 0.5])
@@ -198,7 +149,7 @@ def test_elastic_matches_float64_reference(X, sigma):
     B = 8
     idx = rng.integers(0, len(X), B)
     aug = Augment(elastic_alpha=3.0, elastic_sigma=sigma)
-    field = elastic_grid(B, aug, rng)
+    field = draws(aug, 5, 0, 0, B).field
     assert field.shape == (B, 2, grid_size(sigma) + 2, grid_size(sigma) + 2)
     assert np.abs(field).max() <= 3.0
     mats = affine_mats(rng.uniform(-20, 20, B), rng.uniform(0.8, 1.2, B), np.zeros(B), np.zeros(B))
@@ -210,13 +161,60 @@ def test_elastic_matches_float64_reference(X, sigma):
 def test_elastic_changes_digits_but_keeps_their_mass(digits):
     idx = np.arange(256, dtype=np.int64)
     out = np.empty((len(idx), S * S), np.float32)
-    augment_batch(digits, idx, out, Augment(elastic_alpha=2.0, elastic_sigma=4.0), np.random.default_rng(6))
-    ref = plain(digits, idx)
-    changed = np.abs(out - ref).sum(axis=1) / ref.sum(axis=1)
+    augment_batch(digits, idx, out, Augment(elastic_alpha=2.0, elastic_sigma=4.0), 6, 0, 0)
+    want = plain(digits, idx)
+    changed = np.abs(out - want).sum(axis=1) / want.sum(axis=1)
     assert changed.min() > 0.05  # every digit visibly moved
-    mass = out.sum(axis=1) / ref.sum(axis=1)
+    mass = out.sum(axis=1) / want.sum(axis=1)
     assert 0.98 < mass.mean() < 1.02  # on average the field neither shrinks nor grows the strokes
     assert 0.7 < mass.min() and mass.max() < 1.4  # one digit: squeezed or stretched in places
+
+
+# ------------------------------------------------------------------------------------------ draws
+
+DRAW_MODES = {"shift": Augment(shift=3), "rotate": Augment(rotate=20.0), "scale": Augment(scale=0.2),
+              "elastic": Augment(elastic_alpha=2.5, elastic_sigma=6.0),
+              "all": Augment(shift=2, rotate=10, scale=0.1, elastic_alpha=2.0, elastic_sigma=4)}
+
+
+def _ref_draws(aug, seed, epoch, q):
+    return ref.aug_draws(seed, epoch, q, shift=aug.shift, rotate=aug.rotate, scale=aug.scale,
+                         alpha=aug.elastic_alpha, sigma=aug.elastic_sigma)
+
+
+@pytest.mark.parametrize("mode", list(DRAW_MODES))
+def test_draws_match_the_reference(mode):
+    aug = DRAW_MODES[mode]
+    d = draws(aug, 123, 4, 1000, 6)
+    for r in range(6):
+        want = _ref_draws(aug, 123, 4, 1000 + r)
+        assert (d.dx[r], d.dy[r], d.angle[r], d.scale[r]) == (want["dx"], want["dy"], want["angle"], want["scale"])
+        np.testing.assert_array_equal(d.field[r], want["field"])
+
+
+def test_draws_depend_on_position_only_and_parts_keep_their_draws():
+    aug = DRAW_MODES["all"]
+    whole = draws(aug, 9, 2, 0, 10)
+    tail = draws(aug, 9, 2, 4, 6)  # a resumed batch or a later one: the same sample, the same draws
+    for a, b in zip(whole, tail):
+        np.testing.assert_array_equal(a[4:], b)
+    assert not np.array_equal(whole.field, draws(aug, 9, 3, 0, 10).field)  # each epoch its own
+    alone = draws(Augment(shift=2), 9, 2, 0, 10)  # switching the other parts off moves no shift
+    np.testing.assert_array_equal(alone.dx, whole.dx)
+    np.testing.assert_array_equal(alone.dy, whole.dy)
+    assert (alone.angle == 0).all() and (alone.scale == 1).all() and alone.field.size == 0
+
+
+def test_draws_are_uniform_over_their_ranges():
+    aug = Augment(shift=2, rotate=10.0, scale=0.1, elastic_alpha=2.0, elastic_sigma=9.0)
+    d = draws(aug, 1, 0, 0, 5000)
+    counts = np.bincount(d.dx + 2, minlength=5)
+    assert len(counts) == 5 and counts.min() > 850 and counts.max() < 1150  # 1000 each expected
+    assert set(np.unique(d.dy)) == {-2, -1, 0, 1, 2}
+    for v, lo, hi in ((d.angle, -10, 10), (d.scale, 0.9, 1.1), (d.field, -2, 2)):
+        assert lo <= v.min() and v.max() <= hi
+        assert abs(v.mean() - (lo + hi) / 2) < 0.03 * (hi - lo)
+        assert abs(v.std() - (hi - lo) / 12**0.5) < 0.03 * (hi - lo)
 
 
 # ------------------------------------------------------------------------------------------ augment_batch
@@ -231,7 +229,7 @@ MODES = {
 
 def run(X, idx, aug, seed):
     out = np.empty((len(idx), S * S), np.float32)
-    augment_batch(X, idx, out, aug, np.random.default_rng(seed))
+    augment_batch(X, idx, out, aug, seed, 0, 0)
     return out
 
 
@@ -270,7 +268,7 @@ def test_shift_mode_draws_shifts_within_range(X):
     for b, i in enumerate(idx):
         img = X[i].reshape(S, S)
         hits = [(dx, dy) for dx in range(-2, 3) for dy in range(-2, 3)
-                if np.array_equal(out[b], (shift_ref(img, dx, dy).ravel() / 255).astype(np.float32))]
+                if np.array_equal(out[b], (ref.shifted(img, dx, dy).ravel() / 255).astype(np.float32))]
         assert hits, f"sample {b} is not a shift of its source by at most 2 pixels"
         seen.update(hits)
     assert len(seen) > 10  # and the shifts do vary
@@ -279,22 +277,21 @@ def test_shift_mode_draws_shifts_within_range(X):
 def test_last_smaller_batch_writes_only_its_rows(X):
     buf = np.full((32, S * S), -1.0, np.float32)
     idx = np.arange(5, dtype=np.int64)
-    augment_batch(X, idx, buf[:5], MODES["all"], np.random.default_rng(0))
+    augment_batch(X, idx, buf[:5], MODES["all"], 0, 0, 0)
     assert (buf[:5] >= 0).all() and (buf[5:] == -1).all()
 
 
 def test_bad_arguments_are_refused(X):
     out = np.empty((4, S * S), np.float32)
-    rng = np.random.default_rng(0)
     aug = MODES["all"]
     with pytest.raises(ValueError, match="idx out of range"):
-        augment_batch(X, np.array([0, 1, 2, len(X)]), out, aug, rng)
+        augment_batch(X, np.array([0, 1, 2, len(X)]), out, aug, 0, 0, 0)
     with pytest.raises(ValueError, match="idx must be int64"):
-        augment_batch(X, np.arange(4, dtype=np.int32), out, aug, rng)
+        augment_batch(X, np.arange(4, dtype=np.int32), out, aug, 0, 0, 0)
     with pytest.raises(ValueError, match="out must be"):
-        augment_batch(X, np.arange(3), out, aug, rng)
+        augment_batch(X, np.arange(3), out, aug, 0, 0, 0)
     with pytest.raises(ValueError, match="X_u8 must be uint8"):
-        augment_batch(X.astype(np.float32), np.arange(4), out, aug, rng)
+        augment_batch(X.astype(np.float32), np.arange(4), out, aug, 0, 0, 0)
 
 
 @pytest.mark.parametrize("kw, key", [

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import reference as ref
 
 from nn_numba import checkpoint
 
@@ -64,59 +65,6 @@ def test_set(mnist_path: Path) -> tuple[np.ndarray, np.ndarray]:
     return X, idx(mnist_path / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
 
 
-# ---- float64 reference (docs/training.md) -------------------------------------------------------
-
-
-def forward(Ws, bs, X) -> list[np.ndarray]:
-    """[A0, A1, ..., Z_L] in float64."""
-    A = [np.asarray(X, np.float64)]
-    for l, (W, b) in enumerate(zip(Ws, bs, strict=True)):
-        Z = A[-1] @ np.asarray(W, np.float64).T + np.asarray(b, np.float64)
-        A.append(np.maximum(Z, 0) if l < len(Ws) - 1 else Z)
-    return A
-
-
-def softmax_ce(Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample loss and p - onehot(y)."""
-    Z = Z - Z.max(axis=1, keepdims=True)
-    logp = Z - np.log(np.exp(Z).sum(axis=1, keepdims=True))
-    d = np.exp(logp)
-    d[np.arange(len(y)), y] -= 1
-    return -logp[np.arange(len(y)), y], d
-
-
-def reference_steps(Ws, bs, X, y, steps, batch, opt, lr, reduction, wd, mu=0.9, nesterov=False):
-    """`steps` mini-batches in file order; returns params [W1, B1, ...] and optimizer slots, float64."""
-    P = [np.asarray(p, np.float64).copy() for wb in zip(Ws, bs, strict=True) for p in wb]
-    m = [np.zeros_like(p) for p in P]
-    v = [np.zeros_like(p) for p in P]
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    for t in range(1, steps + 1):
-        xb, yb = X[(t - 1) * batch:t * batch], y[(t - 1) * batch:t * batch]
-        A = forward(P[0::2], P[1::2], xb)
-        _, dZ = softmax_ce(A[-1], yb)
-        if reduction == "mean":
-            dZ /= len(yb)
-        G = [None] * len(P)
-        for l in range(len(Ws) - 1, -1, -1):
-            G[2 * l], G[2 * l + 1] = dZ.T @ A[l], dZ.sum(axis=0)
-            if l > 0:
-                dZ = (dZ @ P[2 * l]) * (A[l] > 0)
-        for i, (p, g) in enumerate(zip(P, G, strict=True)):
-            g = g + wd * p if i % 2 == 0 else g  # L2 on weights only
-            if opt == "sgd":
-                p -= lr * g
-            elif opt == "momentum":
-                m[i] = mu * m[i] + g
-                p -= lr * (g + mu * m[i] if nesterov else m[i])
-            else:
-                m[i] = b1 * m[i] + (1 - b1) * g
-                v[i] = b2 * v[i] + (1 - b2) * g * g
-                p -= lr * (m[i] / (1 - b1**t)) / (np.sqrt(v[i] / (1 - b2**t)) + eps)
-    slots = {"sgd": [], "momentum": [m], "adam": [m, v]}[opt]
-    return P, slots
-
-
 def he(sizes, seed) -> checkpoint.Checkpoint:
     rng = np.random.default_rng(seed)
     Ws = [(rng.standard_normal((o, i)) * np.sqrt(2 / i)).astype(np.float32) for i, o in zip(sizes, sizes[1:])]
@@ -137,9 +85,9 @@ def test_cpp_checkpoint_loads_in_python(nn_cpp, mnist_path, test_set, tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))
 
     X, y = test_set
-    Z = forward(ck.weights, ck.biases, X)[-1]
+    Z = ref.forward(ck.weights, ck.biases, X)[-1]
     acc = float((Z.argmax(1) == y).mean())
-    loss = float(softmax_ce(Z, y)[0].mean())
+    loss = float(ref.losses(Z, y).mean())
     assert acc > 0.7  # one cosine epoch on 1,800 images (~0.8): clearly learned something
     ev = json.loads(run(nn_cpp, "evaluate", out, "--data-dir", mnist_path, "--json"))
     # float32 vs float64 may flip a near-tie or two
@@ -176,7 +124,7 @@ def test_python_checkpoint_in_cpp(nn_cpp, mnist_path, test_set, tmp_path):
     path = train(cfg, data_dir=str(mnist_path), quiet=True) / "best.ck"
     ck = checkpoint.load(path)
     X, y = test_set
-    Z = forward(ck.weights, ck.biases, X)[-1]
+    Z = ref.forward(ck.weights, ck.biases, X)[-1]
     py_loss, py_acc, _ = py_evaluate(MLP.from_checkpoint(ck), (X * 255).round().astype(np.uint8), y)
     top2 = np.sort(Z, axis=1)[:, -2:]
     tie = (top2[:, 1] - top2[:, 0]) < 1e-5 * np.abs(Z).max(axis=1)  # too close for float32 to settle
@@ -185,7 +133,7 @@ def test_python_checkpoint_in_cpp(nn_cpp, mnist_path, test_set, tmp_path):
     assert abs(ev["accuracy"] - float((Z.argmax(1) == y).mean())) <= tie.mean() + 1e-12
     assert abs(ev["accuracy"] - py_acc) <= tie.mean() + 1e-12  # what `nn-numba evaluate` prints
     assert ev["loss"] == pytest.approx(py_loss, rel=1e-5)
-    assert ev["loss"] == pytest.approx(float(softmax_ce(Z, y)[0].mean()), rel=1e-4)
+    assert ev["loss"] == pytest.approx(float(ref.losses(Z, y).mean()), rel=1e-4)
 
     got = json.loads(run(nn_cpp, "predict", path, mnist_path / "t10k-images-idx3-ubyte.gz",
                          "--index", "0:10000", "--json"))["predictions"]
@@ -205,7 +153,7 @@ def test_predict_pgm_and_errors(nn_cpp, tmp_path):
     img = (np.arange(784) % 256).astype(np.uint8)
     (tmp_path / "x.pgm").write_bytes(b"P5\n28 28\n255\n" + img.tobytes())
     got = json.loads(run(nn_cpp, "predict", tmp_path / "a.ck", tmp_path / "x.pgm", "--json"))["predictions"][0]
-    Z = forward(ck.weights, ck.biases, img[None].astype(np.float32) / np.float32(255))[-1][0]
+    Z = ref.forward(ck.weights, ck.biases, img[None].astype(np.float32) / np.float32(255))[-1][0]
     assert got["digit"] == int(Z.argmax())
     assert np.allclose(got["logits"], Z, rtol=1e-4, atol=1e-5)
 
@@ -243,8 +191,9 @@ def test_cpp_steps_match_float64(nn_cpp, mnist_path, tmp_path, opt, reduction, l
 
     X = idx(mnist_path / "train-images-idx3-ubyte.gz", batch * steps).astype(np.float32) / np.float32(255)
     y = idx(mnist_path / "train-labels-idx1-ubyte.gz", batch * steps).astype(np.int64)
-    P, slots = reference_steps(init.weights, init.biases, X, y, steps, batch, opt, lr, reduction, wd,
-                               nesterov=bool(extra))
+    o = ref.Optimizer(opt, lr, momentum=0.9, nesterov=bool(extra), wd=wd)
+    P = ref.train(init.weights, init.biases, X, y, steps, batch, o, reduction)
+    slots = ref.slots(o, len(P))
     params = [p for wb in zip(got.weights, got.biases, strict=True) for p in wb]
     moved = max(np.abs(p - np.asarray(q, np.float64)).max() for p, q in
                 zip(P, [p for wb in zip(init.weights, init.biases, strict=True) for p in wb], strict=True))

@@ -15,8 +15,8 @@ import sys
 
 import numpy as np
 import pytest
+import reference as ref
 from PIL import Image
-from reference import forward
 
 import nn_numba.report as R
 from nn_numba import cli
@@ -133,18 +133,16 @@ def test_confusion_and_confidence_match_a_float64_reference(runs, mnist_path):
     ck = load(runs["b"] / "best.ck")
     y = mnist.test_y.astype(np.int64)
     acc, pred, proba, conf = R.predict_test_set(MLP.from_checkpoint(ck), mnist.test_x, y)
-    Z = forward(ck.weights, ck.biases, mnist.test_x / 255.0)[-1]
-    P = np.exp(Z - Z.max(axis=1, keepdims=True))
-    P /= P.sum(axis=1, keepdims=True)
+    P = ref.softmax(ref.forward(ck.weights, ck.biases, mnist.test_x / 255.0)[-1])
     np.testing.assert_allclose(proba, P, atol=1e-5)
     top2 = np.sort(P, axis=1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 1e-4  # float32 vs float64 may swap near-ties only
     assert clear.mean() > 0.99
     assert (pred[clear] == P.argmax(axis=1)[clear]).all()
-    ref = np.zeros((10, 10), np.int64)
+    want = np.zeros((10, 10), np.int64)
     for t, p in zip(y, pred):
-        ref[t, p] += 1
-    assert (conf == ref).all()
+        want[t, p] += 1
+    assert (conf == want).all()
     assert (conf.sum(axis=1) == np.bincount(y, minlength=10)).all()
     assert acc == np.trace(conf) / len(y) == runs["summaries"][1]["best_ck_test_acc"]
 
@@ -155,12 +153,9 @@ def test_lr_schedule_matches_the_docs_and_the_record(runs):
     lr = R.schedule(cfg)
     spe = math.ceil((60000 - 6000) / 256)
     assert R.steps_per_epoch(cfg) == spe and len(lr) == 2 * spe
-    # docs/training.md written out in float64: linear warm-up over half an epoch, then cosine to 0
-    warm, total = round(0.5 * spe), 2 * spe
-    s = np.arange(total)
-    ref = np.where(s < warm, 1e-3 * (s + 1) / warm,
-                   1e-3 * (1 + np.cos(np.pi * np.minimum((s - warm) / (total - warm), 1))) / 2)
-    np.testing.assert_allclose(lr, ref, rtol=1e-12, atol=1e-18)
+    # docs/training.md in float64: linear warm-up over half an epoch, then cosine to 0
+    want = [ref.lr_at(s, spe, 2, 1e-3, "cosine", warmup_epochs=0.5) for s in range(2 * spe)]
+    np.testing.assert_allclose(lr, want, rtol=1e-12, atol=1e-18)
     hist = metrics(run)
     np.testing.assert_allclose([r["lr"] for r in hist], lr[[r["step"] - 1 for r in hist]], rtol=1e-12)
     assert runs["summaries"][1]["lr_gap"] < 1e-12

@@ -56,6 +56,47 @@ def test_same_seed_gives_identical_weights(run, tmp_path, mnist_path):
     assert not np.array_equal(load(other / "last.ck").weights[0], a.weights[0])
 
 
+def test_without_validation_split_best_is_the_last_epoch(tmp_path, mnist_path):
+    """docs/training.md: no validation split, best.ck is the last epoch, even when training got worse
+    (a resumed second epoch at a far too high rate)."""
+    raw = json.loads(json.dumps(SMALL))
+    raw["data"] = {"val_split": 0.0}
+    raw["train"].update(out=str(tmp_path), epochs=1)
+    run = train(from_dict(raw), data_dir=str(mnist_path), quiet=True)
+    raw["train"]["epochs"], raw["optim"]["lr"] = 2, 0.2
+    train(from_dict(raw), data_dir=str(mnist_path), resume=str(run), quiet=True)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["train_acc"] < rows[0]["train_acc"]  # the case that tells the rules apart
+    best, last = load(run / "best.ck"), load(run / "last.ck")
+    assert best.meta["epoch"] == 2
+    assert all(np.array_equal(x, y) for x, y in zip(best.weights + best.biases, last.weights + last.biases))
+
+
+def test_resume_ignores_the_generator_states_older_files_hold(tmp_path, mnist_path):
+    """last.ck needs only (epoch, batch) to resume; the NumPy generator states that older versions saved
+    under `resume` are ignored, and the resumed epoch is the one an uninterrupted run trains."""
+    from nn_numba.checkpoint import save
+
+    def cfg(out, epochs):
+        raw = json.loads(json.dumps(SMALL))
+        raw["schedule"] = {"name": "constant"}
+        raw["train"].update(out=str(out), epochs=epochs, batch_size=1024)
+        return from_dict(raw)
+
+    run = train(cfg(tmp_path / "a", 1), data_dir=str(mnist_path), quiet=True)
+    ck = load(run / "last.ck")
+    pcg = {"bit_generator": "PCG64", "state": {"state": 2**127 + 5, "inc": 2**126 + 1}, "has_uint32": 0,
+           "uinteger": 0}
+    ck.meta["resume"] |= {"shuffle_rng": pcg, "aug_rng": pcg}
+    save(run / "last.ck", ck)
+    train(cfg(tmp_path / "a", 2), data_dir=str(mnist_path), resume=str(run), quiet=True)
+    full = train(cfg(tmp_path / "b", 2), data_dir=str(mnist_path), quiet=True)
+    a, b = load(run / "last.ck"), load(full / "last.ck")
+    assert a.meta["epoch"] == b.meta["epoch"] == 2 and "shuffle_rng" not in a.meta["resume"]
+    for x, y in zip(a.weights + a.biases, b.weights + b.biases):
+        assert np.array_equal(x, y)
+
+
 def test_validation_split_is_disjoint_and_seeded():
     tr, va = split(60000, 0.1, 0)
     assert len(tr) == 54000 and len(va) == 6000 and not np.intersect1d(tr, va).size

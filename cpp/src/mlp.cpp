@@ -375,12 +375,16 @@ OptimState Optimizer::state() const {
     return st;
 }
 
+long Schedule::warmup_steps(double warmup_epochs, long steps_per_epoch) {
+    return long(std::floor(warmup_epochs * double(steps_per_epoch) + 0.5));
+}
+
 double Schedule::at(long s, int epoch) const {
     if (s < warmup) return lr * double(s + 1) / double(warmup);
     if (kind == "step") return lr * std::pow(gamma, double(epoch / std::max(1, step_epochs)));
     if (kind == "cosine") {
-        if (total <= warmup) return lr;
-        return min_lr + (lr - min_lr) * (1.0 + std::cos(M_PI * double(s - warmup) / double(total - warmup))) / 2.0;
+        const double frac = std::min(1.0, double(s - warmup) / double(std::max(total - warmup, 1L)));
+        return min_lr + (lr - min_lr) * (1.0 + std::cos(M_PI * frac)) / 2.0;
     }
     return lr;
 }

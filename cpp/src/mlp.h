@@ -81,9 +81,11 @@ struct Optimizer {
 struct Schedule {
     std::string kind = "constant";  // constant | cosine | step
     double lr = 1e-3, min_lr = 0.0, gamma = 0.1;
-    int step_epochs = 5;
+    int step_epochs = 10;
     long warmup = 0, total = 1;  // in optimiser steps
     double at(long s, int epoch) const;
+    // Wu = floor(warmup_epochs * steps_per_epoch + 0.5): round half up (docs/training.md)
+    static long warmup_steps(double warmup_epochs, long steps_per_epoch);
 };
 
 struct Eval {

@@ -150,7 +150,7 @@ double train(const TrainConfig& cfg) {
     sch.min_lr = cfg.min_lr;
     sch.gamma = cfg.gamma;
     sch.step_epochs = cfg.step_epochs;
-    sch.warmup = std::lround(cfg.warmup_epochs * steps_per_epoch);
+    sch.warmup = Schedule::warmup_steps(cfg.warmup_epochs, steps_per_epoch);
     sch.total = steps_per_epoch * cfg.epochs;
 
     Optimizer opt(kind, net);

@@ -15,7 +15,7 @@ struct TrainConfig {
     std::string reduction = "mean";   // sum | mean
     std::string schedule = "cosine";  // constant | cosine | step
     double warmup_epochs = 0.0, min_lr = 0.0, gamma = 0.1;
-    int step_epochs = 5;
+    int step_epochs = 10;
     double val_split = 0.1;
     uint64_t seed = 0;
     int threads = 0;  // 0 = OpenMP default

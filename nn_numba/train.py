@@ -272,7 +272,7 @@ class Session:
 # The loop
 
 
-def train(cfg: Config, data_dir: str | None = None, resume: Resume | None = None, quiet: bool = False,
+def train(cfg: Config, data_dir: str | None = None, resume: Resume | str | None = None, quiet: bool = False,
           name: str | None = None, on_epoch: Callable[[dict], None] | None = None) -> Path:
     """Train per `cfg` (continuing `resume`, if given); returns the run folder holding config.toml,
     metrics.jsonl, last.ck and best.ck.
@@ -280,6 +280,9 @@ def train(cfg: Config, data_dir: str | None = None, resume: Resume | None = None
     name: a new run folder's name (default: the time). on_epoch(row) is called after each epoch is saved,
     with its metrics.jsonl row; an exception it raises ends the training there (a sweep's pruner does).
     """
+    if isinstance(resume, str | os.PathLike):  # a path, as from the Python API: the same checks as the CLI's
+        resume = open_resume(str(resume))
+        cfg = resumed_config(resume, cfg, cfg.train.epochs, threads=cfg.train.threads, out=cfg.train.out)
     threads = set_threads(cfg.train.threads)
     s = Session(cfg, data_dir, resume, quiet, name)
     with locked(s.run), _SigInt(s) as sigint:

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "check.h"
+#include "file.h"
 #include "minijson.h"
 #include "mlp.h"
 

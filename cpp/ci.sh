@@ -2,8 +2,8 @@
 # Build and test the C++ port twice: optimised (cpp/build) and with address + undefined-behaviour
 # sanitizers (cpp/build-asan), so a reader that overreads a corrupt file fails CI instead of passing;
 # then fuzz the checkpoint and IDX readers with libFuzzer for a bounded time (cpp/build-fuzz).
-# Needs cmake >= 3.16, a C++17 compiler, zlib headers and clang with libFuzzer
-# (Debian: apt-get install cmake g++ zlib1g-dev clang libclang-rt-dev).
+# Needs cmake >= 3.16, a C++17 compiler, zlib, toml++ and nlohmann/json headers and clang with libFuzzer
+# (Debian: apt-get install cmake g++ zlib1g-dev libtomlplusplus-dev nlohmann-json3-dev clang libclang-rt-dev).
 set -euo pipefail
 cd "$(dirname "$0")"
 jobs="${NN_JOBS:-2}"

@@ -7,9 +7,12 @@
     offset S-4 u32 crc32 of bytes 0..S-5
 
 `save` writes atomically (temp file + fsync + rename), `load` checks everything the doc lists before it
-trusts a single number, and never allocates more than the file's own size justifies.
+trusts a single number. It opens regular files only (a FIFO or /dev/zero is refused at once), reads the
+header before the payload it promises, and allocates the file's size once: the arrays it returns are views
+into that one buffer.
 """
 
+import ctypes
 import json
 import math
 import struct
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import NNError
-from .files import write_atomic
+from .files import NotAFileError, open_regular, write_atomic
 from .optim import KINDS, SLOTS
 
 MAGIC = b"NNCK"
@@ -30,6 +33,7 @@ DTYPE_F32 = 1
 ACT_RELU = 1
 MAX_LAYERS = 64
 MAX_SIZE = 1_000_000
+_HEAD = 24 + 4 * (MAX_LAYERS + 1)  # the longest header: read before anything it promises
 
 
 class CheckpointError(NNError):
@@ -117,10 +121,10 @@ def _chunks(path: Path, ck: Checkpoint) -> list[bytes | np.ndarray]:
     if ck.meta:
         try:  # strict JSON (no NaN) so that any JSON parser, e.g. the C++ one, can read it
             js = json.dumps(ck.meta, ensure_ascii=False, allow_nan=False, separators=(",", ":"),
-                            default=_json_default)
+                            default=_json_default).encode()  # UnicodeEncodeError: a lone surrogate
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"cannot save {path}: meta is not valid JSON ({e})") from None
-        section(b"META", [js.encode()])
+        section(b"META", [js])
     if (o := ck.optim) is not None:
         if o.kind not in SLOTS or len(o.slots) != SLOTS[o.kind] or not 0 <= int(o.step) < 2**64:
             raise CheckpointError(f"cannot save {path}: bad optimizer state (kind {o.kind!r}, "
@@ -155,24 +159,60 @@ class _Parsed:
     sizes: list[int]
     params: list[np.ndarray]  # W1, B1, W2, B2, ... (copies)
     sections: list[tuple[str, int, int]]  # (tag, payload offset, payload length)
-    buf: bytes
+    buf: bytearray
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path) -> bytearray:
+    """The whole file, once its first bytes say it is a checkpoint; at most its size on disk is allocated."""
+    name = str(path)
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        f, size = open_regular(path)
+        with f:
+            head = f.read(min(size, _HEAD))
+            if head[:4] != MAGIC:
+                raise CheckpointError(f"checkpoint {name}: not an nn-numba checkpoint (starts with {head[:4]!r}, "
+                                      "expected b'NNCK')")
+            _check_head(head, size, name)  # before reading what the header promises
+            buf = bytearray(size)
+            buf[:len(head)] = head
+            n = len(head) + (f.readinto(memoryview(buf)[len(head):]) if size > len(head) else 0)
+            if n != size or f.read(1):
+                raise CheckpointError(f"checkpoint {name}: changed while being read (another program is "
+                                      "writing it?); try again")
+            return buf
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path}: file not found; check the path") from None
+        raise CheckpointError(f"checkpoint {name}: file not found; check the path") from None
     except IsADirectoryError:
-        raise CheckpointError(f"checkpoint {path}: is a directory, not a checkpoint file") from None
+        raise CheckpointError(f"checkpoint {name}: is a directory, not a checkpoint file") from None
+    except NotAFileError as e:
+        raise CheckpointError(f"checkpoint {name}: {e.strerror}, not a checkpoint file") from None
     except OSError as e:
-        raise CheckpointError(f"checkpoint {path}: cannot read it ({e.strerror or e})") from None
+        raise CheckpointError(f"checkpoint {name}: cannot read it ({e.strerror or e})") from None
 
 
-def _layout(buf: bytes, name: str) -> tuple[list[int], int, list[tuple[str, int, int]]]:
-    """Check the header and that parameters + sections tile the file; no arrays are made here."""
-    S = len(buf)
+def _check_head(head: bytes, S: int, name: str) -> None:
+    """The version, and that a file of S bytes is long enough for what `head` (its first bytes) promises."""
+    if S < 8:
+        raise CheckpointError(f"checkpoint {name}: truncated ({S} bytes)")
+    (version,) = struct.unpack_from("<I", head, 4)
+    if version > VERSION:
+        raise CheckpointError(f"checkpoint {name}: made by a newer nn-numba (format version {version}, "
+                              f"this reader knows {VERSION}): upgrade nn-numba")
+    if version != VERSION:
+        raise CheckpointError(f"checkpoint {name}: bad header field version={version} (must be 1)")
+    if S < 28:
+        raise CheckpointError(f"checkpoint {name}: truncated ({S} bytes)")
+    try:  # a short file is far more likely than random damage: say so, before reading it all
+        _header(head, S, name)
+    except _Truncated:
+        raise
+    except CheckpointError:
+        pass  # other faults are reported after the checksum, which tells damage from a bad writer
+
+
+def _header(buf: bytes, S: int, name: str) -> tuple[list[int], int]:
+    """Sizes n0..nL and the offset P where the parameters end, for a file of S bytes starting with `buf`
+    (at least min(S, _HEAD) bytes)."""
     header_bytes, dtype, act, L = struct.unpack_from("<4I", buf, 8)
     if dtype != DTYPE_F32:
         raise CheckpointError(f"checkpoint {name}: bad header field dtype={dtype} (version 1 knows 1 = f32)")
@@ -195,6 +235,13 @@ def _layout(buf: bytes, name: str) -> tuple[list[int], int, list[tuple[str, int,
     if P + 4 > S:
         raise _Truncated(f"checkpoint {name}: truncated ({S} bytes, sizes {arch(sizes)} need at least "
                          f"{P + 4}); the save or copy was interrupted")
+    return sizes, P
+
+
+def _layout(buf: bytearray, name: str) -> tuple[list[int], int, list[tuple[str, int, int]]]:
+    """Check the header and that parameters + sections tile the file; no arrays are made here."""
+    S = len(buf)
+    sizes, P = _header(buf, S, name)
     off, sections = P, []
     while off < S - 4:
         if off + 16 > S - 4:
@@ -220,20 +267,7 @@ def _layout(buf: bytes, name: str) -> tuple[list[int], int, list[tuple[str, int,
 
 
 def _parse(path: Path) -> _Parsed:
-    buf, name = _read(path), str(path)
-    if buf[:4] != MAGIC:
-        raise CheckpointError(f"checkpoint {name}: not an nn-numba checkpoint (starts with {buf[:4]!r}, "
-                              "expected b'NNCK')")
-    if len(buf) < 8:
-        raise CheckpointError(f"checkpoint {name}: truncated ({len(buf)} bytes)")
-    (version,) = struct.unpack_from("<I", buf, 4)
-    if version > VERSION:
-        raise CheckpointError(f"checkpoint {name}: made by a newer nn-numba (format version {version}, "
-                              f"this reader knows {VERSION}): upgrade nn-numba")
-    if version != VERSION:
-        raise CheckpointError(f"checkpoint {name}: bad header field version={version} (must be 1)")
-    if len(buf) < 28:
-        raise CheckpointError(f"checkpoint {name}: truncated ({len(buf)} bytes)")
+    buf, name = _read(path), str(path)  # magic, version and length already checked
     stored, crc = struct.unpack_from("<I", buf, len(buf) - 4)[0], zlib.crc32(memoryview(buf)[:-4])
     if stored != crc:
         try:  # a short file is far more likely than random damage: say so
@@ -248,7 +282,7 @@ def _parse(path: Path) -> _Parsed:
     params, off = [], 24 + 4 * len(sizes)
     for shape, what in zip(shapes(sizes), _names(sizes), strict=True):
         a = _array(buf, off, shape)
-        if not np.isfinite(a).all():
+        if not _finite(a):
             raise CheckpointError(f"checkpoint {name}: NaN/Inf in {what} (saved from a diverged run); "
                                   "use an earlier checkpoint")
         params.append(a)
@@ -257,10 +291,17 @@ def _parse(path: Path) -> _Parsed:
     return _Parsed(sizes, params, sections, buf)
 
 
-def _array(buf: bytes, off: int, shape: tuple[int, ...]) -> np.ndarray:
-    """A writable, native float32, C-contiguous copy of the little-endian floats at buf[off:]."""
-    count = math.prod(shape)
-    return np.frombuffer(buf, "<f4", count, off).reshape(shape).astype(np.float32)
+def _array(buf: bytearray, off: int, shape: tuple[int, ...]) -> np.ndarray:
+    """The little-endian floats at buf[off:] as a writable, native float32, C-contiguous array: a view
+    into buf (aligned when buf's address + off is a multiple of 4), a copy only on a big-endian host."""
+    a = np.frombuffer(buf, "<f4", math.prod(shape), off).reshape(shape)
+    return a if a.dtype.isnative else a.astype(np.float32)
+
+
+def _finite(a: np.ndarray, chunk: int = 1 << 16) -> bool:
+    """No NaN/Inf in `a`, checked in pieces so the check needs no array as large as `a`."""
+    flat = a.reshape(-1)
+    return all(np.isfinite(flat[i:i + chunk]).all() for i in range(0, flat.size, chunk))
 
 
 def _meta(p: _Parsed, name: str) -> dict:
@@ -281,6 +322,19 @@ def _no_constant(s: str):
     raise ValueError(f"{s} is not JSON")
 
 
+def _align(buf: bytearray, off: int, n: int) -> int:
+    """Where the n bytes at buf[off:] are once moved (up to 3 bytes forward) to a 4-byte aligned address.
+
+    Sections are not padded, so OPTM's floats may start anywhere. The bytes they move over belong to the
+    next section's header or the CRC, both checked and no longer needed; moving them in place keeps the
+    arrays views into the one buffer (no second copy of the optimizer state)."""
+    base = np.frombuffer(buf, np.uint8).ctypes.data
+    k = -(base + off) % 4
+    if k:
+        ctypes.memmove(base + off + k, base + off, n)
+    return off + k
+
+
 def _optim(p: _Parsed, name: str) -> OptimState | None:
     for tag, off, n in p.sections:
         if tag != "OPTM":
@@ -296,12 +350,12 @@ def _optim(p: _Parsed, name: str) -> OptimState | None:
         if n != need:
             raise CheckpointError(f"checkpoint {name}: bad OPTM payload ({n} bytes, {KINDS[kind]} state for "
                                   f"{arch(p.sizes)} needs {need})")
-        slots, off = [], off + 16
+        slots, off = [], _align(p.buf, off + 16, n - 16)
         for s in range(nslots):
             slot = []
             for shape, what in zip(layout, names, strict=True):
                 a = _array(p.buf, off, shape)
-                if not np.isfinite(a).all():
+                if not _finite(a):
                     raise CheckpointError(f"checkpoint {name}: bad OPTM payload (NaN/Inf in slot {s} {what})")
                 slot.append(a)
                 off += 4 * a.size

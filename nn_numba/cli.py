@@ -7,13 +7,14 @@ never a traceback.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .errors import NNError
+from .errors import NNError, printable
 
 app = typer.Typer(
     add_completion=False,
@@ -99,6 +100,10 @@ def evaluate(
         raise NNError(f"{path}: has sizes {model.sizes}, not an MNIST network (784 inputs, 10 classes)")
     mnist = load_mnist(data_dir)
     loss, acc, pred = run_eval(model, mnist.test_x, mnist.test_y)
+    if not math.isfinite(loss):  # only non-finite logits make it so: the loss is computed in log space
+        from .predict import OVERFLOW
+
+        raise NNError(f"{path}: {OVERFLOW}")
     y = mnist.test_y.astype(np.int64)
     conf = np.zeros((10, 10), np.int64)
     np.add.at(conf, (y, pred), 1)
@@ -107,7 +112,7 @@ def evaluate(
         print(json.dumps({"checkpoint": str(path), "accuracy": acc, "loss": loss, "n": len(y),
                           "per_class_accuracy": per_class, "confusion": conf.tolist()}))
         return
-    print(f"{path}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}  ({len(y)} images)")
+    print(f"{printable(path)}: test accuracy {100 * acc:.2f}%  loss {loss:.4f}  ({len(y)} images)")
     print("\nper class:  " + "  ".join(f"{d}: {100 * a:.1f}%" for d, a in enumerate(per_class)))
     print("\nconfusion (rows = true digit, columns = predicted):")
     print("      " + "".join(f"{d:>6}" for d in range(10)))
@@ -131,7 +136,7 @@ def info(
     for k, v in d.items():
         if isinstance(v, float):
             v = f"{v:.4f}"
-        print(f"{k:>14}: {v}")
+        print(f"{k:>14}: {printable(v)}")  # META strings may hold anything, terminal escape codes too
 
 
 @app.command()
@@ -256,16 +261,19 @@ def bench(
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):  # what printable() lets through but the encoding cannot take
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         app()  # standalone: click prints usage errors and exits 2 by itself
     except NNError as e:
-        print(f"nn-numba: error: {e}", file=sys.stderr)
+        print(f"nn-numba: error: {printable(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except MemoryError:  # configs and readers cap their sizes; this is the machine itself running out
         print("nn-numba: error: out of memory; use a smaller model or batch_size", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # a file problem no module anticipated: still one line that names the file
-        print(f"nn-numba: error: {e.filename or 'I/O'}: {e.strerror or e}", file=sys.stderr)
+        print(f"nn-numba: error: {printable(e.filename or 'I/O')}: {printable(e.strerror or e)}", file=sys.stderr)
         sys.exit(1)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NNError
+from .files import NotAFileError, open_regular
 
 
 class ConfigError(NNError):
@@ -139,6 +140,7 @@ _RANGES = {
     ("train", "threads"): (0, 1024),
 }
 _EXCLUSIVE_LOW = {("optim", "lr"), ("optim", "eps")}
+_EXCLUSIVE_HIGH = {("optim", "beta1"), ("optim", "beta2")}  # Adam divides by 1 - beta**t
 MAX_FILE = 1 << 20  # a config is a few hundred bytes: refuse to read /dev/zero or a 10 GB log into memory
 MAX_PARAMS = 50_000_000  # 200 MB per copy of the weights; training keeps four (weights, grad, Adam m, v)
 MAX_ACTS = 1 << 28  # floats of activations per mini-batch (batch_size x hidden widths): 1 GB
@@ -148,19 +150,19 @@ def load_config(path: str | Path) -> Config:
     """Read and check a TOML config; every problem is a one-line ConfigError naming the file and key."""
     path = Path(path)
     try:
-        chunks, size = [], 0
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 16):  # in pieces: no 1 MB buffer for a 300-byte file
-                chunks.append(chunk)
-                size += len(chunk)
-                if size > MAX_FILE:
-                    raise ConfigError(f"{path}: larger than {MAX_FILE // 1024} KB, not a config file "
-                                      "(a config is TOML, see configs/default.toml)")
-        text = b"".join(chunks).decode("utf-8")
+        f, size = open_regular(path)
+        with f:
+            data = f.read(min(size, MAX_FILE) + 1)  # no 1 MB buffer for a 300-byte file
+        if len(data) > MAX_FILE:
+            raise ConfigError(f"{path}: larger than {MAX_FILE // 1024} KB, not a config file "
+                              "(a config is TOML, see configs/default.toml)")
+        text = data.decode("utf-8-sig")  # a byte order mark (Windows editors write one) is not TOML
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file (try configs/default.toml)") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder, not a config file") from None
+    except NotAFileError as e:
+        raise ConfigError(f"{path}: {e.strerror}, not a config file") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (a config is TOML, see configs/default.toml)") from None
     except OSError as e:
@@ -238,8 +240,14 @@ def check(cfg: Config, source: str = "config") -> None:
         v = getattr(getattr(cfg, table), key)
         if v not in allowed:
             raise ConfigError(f"{source}: [{table}] {key} = {v!r} is not one of {', '.join(sorted(allowed))}")
-    for table, key in _RANGES:
-        _in_range(f"{source}: [{table}] {key}", table, key, getattr(getattr(cfg, table), key))
+    for (table, key), (lo, hi) in _RANGES.items():
+        v = getattr(getattr(cfg, table), key)
+        low_ok = v > lo if (table, key) in _EXCLUSIVE_LOW else v >= lo
+        high_ok = v < hi if (table, key) in _EXCLUSIVE_HIGH else v <= hi
+        if not (low_ok and high_ok):
+            rng = ("(" if (table, key) in _EXCLUSIVE_LOW else "[") + f"{lo}, {hi}" + \
+                (")" if (table, key) in _EXCLUSIVE_HIGH else "]")
+            raise ConfigError(f"{source}: [{table}] {key} = {v!r} is out of range {rng}")
     sizes = cfg.model.sizes
     if len(sizes) < 2 or len(sizes) > 65:
         raise ConfigError(f"{source}: [model] sizes needs 2 to 65 entries, got {len(sizes)}")
@@ -259,16 +267,6 @@ def check(cfg: Config, source: str = "config") -> None:
         v = getattr(getattr(cfg, table), key)
         if "\x00" in v or not _utf8(v):
             raise ConfigError(f"{source}: [{table}] {key} = {v!r} is not a usable path")
-
-
-def _in_range(where: str, table: str, key: str, v: Any) -> None:
-    if (table, key) not in _RANGES:
-        return
-    lo, hi = _RANGES[table, key]
-    low_ok = v > lo if (table, key) in _EXCLUSIVE_LOW else v >= lo
-    if not (low_ok and v <= hi):
-        rng = f"({lo}, {hi}]" if (table, key) in _EXCLUSIVE_LOW else f"[{lo}, {hi}]"
-        raise ConfigError(f"{where} = {v!r} is out of range {rng}")
 
 
 def _utf8(v: str) -> bool:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nn_numba.errors import NNError
+from nn_numba.errors import NNError, printable
+from nn_numba.files import NotAFileError, open_regular
 
 
 class DataError(NNError):
@@ -68,8 +69,9 @@ def _header_len(kind: str) -> int:
 MAX_ITEMS = 1_000_000  # MNIST has 60,000; EMNIST, the largest of the family, about 800,000
 
 
-def _parse_header(path: Path, head: bytes, kind: str) -> int:
-    """Check the IDX header in `head` (already read); return the payload size it promises."""
+def _parse_header(path: Path, head: bytes, kind: str, count: int | None = None) -> int:
+    """Check the IDX header in `head` (already read) against `count` items if given; return the payload
+    size it promises."""
     hlen = _header_len(kind)
     if not head:
         raise DataError(f"{path}: file is empty (no IDX header); {_FIX}")
@@ -86,6 +88,9 @@ def _parse_header(path: Path, head: bytes, kind: str) -> int:
     n = struct.unpack(">I", head[4:8])[0]
     if n > MAX_ITEMS:  # refuse before inflating anything: a gzip bomb could promise 2^32 images
         raise DataError(f"{path}: header claims {n} {kind}, more than the {MAX_ITEMS} any MNIST-style file has; {_FIX}")
+    if count is not None and n != count:  # the same, for the count the caller knows
+        raise DataError(f"{path}: header claims {n} {kind}, expected {count} (not the original MNIST file?); "
+                        f"{_FIX}")
     if kind == "labels":
         return n
     n, rows, cols = struct.unpack(">III", head[4:16])
@@ -103,7 +108,7 @@ def _size_error(path: Path, kind: str, expected: int, got: int, more: bool = Fal
     )
 
 
-def _gunzip_capped(path: Path, f, hlen: int, kind: str) -> tuple[bytearray, int]:
+def _gunzip_capped(path: Path, f, hlen: int, kind: str, count: int | None) -> tuple[bytearray, int]:
     """Decompress `f` (a gzip stream, maybe several members) into memory, checking the IDX header as soon
     as it arrives. Output grows only as data really decompresses and stops at header + expected + 1 bytes,
     so a header that lies about its size cannot make us allocate more than the file justifies."""
@@ -115,7 +120,7 @@ def _gunzip_capped(path: Path, f, hlen: int, kind: str) -> tuple[bytearray, int]
     try:
         while True:
             if expected is None and len(out) >= hlen:
-                expected = _parse_header(path, bytes(out[:hlen]), kind)
+                expected = _parse_header(path, bytes(out[:hlen]), kind, count)
                 cap = hlen + expected + 1
             if len(out) >= cap:
                 break
@@ -143,33 +148,36 @@ def _gunzip_capped(path: Path, f, hlen: int, kind: str) -> tuple[bytearray, int]
     return out, expected
 
 
-def read_idx(path: Path, kind: str) -> np.ndarray:
+def read_idx(path: Path, kind: str, count: int | None = None) -> np.ndarray:
     """Read an IDX file, gzip-compressed or not (told by its first bytes, not its name).
 
-    kind "images" -> uint8 (N, 784) of 28x28 images; "labels" -> uint8 (N,) with values 0-9.
+    kind "images" -> uint8 (N, 784) of 28x28 images; "labels" -> uint8 (N,) with values 0-9. With `count`
+    the header must promise exactly that many, checked before any payload is read or inflated.
     Any problem raises DataError naming the file, what is wrong and what to do."""
     path = Path(path)
     hlen = _header_len(kind)
     try:
-        f = open(path, "rb")
+        f, size = open_regular(path)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; run `nn-numba download` or point --data-dir at MNIST") \
             from None
+    except NotAFileError as e:
+        raise DataError(f"{path}: {e.strerror}, not an IDX file; {_FIX}") from None
     except OSError as e:
         raise DataError(f"{path}: cannot open ({e.strerror}); check the path and its permissions") from None
     with f:
         start = f.read(2)
         f.seek(0)
         if start == _GZ_MAGIC:
-            out, expected = _gunzip_capped(path, f, hlen, kind)
+            out, expected = _gunzip_capped(path, f, hlen, kind, count)
             got = len(out) - hlen
             if got != expected:
                 raise _size_error(path, kind, expected, got, more=got > expected)
             data = np.frombuffer(out, dtype=np.uint8, offset=hlen)
         else:
             # Plain file: the size on disk must match the header before we read a byte of payload.
-            expected = _parse_header(path, f.read(hlen), kind)
-            got = os.fstat(f.fileno()).st_size - hlen
+            expected = _parse_header(path, f.read(hlen), kind, count)
+            got = size - hlen
             if got != expected:
                 raise _size_error(path, kind, expected, got)
             data = np.fromfile(f, dtype=np.uint8, count=expected)
@@ -309,7 +317,7 @@ def download_command(dir: str | None = None) -> Path:
         raise DataError(
             f"{folder}: " + "; ".join(problems) + ". Delete the bad files and run `nn-numba download` again"
         )
-    print(f"MNIST ready in {folder} (all four files match their SHA-256 sums)")
+    print(printable(f"MNIST ready in {folder} (all four files match their SHA-256 sums)"))
     return folder
 
 
@@ -344,12 +352,7 @@ def load_mnist(data_dir: str | None = None, config_value: str | None = None,
         download(folder, MIRRORS, FILES)  # module globals, looked up now (tests swap them)
     arrays = {}
     for split, prefix in (("train", "train"), ("test", "t10k")):
-        x = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte.gz"), "images")
-        y = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte.gz"), "labels")
-        if len(x) != COUNTS[split] or len(y) != COUNTS[split]:
-            raise DataError(
-                f"{folder}: the {split} files hold {len(x)} images and {len(y)} labels, expected "
-                f"{COUNTS[split]} of each (not the original MNIST files?); {_FIX}"
-            )
+        x = read_idx(_find(folder, f"{prefix}-images-idx3-ubyte.gz"), "images", COUNTS[split])
+        y = read_idx(_find(folder, f"{prefix}-labels-idx1-ubyte.gz"), "labels", COUNTS[split])
         arrays[split] = (x, y)
     return MNIST(*arrays["train"], *arrays["test"])

@@ -7,10 +7,12 @@ reproduces this convention for an arbitrary picture:
 
 1. read   Pillow opens the file (PNG, JPEG, BMP, GIF, WebP, TIFF ...; first frame only) and applies the
           EXIF orientation of phone photos. Files with more than MAX_PIXELS pixels are refused before
-          decoding (decompression bombs: a tiny file that claims to be gigapixels).
+          decoding (decompression bombs: a tiny file that claims to be gigapixels). A picture whose longer
+          side exceeds MAX_SIDE is reduced by a whole factor as it is read (JPEG: decoded at a smaller DCT
+          scale; others: block averages), so the work per picture is bounded.
 2. grey   transparency is composited onto white paper (if that leaves nothing, e.g. white ink on a
-          transparent background, onto black instead); colour becomes luma (ITU-R 601, as Pillow's "L");
-          16/32-bit and float images are scaled to [0, 1].
+          transparent background, onto black instead); colour becomes luma (ITU-R 601, as Pillow's "L"),
+          CIELab its lightness; 16/32-bit and float images are scaled to [0, 1] (NaN pixels: refused).
 3. polarity  the median of the outermost ring of pixels is the paper. A paper brighter than the middle
           of the image's range means dark ink on light paper, which is inverted so ink is bright.
 4. levels the paper level (plus 3 robust standard deviations of the ring, to swallow noise and uneven
@@ -35,16 +37,18 @@ import math
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
-from nn_numba.errors import NNError
+from nn_numba.errors import NNError, printable
 
 MAX_PIXELS = 50_000_000  # 50 megapixels: larger than a phone photo, small enough to decode safely
+MAX_SIDE = 1024  # pictures are reduced to this longer side on reading: 50x the 20-px box MNIST uses
 INK = 0.2  # after levels, pixels above this count as ink for the bounding box
 BOX = 20  # MNIST: longer side of the ink's bounding box
 SIZE = 28  # MNIST frame
@@ -64,23 +68,28 @@ class ImageError(NNError):
 # preprocessing
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
-    """Open the picture at `path` (first frame, EXIF orientation applied), refusing huge and non-images."""
+def load_image(path: str | os.PathLike, max_pixels: int | None = None, reduce: bool = True) -> Image.Image:
+    """Open the picture at `path` (first frame, reduced to MAX_SIDE unless reduce=False, EXIF orientation
+    applied), refusing huge and non-images."""
     p = Path(path)
     if not p.exists():
         raise ImageError(f"{p}: no such file")
     if p.is_dir():
         raise ImageError(f"{p}: is a folder, not an image")
+    if not p.is_file():
+        raise ImageError(f"{p}: not a regular file (a FIFO or device?), not an image")
     if p.stat().st_size == 0:
         raise ImageError(f"{p}: empty file (0 bytes): not an image")
-    return open_image(p, str(p), max_pixels)
+    return open_image(p, str(p), max_pixels, reduce)
 
 
-def open_image(src: str | os.PathLike | IO[bytes], name: str, max_pixels: int | None = None) -> Image.Image:
+def open_image(src: str | os.PathLike | IO[bytes], name: str, max_pixels: int | None = None,
+               reduce: bool = True) -> Image.Image:
     """Pillow image from a path or a binary file object; `name` is what error messages call it.
 
     Images of more than `max_pixels` (default MAX_PIXELS) are refused before their pixels are decoded
-    (decompression bombs: a tiny file that claims to be gigapixels).
+    (decompression bombs: a tiny file that claims to be gigapixels); larger than MAX_SIDE on a side,
+    they are reduced as they are read (unless reduce=False).
     """
     cap = max_pixels or MAX_PIXELS
     limit = min(cap, Image.MAX_IMAGE_PIXELS or cap)
@@ -92,8 +101,11 @@ def open_image(src: str | os.PathLike | IO[bytes], name: str, max_pixels: int | 
             w, h = im.size
             if w * h > limit:
                 raise _too_large(name, w, h, limit)
+            turn = im.getexif().get(ExifTags.Base.Orientation)
+            im = shrink(im) if reduce else im
             im.load()
-            im = ImageOps.exif_transpose(im)
+            if turn in _TURNS:  # what ImageOps.exif_transpose does, on the reduced picture
+                im = im.transpose(_TURNS[turn])
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: image too large ({e}); refusing to decode a possible decompression bomb: "
                          f"shrink the picture first") from e
@@ -110,6 +122,30 @@ def open_image(src: str | os.PathLike | IO[bytes], name: str, max_pixels: int | 
     return im
 
 
+_TURNS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+          5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+          8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transposition that undoes it
+
+
+def shrink(im: Image.Image) -> Image.Image:
+    """Decode `im` with its longer side at most MAX_SIDE: JPEGs at a reduced DCT scale (draft), others by
+    averaging whole blocks of pixels (reduce), so that everything after works on at most MAX_SIDE^2 pixels."""
+    f = math.ceil(max(im.size) / MAX_SIDE)
+    if f > 1 and im.format == "JPEG":
+        im.draft(im.mode, (math.ceil(im.width / f), math.ceil(im.height / f)))
+    im.load()
+    f = math.ceil(max(im.size) / MAX_SIDE)
+    if f == 1:
+        return im
+    if im.mode == "PA" or "transparency" in im.info:  # palette indices and colour keys cannot be averaged
+        im = im.convert("RGBA")
+    elif im.mode in ("1", "P"):
+        im = im.convert("L")
+    elif im.mode.startswith("I;16"):  # reduce() takes 32-bit integers, not 16
+        im = im.convert("I")
+    return im.reduce(f)
+
+
 def _too_large(name: str, w: int, h: int, limit: int) -> ImageError:
     return ImageError(
         f"{name}: image too large ({w}x{h} = {w * h:,} pixels, limit {limit:,}); refusing to decode a "
@@ -117,16 +153,30 @@ def _too_large(name: str, w: int, h: int, limit: int) -> ImageError:
     )
 
 
-def to_grey(im: Image.Image) -> np.ndarray:
+def to_grey(im: Image.Image, name: str = "image") -> np.ndarray:
     """Greyscale float32 (H, W) in [0, 1]; transparency goes onto white paper (black if that is blank)."""
     mode = im.mode
     if mode.startswith("I;16"):
         return np.asarray(im, dtype=np.float32) / np.float32(65535)
     if mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ImageError(f"{name}: holds NaN or infinite pixel values (a float image): not a picture")
         # no fixed range: 'I' is often 16-bit data, 'F' often [0, 1]; take the smallest range that fits
         top = next(t for t in (1.0, 255.0, 65535.0, max(float(a.max()), 1.0)) if a.max() <= t)
         return np.clip(a / top, 0, 1).astype(np.float32)
+    if mode == "LAB":  # CIELab: its L channel is the lightness, 0-255
+        return np.asarray(im.getchannel("L"), dtype=np.float32) / np.float32(255)
+    try:
+        return _composite(im)
+    except ValueError as e:  # a mode Pillow cannot convert, e.g. "conversion from La to L not supported"
+        raise ImageError(f"{name}: colour mode {mode} is not supported ({e}): save it as RGB or greyscale") \
+            from None
+
+
+def _composite(im: Image.Image) -> np.ndarray:
+    """Grey from 8-bit colour modes, transparency composited onto paper; ValueError if Pillow cannot."""
+    mode = im.mode
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
     if not has_alpha:
         return np.asarray(im.convert("L"), dtype=np.float32) / np.float32(255)
@@ -247,7 +297,7 @@ class Seen:
 
 def look(im: Image.Image, name: str, raw: bool = False) -> Seen:
     """Steps 2-7 above on an opened picture; `name` is what error messages call it."""
-    g = to_grey(im)
+    g = to_grey(im, name)
     if raw:
         if g.shape != (SIZE, SIZE):
             raise ImageError(
@@ -265,7 +315,12 @@ def preprocess(path: str | os.PathLike, raw: bool = False) -> np.ndarray:
 
     With raw=True the picture must already be 28x28 white-on-black and is only converted to grey.
     """
-    return look(load_image(path), str(path), raw).x
+    return see(path, raw).x
+
+
+def see(path: str | os.PathLike, raw: bool = False) -> Seen:
+    """look() at the picture at `path`; with --raw it is not reduced, so its size is checked as in the file."""
+    return look(load_image(path, reduce=not raw), str(path), raw)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -346,19 +401,32 @@ def free_name(folder: Path, stem: str, taken: set[Path]) -> Path:
 # prediction
 
 
-def expand(paths: list[str]) -> list[tuple[str, Path | None, str | None]]:
-    """(shown name, file or None, error or None) for each input; a folder becomes its images, sorted."""
-    out: list[tuple[str, Path | None, str | None]] = []
+def expand(paths: list[str]) -> Iterator[tuple[str, Path | None, str | None]]:
+    """(shown name, file or None, error or None) for each input; a folder becomes its images, sorted.
+    One folder is listed at a time (its names only), as the images are needed."""
     for s in paths:
         p = Path(s)
         if p.is_dir():
             files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
             if not files:
-                out.append((s, None, f"{s}: no images in this folder (looked for {', '.join(IMAGE_EXTS)})"))
-            out += [(str(f), f, None) for f in files]
+                yield s, None, f"{s}: no images in this folder (looked for {', '.join(IMAGE_EXTS)})"
+            yield from ((str(f), f, None) for f in files)
         else:
-            out.append((s, p, None))
-    return out
+            yield s, p, None
+
+
+OVERFLOW = ("the network's outputs overflow (NaN/Inf): its weights are far too large for a trained model; "
+            "use another checkpoint")
+
+
+def classify(model, x: np.ndarray, name: str) -> np.ndarray:
+    """The 10 digit probabilities `model` gives the preprocessed picture x (784,)."""
+    p = np.asarray(model.predict_proba(x[None].astype(np.float32)), dtype=np.float32)
+    if p.shape != (1, 10):
+        raise NNError(f"the model gives outputs of shape {p.shape[1:]}, expected 10 digit classes")
+    if not np.isfinite(p).all():
+        raise ImageError(f"{name}: {OVERFLOW}")
+    return p[0]
 
 
 def predict_images(
@@ -371,7 +439,10 @@ def predict_images(
     out=None,
     err=None,
 ) -> int:
-    """Classify every picture with `model` (anything with predict_proba (N, 784) -> (N, 10)); exit code."""
+    """Classify every picture with `model` (anything with predict_proba (N, 784) -> (N, 10)); exit code.
+
+    Each picture is read, classified and printed before the next is read: the output streams and the
+    memory is that of one picture."""
     out, err = out or sys.stdout, err or sys.stderr
     if not 1 <= top_k <= 10:
         raise NNError(f"--top-k must be between 1 and 10, got {top_k}")
@@ -381,38 +452,25 @@ def predict_images(
             raise NNError(f"--save-preprocessed {save_dir}: exists and is not a folder")
         save_dir.mkdir(parents=True, exist_ok=True)
 
-    items = expand(paths)
-    seen: list[Seen] = []
-    errors: dict[int, str] = {}
-    for i, (_, f, e) in enumerate(items):
-        if e is not None:
-            errors[i] = e
-            continue
-        try:
-            seen.append(look(load_image(f), str(f), raw))
-        except NNError as ex:
-            errors[i] = str(ex)
-    probs = np.zeros((0, 10), np.float32)
-    if seen:
-        probs = np.asarray(model.predict_proba(np.stack([v.x for v in seen])), dtype=np.float32)
-        if probs.shape != (len(seen), 10):
-            raise NNError(f"the model gives outputs of shape {probs.shape[1:]}, expected 10 digit classes")
-
     saved: set[Path] = set()
-    j = 0
-    for i, (name, f, _) in enumerate(items):
-        if i in errors:
-            print(f"nn-numba: error: {errors[i]}", file=err, flush=True)
+    failed = False
+    for name, f, e in expand(paths):
+        try:
+            if e is not None:
+                raise ImageError(e)
+            v = see(f, raw)
+            p = classify(model, v.x, name)
+        except ImageError as ex:
+            print(f"nn-numba: error: {printable(ex)}", file=err, flush=True)
+            failed = True
             continue
-        v, p = seen[j], probs[j]
-        j += 1
         order = np.argsort(-p, kind="stable")[:top_k]
         rec = {
             "path": name,
             "digit": int(order[0]),
             "probability": round(float(p[order[0]]), 6),
             "top_k": [{"digit": int(d), "probability": round(float(p[d]), 6)} for d in order],
-            "probabilities": [round(float(v), 6) for v in p],
+            "probabilities": [round(float(q), 6) for q in p],
             "warnings": warnings_for(v, p),
         }
         if save_dir is not None:
@@ -428,8 +486,8 @@ def predict_images(
                 line += f"   saved {rec['preprocessed']}"
             if rec["warnings"]:
                 line += "   warning: " + "; ".join(rec["warnings"])
-            print(line, file=out, flush=True)
-    return 1 if errors else 0
+            print(printable(line), file=out, flush=True)
+    return 1 if failed else 0
 
 
 def predict_paths(

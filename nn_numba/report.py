@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from .checkpoint import Checkpoint, load
 from .config import Config, load_config
-from .errors import NNError
+from .errors import NNError, printable
 from .runs import write_text_atomic
 
 N_TRAIN = 60000  # MNIST training images, before the validation split
@@ -46,8 +46,9 @@ def _plt():
 class Run:
     path: Path  # the run folder, symlinks resolved
     cfg: Config
-    hist: list[dict[str, Any]]  # metrics.jsonl rows, one per epoch
+    hist: list[dict[str, Any]]  # metrics.jsonl rows, one per epoch; values that are not numbers are NaN
     best: Checkpoint  # best.ck
+    notes: list[str] = field(default_factory=list)  # what in metrics.jsonl could not be used
 
     @property
     def name(self) -> str:
@@ -69,19 +70,7 @@ def load_run(folder: str | Path) -> Run:
     mpath = p / "metrics.jsonl"
     if not mpath.is_file():
         raise NNError(f"{mpath}: missing, so {p} is not a run folder or no epoch has finished yet")
-    hist = []
-    for i, line in enumerate(mpath.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise NNError(f"{mpath}: line {i} is not JSON (the file is damaged; remove that line)") from None
-        need = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
-        if not isinstance(row, dict) or any(k not in row for k in need):
-            raise NNError(f"{mpath}: line {i} lacks one of {', '.join(need)} "
-                          "(not written by nn-numba train?)")
-        hist.append(row)
+    hist, notes = read_metrics(mpath)
     if not hist:
         raise NNError(f"{mpath}: empty, no epoch has finished yet; report again after the first epoch")
     cfg = load_config(p / "config.toml")
@@ -91,7 +80,42 @@ def load_run(folder: str | Path) -> Run:
     best = load(ck_path)  # CheckpointError (an NNError) on a damaged file
     if best.sizes[0] != 784 or best.sizes[-1] != 10:
         raise NNError(f"{ck_path}: has sizes {best.sizes}, not an MNIST network (784 inputs, 10 classes)")
-    return Run(p, cfg, hist, best)
+    return Run(p, cfg, hist, best, notes)
+
+
+NEED = ("epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+
+
+def read_metrics(mpath: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of metrics.jsonl and notes on what could not be used. A value that is not a finite number
+    (train writes an infinite one as null) becomes NaN, which the plots skip and the page shows as "-";
+    a row without a whole epoch and step number is left out."""
+    hist, notes = [], []
+    for i, line in enumerate(mpath.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            raise NNError(f"{mpath}: line {i} is not JSON (the file is damaged; remove that line)") from None
+        if not isinstance(row, dict) or any(k not in row for k in NEED):
+            raise NNError(f"{mpath}: line {i} lacks one of {', '.join(NEED)} "
+                          "(not written by nn-numba train?)")
+        if not all(_whole(row[k]) for k in ("epoch", "step")):
+            notes.append(f"metrics.jsonl line {i}: epoch or step is not a whole number; the line is left out")
+            continue
+        bad = [k for k, v in row.items() if k not in ("epoch", "step") and not _number(v)]
+        notes += [f"metrics.jsonl line {i}: {', '.join(bad)} not a number (shown as -)"] if bad else []
+        hist.append({k: (v if k in ("epoch", "step") or _number(v) else math.nan) for k, v in row.items()})
+    return hist, notes
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 2**53  # 2^53: exact in a float
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def steps_per_epoch(cfg: Config) -> int:
@@ -101,19 +125,30 @@ def steps_per_epoch(cfg: Config) -> int:
     return math.ceil(n_train / cfg.train.batch_size)
 
 
-def schedule(cfg: Config) -> np.ndarray:
-    """The learning rate of every optimiser step the config plans: (epochs * steps_per_epoch,) float64."""
-    from .schedule import lr_at
+def schedule(cfg: Config, steps: np.ndarray | None = None) -> np.ndarray:
+    """The learning rate (float64) of each optimiser step in `steps` (from 0; default: every step the
+    config plans), as docs/training.md defines it."""
+    from . import schedule as sched
 
     spe = steps_per_epoch(cfg)
-    return np.array([lr_at(cfg, s, spe) for s in range(cfg.train.epochs * spe)])
+    steps = range(cfg.train.epochs * spe) if steps is None else steps
+    return np.array([sched.lr_at(cfg, int(s), spe) for s in steps], float)
+
+
+MAX_POINTS = 4000  # points of a per-step learning-rate line: the figure is 900 px wide
+
+
+def spread(start: int, stop: int) -> np.ndarray:
+    """Steps start..stop-1, or MAX_POINTS of them evenly spread (both ends kept) when there are more."""
+    return np.unique(np.linspace(start, stop - 1, min(stop - start, MAX_POINTS)).round().astype(np.int64))
 
 
 def best_row(run: Run) -> dict[str, Any]:
-    """The epoch train.py kept as best.ck."""
+    """The epoch train.py kept as best.ck; an epoch whose validation accuracy was not a number in
+    metrics.jsonl (NaN here) is not a candidate."""
     from .runs import best_row as best
 
-    return best(run.hist)
+    return best([r for r in run.hist if not math.isnan(r.get("val_acc", 0.0))] or run.hist)
 
 
 # ---------------------------------------------------------------------------------------------------- figures
@@ -213,25 +248,34 @@ def plot_lr(run: Run, path: Path) -> float:
     """The per-step learning rate computed from the config, with the per-epoch rates metrics.jsonl
     recorded (the rate of each epoch's last step) marked on it; returns their largest relative gap."""
     plt = _plt()
-    lr = schedule(run.cfg)
     spe = steps_per_epoch(run.cfg)
     done = max(r["step"] for r in run.hist)  # steps taken so far (fewer than planned if stopped early)
-    at = np.array([r["step"] - 1 for r in run.hist])  # the last step of each epoch, from 0
+    total = run.cfg.train.epochs * spe
+    s = spread(0, max(done, 1))  # the cost follows what was run, not what was planned
+    lr = schedule(run.cfg, s)
+    shown = min(total, max(10 * done, 2 * spe))  # and a stretch of the plan, not all of it
+    at = np.array([max(r["step"] - 1, 0) for r in run.hist])  # the last step of each epoch, from 0
     rec = np.array([r["lr"] for r in run.hist], float)
-    want = lr[np.clip(at, 0, len(lr) - 1)]
-    gap = float(np.max(np.abs(rec - want) / np.maximum(np.abs(want), 1e-300)))
+    want = schedule(run.cfg, at)
+    ok = np.isfinite(rec)
+    gap = float(np.max(np.abs(rec - want)[ok] / np.maximum(np.abs(want[ok]), 1e-300), initial=0.0))
     fig, ax = plt.subplots(figsize=(9, 3.8))
-    s = np.arange(len(lr))
-    ax.plot(s[:done], lr[:done], lw=1.5, label="applied per step (from config.toml)")
-    if done < len(lr):
-        ax.plot(s[done - 1:], lr[done - 1:], lw=1, ls="--", color="0.6", label="planned, not run")
+    ax.plot(s, lr, lw=1.5, label="applied per step (from config.toml)")
+    top = lr.max()
+    if done < shown:
+        s2 = spread(max(done - 1, 0), shown)
+        lr2 = schedule(run.cfg, s2)
+        more = f", continues to step {total:,}" if shown < total else ""
+        ax.plot(s2, lr2, lw=1, ls="--", color="0.6", label=f"planned, not run{more}")
+        top = max(top, lr2.max())
     ax.plot(at, rec, "o", mfc="none", mec="C3", ms=7, clip_on=False,
             label="recorded in metrics.jsonl (epoch's last step)")
-    for e in range(1, run.cfg.train.epochs):
-        ax.axvline(e * spe, color="0.85", lw=0.8, zorder=0)
+    if shown // spe <= 100:  # epoch boundaries, while there are few enough to see
+        for e in range(1, shown // spe + (shown % spe > 0)):
+            ax.axvline(e * spe, color="0.85", lw=0.8, zorder=0)
     ax.set_xlabel(f"optimiser step ({spe} per epoch; grey lines: epoch boundaries)")
     ax.set_ylabel("learning rate")
-    ax.set_ylim(-0.02 * lr.max(), lr.max() * 1.08)
+    ax.set_ylim(-0.02 * top, top * 1.08)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="best", fontsize=8)
     agree = "agree" if gap < 1e-9 else f"DIFFER by up to {100 * gap:.3g}%"
@@ -315,6 +359,15 @@ def _short(cfg: Config) -> str:
 # ---------------------------------------------------------------------------------------------------- pages
 
 
+def _num(v: float, spec: str) -> str:
+    """v formatted, or "-" for NaN (a value metrics.jsonl did not hold as a number)."""
+    return "-" if math.isnan(v) else format(v, spec)
+
+
+def _pct(v: float) -> str:
+    return _num(100 * v, ".2f") + ("%" if not math.isnan(v) else "")
+
+
 def _fmt_time(s: float) -> str:
     m, s = divmod(s, 60)
     return f"{int(m)} min {s:.1f} s" if m else f"{s:.1f} s"
@@ -337,10 +390,13 @@ def predict_test_set(model, X_u8: np.ndarray,
 def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
     """Write the figures and report.md of one run into dest; returns the figures quoted on the page."""
     from .model import MLP
+    from .predict import OVERFLOW
 
-    dest.mkdir(parents=True, exist_ok=True)
     y = mnist.test_y.astype(np.int64)
     acc, pred, proba, conf = predict_test_set(MLP.from_checkpoint(run.best), mnist.test_x, y)
+    if not np.isfinite(proba).all():
+        raise NNError(f"{run.path / 'best.ck'}: {OVERFLOW}")
+    dest.mkdir(parents=True, exist_ok=True)
 
     files = {"curves": "curves.png", "confusion": "confusion.png", "mistakes": "mistakes.png", "lr": "lr.png"}
     plot_curves(run, dest / files["curves"])
@@ -353,8 +409,8 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
         plot_augment(mnist.train_x, run, dest / files["augment"])
 
     b = best_row(run)
-    wall = sum(r["seconds"] for r in run.hist)
-    imgs = sum(r.get("samples_per_s", 0.0) * r["seconds"] for r in run.hist)
+    wall = float(np.nansum([r["seconds"] for r in run.hist]))
+    imgs = float(np.nansum([r.get("samples_per_s", 0.0) * r["seconds"] for r in run.hist]))
     sel = "on validation" if run.has_val else "(no validation split: the last)"
     summary = {"run": str(run.path), "epochs": len(run.hist), "planned_epochs": run.cfg.train.epochs,
                "best_epoch": b["epoch"], "best_val_acc": b.get("val_acc"), "best_test_acc": b["test_acc"],
@@ -369,14 +425,14 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
           "| | |", "| --- | --- |",
           f"| epochs run | {len(run.hist)} of {run.cfg.train.epochs} |",
           f"| best epoch {sel} | {b['epoch']}"
-          + (f" ({100 * b['val_acc']:.2f}% validation)" if run.has_val
-             else f" ({100 * b['train_acc']:.2f}% train)")
+          + (f" ({_pct(b['val_acc'])} validation)" if run.has_val else f" ({_pct(b['train_acc'])} train)")
           + " |",
-          f"| its test accuracy | {100 * b['test_acc']:.2f}% (recomputed from best.ck"
+          f"| its test accuracy | {_pct(b['test_acc'])} (recomputed from best.ck"
           + (f", epoch {ck_epoch}" if ck_epoch is not None else "") + f": {100 * acc:.2f}%) |",
-          f"| last epoch's test accuracy | {100 * run.hist[-1]['test_acc']:.2f}% |",
+          f"| last epoch's test accuracy | {_pct(run.hist[-1]['test_acc'])} |",
           f"| wall time (training, sum of per-epoch seconds) | {_fmt_time(wall)} |",
           f"| training speed | {summary['samples_per_s']:,.0f} images/s |", "",
+          *(["## Notes", "", *[f"- {n}" for n in run.notes], ""] if run.notes else []),
           "## Loss and accuracy", "", f"![loss and accuracy per epoch]({files['curves']})", "",
           "## Test confusion matrix (best.ck)", "", "Rows are the true digit, columns the prediction.", "",
           f"![confusion matrix]({files['confusion']})", "",
@@ -398,11 +454,10 @@ def report_run(run: Run, mnist, dest: Path) -> dict[str, Any]:
            "| epoch | lr | train loss | train acc | val loss | val acc | test loss | test acc | s | img/s |",
            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in run.hist:
-        val = (f"{r['val_loss']:.4f} | {100 * r['val_acc']:.2f}%" if "val_acc" in r else "- | -")
-        md.append(f"| {r['epoch']} | {r['lr']:.3g} | {r['train_loss']:.4f} | {100 * r['train_acc']:.2f}% | "
-                  f"{val} | "
-                  f"{r['test_loss']:.4f} | {100 * r['test_acc']:.2f}% | {r['seconds']:.1f} | "
-                  f"{r.get('samples_per_s', 0):,.0f} |")
+        val = f"{_num(r['val_loss'], '.4f')} | {_pct(r['val_acc'])}" if "val_acc" in r else "- | -"
+        md.append(f"| {r['epoch']} | {_num(r['lr'], '.3g')} | {_num(r['train_loss'], '.4f')} | "
+                  f"{_pct(r['train_acc'])} | {val} | {_num(r['test_loss'], '.4f')} | {_pct(r['test_acc'])} | "
+                  f"{_num(r['seconds'], '.1f')} | {_num(r.get('samples_per_s', 0), ',.0f')} |")
     md += ["", "## Config", "", "```toml", (run.path / "config.toml").read_text().strip(), "```", ""]
     (dest / "report.md").write_text("\n".join(md))
     return summary
@@ -418,9 +473,9 @@ def report_compare(runs: list[Run], summaries: list[dict[str, Any]], dest: Path,
           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run, s in zip(runs, summaries):
         link = Path(os.path.relpath(Path(s["dest"]) / "report.md", dest)).as_posix()
-        val = f"{100 * s['best_val_acc']:.2f}%" if s["best_val_acc"] is not None else "-"
+        val = _pct(s["best_val_acc"]) if s["best_val_acc"] is not None else "-"
         md.append(f"| [{run.name}]({link}) | {_short(run.cfg)} | {s['epochs']} | {s['best_epoch']} | {val} | "
-                  f"{100 * s['best_test_acc']:.2f}% | {_fmt_time(s['wall_seconds'])} | "
+                  f"{_pct(s['best_test_acc'])} | {_fmt_time(s['wall_seconds'])} | "
                   f"{s['samples_per_s']:,.0f} |")
     path = dest / page
     path.write_text("\n".join(md) + "\n")
@@ -556,7 +611,7 @@ def report(runs: list[str] | None = None, out: str | None = None, data_dir: str 
             data[key] = load_mnist(data_dir, key or None)
         summaries.append(report_run(run, data[key], dest))
         if not quiet:
-            print(f"{run.name}: wrote {dest / 'report.md'}")
+            print(printable(f"{run.name}: wrote {dest / 'report.md'}"))
     if len(loaded) > 1:
         # with --out the combined page is OUT/report.md; by default it goes beside the first run's own
         # report.md, so it takes another name
@@ -568,5 +623,5 @@ def report(runs: list[str] | None = None, out: str | None = None, data_dir: str 
             with open(Path(s["dest"]) / "report.md", "a") as f:
                 f.write(f"\nCompared with {len(loaded) - 1} other run(s) in [{page.name}]({link}).\n")
         if not quiet:
-            print(f"comparison of {len(loaded)} runs: wrote {page}")
+            print(printable(f"comparison of {len(loaded)} runs: wrote {page}"))
     return summaries

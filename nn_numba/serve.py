@@ -30,7 +30,7 @@ import numpy as np
 from .checkpoint import describe, load
 from .errors import NNError
 from .model import MLP
-from .predict import SIZE, ImageError, look, open_image, png_bytes, warnings_for
+from .predict import SIZE, ImageError, classify, look, open_image, png_bytes, warnings_for
 
 MAX_BODY = 10 * 1024 * 1024  # bytes of one request: a phone photo fits
 MAX_PIXELS = 24_000_000  # pixels of one picture: larger ones are refused before decoding
@@ -117,7 +117,7 @@ class Models:
         e = self.get(key)
         seen = look(open_image(io.BytesIO(data), name, MAX_PIXELS), name)
         with e.lock:
-            p = np.asarray(e.model.predict_proba(seen.x[None]), np.float32)[0]
+            p = classify(e.model, seen.x, name)
         return {"model": e.id, "digit": int(np.argmax(p)), "probabilities": [round(float(v), 6) for v in p],
                 "warnings": warnings_for(seen, p),
                 "image28": "data:image/png;base64," + base64.b64encode(png_bytes(seen.x)).decode()}

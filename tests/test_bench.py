@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, mnist_dir
+from test_cpp import nn_cpp  # noqa: F401  (the fixture that builds cpp/build/nn-cpp)
 
 from nn_numba import bench
 
@@ -134,3 +135,74 @@ def test_epoch_passes_alternate_sides_and_thread_counts(monkeypatch):
         assert row["numba_s"] == pytest.approx(0.5 + 0.1 * int(T))
         assert row["ratio"] == pytest.approx((0.5 + 0.1 * int(T)) / (1.5 + 0.1 * int(T)))
         assert res["threads"][T]["gemm_samples"] == 2
+
+
+def fake_children(monkeypatch, log):
+    """Numba and NumPy workers that answer instantly; their epoch passes go into `log`."""
+
+    class FakeChild:
+        def __init__(self, kind, threads, data):
+            self.kind, self.threads = kind, threads
+
+        def ask(self, op, **args):
+            if op == "epoch" and args.get("reps"):
+                log.append((self.kind, self.threads))
+                return {"times": [0.5 + 0.1 * self.threads + (self.kind == "numpy")], "loss": 1.0}
+            info = {"data": "MNIST training images (fake)", "data_dir": "/mnist", "numba": "0", "numpy": "0",
+                    "threading_layer": "omp", "numba_threads": self.threads, "blas": "fake",
+                    "openblas_threads": "1", "openblas_coretype": None}
+            return {"info": info,
+                    "gemm": {"gflops": 100.0 * self.threads}, "kernels": {"fwd2 lin+bias+relu": 1e-3},
+                    "epoch": {"times": [], "loss": 1.0},
+                    "infer": {"batch1000_s_per_10k": 0.1, "batch1_s": 1e-5}}[op]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(bench, "Child", FakeChild)
+    monkeypatch.setattr(bench, "jit_cost", lambda cold: {"warm": {"process_s": 1.0, "import_s": 0.5,
+                                                                  "first_step_s": 0.1}})
+
+
+def test_cpp_column_runs_beside_numba_on_the_same_data(monkeypatch):
+    """Each round runs a C++ epoch right after the Numba and NumPy passes of the same thread count, on the
+    folder the Numba side trained from; the row keeps the fastest C++ pass and its ratio to Numba's."""
+    log = []
+    fake_children(monkeypatch, log)
+    calls = []
+
+    def fake_cpp(B, threads, timeout, data_dir=None):
+        log.append(("cpp", threads))
+        calls.append((B, data_dir))
+        return {"seconds_per_epoch": 0.3 + 0.1 * len(calls), "samples_per_s": 1.0, "optimizer": "sgd", "data": "mnist"}
+
+    monkeypatch.setattr(bench, "cpp_epoch", fake_cpp)
+    res = bench.run([1, 2], [64], passes=2)
+    assert log == [("numba", 1), ("numpy", 1), ("cpp", 1), ("numba", 2), ("numpy", 2), ("cpp", 2)] * 2
+    assert calls == [(64, "/mnist")] * 4
+    for T, first in (("1", 0.4), ("2", 0.5)):  # passes 1 and 3 for one thread, 2 and 4 for two
+        (row,) = res["threads"][T]["epochs"]
+        c = row["cpp"]
+        assert c["seconds_per_epoch"] == pytest.approx(first) and c["passes"] == 2
+        assert c["median_s"] == pytest.approx(first + 0.1)
+        assert c["ratio"] == pytest.approx(first / row["numba_s"])
+    text = bench.table(res)
+    assert "C++/numba" in text and f"{0.4 / res['threads']['1']['epochs'][0]['numba_s']:9.2f}" in text
+
+
+def test_cpp_column_reports_a_failed_run(monkeypatch):
+    fake_children(monkeypatch, [])
+    monkeypatch.setattr(bench, "cpp_epoch", lambda *a, **k: {"seconds_per_epoch": None, "note": "failed: boom"})
+    res = bench.run([1], [64], passes=2)
+    assert res["threads"]["1"]["epochs"][0]["cpp"] == {"seconds_per_epoch": None, "note": "failed: boom"}
+    assert bench.table(res)  # renders "-" for the missing column
+
+
+@pytest.mark.usefixtures("nn_cpp")
+def test_cpp_epoch_trains_on_mnist():
+    """The real `nn-cpp bench` behind the column: one SGD epoch on MNIST's training images."""
+    c = bench.cpp_epoch(64, 1, timeout=600, data_dir=str(mnist_dir()))
+    assert c["data"] == "mnist" and c["optimizer"] == "sgd", c
+    assert positive(c["seconds_per_epoch"])
+    assert c["samples_per_s"] == pytest.approx(60_000 / c["seconds_per_epoch"], rel=1e-4)
+    assert 0 < c["loss"] < 1.0  # one epoch of SGD on MNIST: well below ln 10 = 2.3

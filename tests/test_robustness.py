@@ -385,9 +385,13 @@ def test_hostile_configs(tmp_path, text, says):
         config.load_config(f)
 
 
-def test_config_reader_does_not_read_endless_files():
-    with pytest.raises(config.ConfigError, match="larger than"):
+def test_config_reader_does_not_read_endless_files(tmp_path):
+    with pytest.raises(config.ConfigError, match="not a regular file"):
         config.load_config("/dev/zero")
+    with open(tmp_path / "big.toml", "wb") as f:
+        f.truncate(10 << 20)
+    with pytest.raises(config.ConfigError, match="larger than"):
+        config.load_config(tmp_path / "big.toml")
 
 
 def idx_header(kind: str, n: int, rows: int = 28, cols: int = 28) -> bytes:

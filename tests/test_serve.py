@@ -365,3 +365,12 @@ def test_drawing_on_the_page_in_chromium(server, tmp_path):
         browser.close()
     assert (tmp_path / "one.png").stat().st_size > 0 and (tmp_path / "zero.png").stat().st_size > 0
     print(f"screenshots: {tmp_path / 'one.png'} {tmp_path / 'zero.png'}")
+
+
+def test_a_model_whose_outputs_overflow_is_an_error_not_nan(runs, digits, tmp_path):
+    W1, W2 = np.full((64, 784), 1e30, np.float32), np.full((10, 64), 1e30, np.float32)
+    b1, b2 = np.zeros(64, np.float32), np.zeros(10, np.float32)
+    save(tmp_path / "huge.ck", Checkpoint([784, 64, 10], [W1, W2], [b1, b2]))
+    client = TestClient(S.create_app(S.Models(tmp_path / "huge.ck", tmp_path / "no-runs")))
+    r = client.post("/api/predict", files={"image": ("d.png", png(paper(digits[0][0])), "image/png")})
+    assert r.status_code == 400 and P.OVERFLOW in r.json()["error"], r.text

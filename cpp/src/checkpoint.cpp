@@ -311,12 +311,16 @@ void save_checkpoint(const Checkpoint& ck, const std::string& path) {
             throw file_error(path, "cannot save: NaN/Inf in layer " + std::to_string(l + 1) +
                                        " (training diverged? try a smaller --lr); not saved");
     std::vector<uint8_t> b = serialize_checkpoint(ck);
+    write_file_atomic(path, b.data(), b.size());
+}
+
+void write_file_atomic(const std::string& path, const uint8_t* data, size_t size) {
     std::string tmp = path + ".tmp-" + std::to_string(::getpid());
     int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (fd < 0) throw file_error(path, std::string("cannot write: ") + std::strerror(errno));
     size_t done = 0;
-    while (done < b.size()) {
-        ssize_t n = ::write(fd, b.data() + done, b.size() - done);
+    while (done < size) {
+        ssize_t n = ::write(fd, data + done, size - done);
         if (n < 0) {
             if (errno == EINTR) continue;
             int e = errno;

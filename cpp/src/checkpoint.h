@@ -35,5 +35,7 @@ Checkpoint parse_checkpoint(const std::vector<uint8_t>& buf, const std::string& 
 std::vector<uint8_t> serialize_checkpoint(const Checkpoint& ck);
 // Atomic: NAME.tmp-PID in the same folder, fsync, rename over NAME, fsync the folder.
 void save_checkpoint(const Checkpoint& ck, const std::string& path);
+// The same for any bytes (run folders' text files): PATH is always either the old or the new content.
+void write_file_atomic(const std::string& path, const uint8_t* data, size_t size);
 // "784-250-250-10"
 std::string sizes_str(const std::vector<uint32_t>& sizes);

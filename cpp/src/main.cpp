@@ -16,11 +16,15 @@
 #include <omp.h>
 #endif
 
+#include "augment.h"
 #include "checkpoint.h"
+#include "config.h"
 #include "error.h"
 #include "idx.h"
 #include "json.h"
+#include "bench.h"
 #include "mlp.h"
+#include "runfolder.h"
 #include "train.h"
 
 namespace {
@@ -32,33 +36,26 @@ const char* USAGE =
     "  predict CHECKPOINT FILE.pgm... [--json]\n"
     "  predict CHECKPOINT IMAGES.idx[.gz] --index I|A:B[,...] [--index ...] [--json]\n"
     "      digit and probabilities of 28x28 binary PGM files or of IDX images (A:B is half-open)\n"
-    "  train --data-dir DIR --out FILE.ck [--epochs N] [--batch-size B] [--lr X]\n"
-    "        [--optimizer sgd|momentum|adam] [--momentum M] [--nesterov] [--weight-decay W]\n"
-    "        [--reduction sum|mean] [--schedule constant|cosine|step] [--warmup-epochs E]\n"
-    "        [--min-lr X] [--gamma G] [--step-epochs K] [--val-split F] [--seed S] [--threads T]\n"
-    "        [--sizes 784,250,250,10] [--init CKPT] [--limit N] [--no-shuffle] [--quiet] [--force]\n"
-    "      defaults: 10 epochs, batch 128, adam, lr 1e-3, mean, cosine, val-split 0.1, seed 0\n"
-    "  bench [--batch-size B] [--threads T] [--epochs N] [--optimizer sgd|momentum|adam] [--json]\n"
-    "      seconds per training epoch on 60,000 random samples (random data, not MNIST)\n"
+    "  train [--config FILE.toml] [--resume RUN] [--data-dir DIR] [--out DIR] [--epochs N] [--batch-size B]\n"
+    "        [--lr X] [--seed S] [--threads T] [--optimizer sgd|momentum|adam] [--momentum M] [--nesterov]\n"
+    "        [--weight-decay W] [--reduction sum|mean] [--schedule constant|cosine|step] [--warmup-epochs E]\n"
+    "        [--min-lr X] [--gamma G] [--step-epochs K] [--val-split F] [--no-shuffle] [--sizes 784,250,250,10]\n"
+    "        [--shift P] [--rotate D] [--scale F] [--elastic-alpha A] [--elastic-sigma S]\n"
+    "        [--init CKPT] [--limit N] [--quiet]\n"
+    "      trains per the TOML config (keys and defaults of nn_numba/config.py; flags override it) into\n"
+    "      OUT/<timestamp>/ (config.toml, metrics.jsonl, best.ck, last.ck); --resume RUN continues a run of\n"
+    "      nn-cpp or nn-numba with the run's own config.toml unless --config is given\n"
+    "  augment IMAGES.idx[.gz] [--config FILE] [--shift ..] [--seed S] --index I --epoch E --position Q\n"
+    "      one image distorted with the draws of training position Q of epoch E, as JSON\n"
+    "  bench [--data-dir DIR] [--batch-size B] [--threads T] [--epochs N] [--optimizer sgd|momentum|adam] [--json]\n"
+    "      seconds per training epoch on MNIST's 60,000 training images in DIR (random pixels without it)\n"
     "  --version\n";
 
 struct UsageError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
-// Strict number parsing: "12abc", "" or "nan" is a usage error, not 12, 0 or NaN.
-double to_double(const std::string& opt, const std::string& s) {
-    size_t used = 0;
-    double v = 0;
-    try {
-        v = std::stod(s, &used);
-    } catch (...) {
-        used = 0;
-    }
-    if (used == 0 || used != s.size()) throw UsageError(opt + " expects a number, got '" + s + "'");
-    if (!std::isfinite(v)) throw UsageError(opt + " expects a finite number, got '" + s + "'");
-    return v;
-}
+// Strict number parsing: "12abc" or "" is a usage error, not 12 or 0.
 // The range of each integer option (as in nn_numba's config), checked before a value is narrowed to
 // its field: --epochs 4294967297 must not become 1.
 struct Range {
@@ -279,67 +276,109 @@ int cmd_predict(int argc, char** argv) {
     return 0;
 }
 
+// Flags that set a config key: --epochs 3 is [train] epochs = 3, checked like the file's values.
+const char* const FLAG_KEYS[][3] = {
+    {"--epochs", "train", "epochs"}, {"--batch-size", "train", "batch_size"}, {"--lr", "optim", "lr"},
+    {"--seed", "train", "seed"}, {"--threads", "train", "threads"}, {"--out", "train", "out"},
+    {"--optimizer", "optim", "name"}, {"--momentum", "optim", "momentum"},
+    {"--weight-decay", "optim", "weight_decay"}, {"--reduction", "optim", "reduction"},
+    {"--schedule", "schedule", "name"}, {"--warmup-epochs", "schedule", "warmup_epochs"},
+    {"--min-lr", "schedule", "min_lr"}, {"--gamma", "schedule", "gamma"}, {"--step-epochs", "schedule", "step_epochs"},
+    {"--val-split", "data", "val_split"}, {"--sizes", "model", "sizes"}, {"--shift", "augment", "shift"},
+    {"--rotate", "augment", "rotate"}, {"--scale", "augment", "scale"},
+    {"--elastic-alpha", "augment", "elastic_alpha"}, {"--elastic-sigma", "augment", "elastic_sigma"},
+};
+
+std::vector<std::string> flag_names(std::vector<std::string> more) {
+    for (auto& f : FLAG_KEYS) more.push_back(f[0]);
+    return more;
+}
+
+// The config file (or the resumed run's own config.toml, or the defaults), then the flags over it.
+Config resolve_config(const Args& a) {
+    Config c;
+    if (a.has("--config")) c = load_config(a.get("--config"));
+    else if (a.has("--resume")) {
+        const std::string run = a.get("--resume");
+        if (::access(run.c_str(), F_OK) != 0)
+            throw NNError("cannot resume " + run + ": no such run folder or checkpoint (give a run folder or its last.ck)");
+        c = load_config(resume_run_dir(run) + "/config.toml");  // the run's own config
+    }
+    bool over = false;
+    for (auto& f : FLAG_KEYS)
+        if (a.has(f[0])) set_config_key(c, f[1], f[2], a.get(f[0])), over = true;
+    if (a.has("--nesterov")) c.nesterov = true, over = true;
+    if (a.has("--no-shuffle")) c.shuffle = false, over = true;
+    if (over) check_config(c, "command line");
+    return c;
+}
+
 int cmd_train(int argc, char** argv) {
-    Args a = parse(argc, argv, 2,
-                   {"--data-dir", "--out", "--epochs", "--batch-size", "--lr", "--optimizer", "--momentum",
-                    "--weight-decay", "--reduction", "--schedule", "--warmup-epochs", "--min-lr", "--gamma",
-                    "--step-epochs", "--val-split", "--seed", "--threads", "--sizes", "--init", "--limit"},
-                   {"--nesterov", "--no-shuffle", "--quiet", "--force"});
-    if (!a.pos.empty()) throw UsageError("train takes no positional arguments (got '" + a.pos[0] + "')");
-    TrainConfig c;
-    if (!a.has("--data-dir") || !a.has("--out")) throw UsageError("train needs --data-dir DIR and --out FILE.ck");
-    c.data_dir = a.get("--data-dir");
-    c.out = a.get("--out");
-    c.init = a.get("--init");
-    if (a.has("--epochs")) c.epochs = int(to_long("--epochs", a.get("--epochs")));
-    if (a.has("--batch-size")) c.batch = int(to_long("--batch-size", a.get("--batch-size")));
-    if (a.has("--lr")) c.lr = to_double("--lr", a.get("--lr"));
-    c.optimizer = a.get("--optimizer", c.optimizer);
-    if (a.has("--momentum")) c.momentum = to_double("--momentum", a.get("--momentum"));
-    c.nesterov = a.has("--nesterov");
-    if (a.has("--weight-decay")) c.weight_decay = to_double("--weight-decay", a.get("--weight-decay"));
-    c.reduction = a.get("--reduction", c.reduction);
-    c.schedule = a.get("--schedule", c.schedule);
-    if (a.has("--warmup-epochs")) c.warmup_epochs = to_double("--warmup-epochs", a.get("--warmup-epochs"));
-    if (a.has("--min-lr")) c.min_lr = to_double("--min-lr", a.get("--min-lr"));
-    if (a.has("--gamma")) c.gamma = to_double("--gamma", a.get("--gamma"));
-    if (a.has("--step-epochs")) c.step_epochs = int(to_long("--step-epochs", a.get("--step-epochs")));
-    if (a.has("--val-split")) c.val_split = to_double("--val-split", a.get("--val-split"));
-    if (a.has("--seed")) c.seed = uint64_t(to_long("--seed", a.get("--seed")));
-    if (a.has("--threads")) c.threads = int(to_long("--threads", a.get("--threads")));
-    if (a.has("--sizes")) c.sizes = parse_sizes(a.get("--sizes")), c.sizes_given = true;
-    if (a.has("--limit")) c.limit = to_long("--limit", a.get("--limit"));
-    c.shuffle = !a.has("--no-shuffle");
-    c.quiet = a.has("--quiet");
-    c.force = a.has("--force");
-    if (c.nesterov && c.optimizer != "momentum") throw UsageError("--nesterov needs --optimizer momentum");
-    if (c.threads < 0 || c.limit < 0 || c.step_epochs < 1 || c.warmup_epochs < 0 || !(c.lr > 0))
-        throw UsageError("--threads, --limit, --warmup-epochs must be >= 0, --step-epochs >= 1, --lr > 0");
-    train(c);
+    Args a = parse(argc, argv, 2, flag_names({"--config", "--resume", "--data-dir", "--init", "--limit"}),
+                   {"--nesterov", "--no-shuffle", "--quiet"});
+    if (!a.pos.empty()) throw UsageError("train takes no positional arguments (got '" + a.pos[0] + "'); give the config as --config FILE");
+    Config c = resolve_config(a);
+    TrainOptions o;
+    o.data_dir = a.get("--data-dir");
+    o.resume = a.get("--resume");
+    o.init = a.get("--init");
+    o.quiet = a.has("--quiet");
+    if (a.has("--limit")) o.limit = to_long("--limit", a.get("--limit"));
+    if (o.limit < 0) throw UsageError("--limit must be >= 0 (0 = all training images)");
+    if (!o.init.empty() && !o.resume.empty()) throw UsageError("--init and --resume exclude each other");
+    train(c, o);
+    return 0;
+}
+
+// The distortion of one image under the draws of (seed, epoch, position), as JSON (tests compare it with
+// nn_numba.augment).
+int cmd_augment(int argc, char** argv) {
+    Args a = parse(argc, argv, 2, flag_names({"--config", "--index", "--epoch", "--position"}), {});
+    if (a.pos.size() != 1) throw UsageError("augment takes one IDX image file");
+    Config c = resolve_config(a);
+    const long i = to_long("--index", a.get("--index", "0")), e = to_long("--epoch", a.get("--epoch", "0")),
+               q = to_long("--position", a.get("--position", "0"));
+    Images im = read_idx_images(a.pos[0]);
+    if (im.rows * im.cols != 784) throw file_error(a.pos[0], "images are not 28x28");
+    if (i < 0 || i >= long(im.n) || e < 0 || q < 0) throw UsageError("--index, --epoch, --position out of range");
+    Augment aug(c);
+    Draws d = augment_draws(aug, uint64_t(c.seed), uint64_t(e), uint64_t(q));
+    std::vector<float> out(784);
+    augment_one(im.pixels.data() + size_t(i) * 784, aug, d, out.data());
+    std::string s = "{\"dx\":" + std::to_string(d.dx) + ",\"dy\":" + std::to_string(d.dy) +
+                    ",\"angle\":" + json_num(d.angle) + ",\"scale\":" + json_num(d.scale) + ",\"field\":[";
+    for (size_t k = 0; k < d.field.size(); k++) s += (k ? "," : "") + json_num(d.field[k]);
+    s += "],\"pixels\":[";
+    for (size_t k = 0; k < out.size(); k++) s += (k ? "," : "") + json_num(out[k]);
+    std::printf("%s]}\n", s.c_str());
     return 0;
 }
 
 int cmd_bench(int argc, char** argv) {
-    Args a = parse(argc, argv, 2, {"--batch-size", "--threads", "--epochs", "--sizes", "--optimizer"}, {"--json"});
+    Args a = parse(argc, argv, 2, {"--batch-size", "--threads", "--epochs", "--sizes", "--optimizer", "--data-dir"},
+                   {"--json"});
     if (!a.pos.empty()) throw UsageError("bench takes no positional arguments");
-    int batch = int(to_long("--batch-size", a.get("--batch-size", "64")));
-    int threads = int(to_long("--threads", a.get("--threads", "0")));
-    int epochs = int(to_long("--epochs", a.get("--epochs", "2")));
-    if (batch < 1 || threads < 0 || epochs < 1) throw UsageError("--batch-size, --epochs >= 1, --threads >= 0");
-    std::vector<uint32_t> sizes = a.has("--sizes") ? parse_sizes(a.get("--sizes")) : std::vector<uint32_t>{784, 250, 250, 10};
-    std::string optim = a.get("--optimizer", "adam");
-    BenchResult r = bench(batch, threads, epochs, sizes, optim);
+    BenchConfig c;
+    c.batch = int(to_long("--batch-size", a.get("--batch-size", "64")));
+    c.threads = int(to_long("--threads", a.get("--threads", "0")));
+    c.epochs = int(to_long("--epochs", a.get("--epochs", "2")));
+    if (c.batch < 1 || c.threads < 0 || c.epochs < 1) throw UsageError("--batch-size, --epochs >= 1, --threads >= 0");
+    if (a.has("--sizes")) c.sizes = parse_sizes(a.get("--sizes"));
+    c.optimizer = a.get("--optimizer", "adam");
+    c.data_dir = a.get("--data-dir", "");
+    BenchResult r = bench(c);
     if (a.has("--json"))
-        std::printf("{\"producer\":\"nn-cpp 0.1.0\",\"data\":\"random\",\"samples\":60000,\"optimizer\":\"%s\","
+        std::printf("{\"producer\":\"nn-cpp 0.1.0\",\"data\":\"%s\",\"samples\":%u,\"optimizer\":\"%s\","
                     "\"sizes\":%s,\"batch_size\":%d,\"threads\":%d,\"epochs\":%d,\"seconds_per_epoch\":%s,"
-                    "\"samples_per_s\":%s,\"cpu_seconds_per_epoch\":%s}\n",
-                    optim.c_str(), json_str(sizes_str(sizes)).c_str(), batch, r.threads, epochs, json_num(r.seconds_per_epoch, 6).c_str(),
-                    json_num(r.samples_per_s, 6).c_str(), json_num(r.cpu_seconds_per_epoch, 6).c_str());
+                    "\"samples_per_s\":%s,\"cpu_seconds_per_epoch\":%s,\"loss\":%s}\n",
+                    r.data.c_str(), r.samples, c.optimizer.c_str(), json_str(sizes_str(c.sizes)).c_str(), c.batch,
+                    r.threads, c.epochs, json_num(r.seconds_per_epoch, 6).c_str(), json_num(r.samples_per_s, 6).c_str(),
+                    json_num(r.cpu_seconds_per_epoch, 6).c_str(), json_num(r.loss, 6).c_str());
     else
-        std::printf("nn-cpp bench (random data, 60000 samples, %s, %s): batch %d, %d thread(s): "
-                    "%.3f s/epoch, %.0f samples/s, %.3f CPU s/epoch (best of %d epochs)\n",
-                    sizes_str(sizes).c_str(), optim.c_str(), batch, r.threads, r.seconds_per_epoch, r.samples_per_s,
-                    r.cpu_seconds_per_epoch, epochs);
+        std::printf("nn-cpp bench (%s data, %u samples, %s, %s): batch %d, %d thread(s): "
+                    "%.3f s/epoch, %.0f samples/s, %.3f CPU s/epoch (best of %d epochs), loss %.4f\n",
+                    r.data.c_str(), r.samples, sizes_str(c.sizes).c_str(), c.optimizer.c_str(), c.batch, r.threads,
+                    r.seconds_per_epoch, r.samples_per_s, r.cpu_seconds_per_epoch, c.epochs, r.loss);
     return 0;
 }
 
@@ -364,10 +403,14 @@ int main(int argc, char** argv) {
         if (cmd == "predict") return cmd_predict(argc, argv);
         if (cmd == "train") return cmd_train(argc, argv);
         if (cmd == "bench") return cmd_bench(argc, argv);
+        if (cmd == "augment") return cmd_augment(argc, argv);
         throw UsageError("unknown command '" + cmd + "'");
     } catch (const UsageError& e) {
         std::fprintf(stderr, "nn-cpp: error: %s (see nn-cpp --help)\n", e.what());
         return 2;
+    } catch (const Interrupted& e) {
+        std::fprintf(stderr, "nn-cpp: error: %s\n", e.what());
+        return 130;
     } catch (const NNError& e) {
         std::fprintf(stderr, "nn-cpp: error: %s\n", e.what());
         return 1;

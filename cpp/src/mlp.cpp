@@ -1,6 +1,11 @@
 #include "mlp.h"
+#include "error.h"
+#include "update.h"
+
+#include "rng.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 
@@ -227,15 +232,28 @@ static void transpose(const float* src, int rows, int cols, float* dst) {  // ds
 }
 
 void load_batch(Work& w, const uint8_t* pixels, int n_in, const uint32_t* idx, int nb) {
+    // a table, not a division per pixel; its floats equal numpy's u8 / np.float32(255)
+    static const auto lut = [] {
+        std::array<float, 256> t;
+        for (int i = 0; i < 256; i++) t[i] = float(i) / 255.0f;
+        return t;
+    }();
     float* x = w.A[0].data();
     for (int b = 0; b < nb; b++) {
+        if (b + 4 < nb)  // random rows: ask for the row four ahead while this one is converted
+            for (int i = 0; i < n_in; i += 64) __builtin_prefetch(pixels + size_t(idx[b + 4]) * n_in + i);
         const uint8_t* p = pixels + size_t(idx[b]) * n_in;
-        // division (not * (1/255)) so the floats equal numpy's u8 / np.float32(255)
-        for (int i = 0; i < n_in; i++) x[size_t(b) * n_in + i] = float(p[i]) / 255.0f;
+        for (int i = 0; i < n_in; i++) x[size_t(b) * n_in + i] = lut[p[i]];
     }
 }
 
+// The rule of train_step: nothing reads W1 while train_step holds it.
+static void check_not_lent(bool lent) {
+    if (lent) throw NNError("internal error: train_step holds the first layer's weights; call sync(net, w, opt) first");
+}
+
 void forward(const Net& net, Work& w, int nb) {
+    check_not_lent(net.w1_lent);
     const int L = net.layers();
     for (int l = 0; l < L; l++) {
         const int in = int(net.sizes[l]), out = int(net.sizes[l + 1]);
@@ -252,25 +270,30 @@ void forward(const Net& net, Work& w, int nb) {
     }
 }
 
+double xent_row(const float* z, int C, int y, double scale, float* d, int* arg) {
+    // stable softmax: subtract the row max; double inside so exp/log add no visible error
+    int a = 0;
+    for (int c = 1; c < C; c++)
+        if (z[c] > z[a]) a = c;  // first maximum, like np.argmax
+    double small[16];
+    std::vector<double> big(C > 16 ? C : 0);
+    double* e = C > 16 ? big.data() : small;
+    double m = z[a], s = 0;
+    for (int c = 0; c < C; c++) s += e[c] = std::exp(double(z[c]) - m);
+    for (int c = 0; c < C; c++) d[c] = float((e[c] / s - (c == y)) * scale);
+    *arg = a;
+    return std::log(s) - (double(z[y]) - m);
+}
+
 double loss_grad(Work& w, const Net& net, const uint8_t* y, int nb, bool mean, int* correct) {
     const int L = net.layers(), C = int(net.sizes[L]);
-    const float* z = w.A[L].data();
-    float* d = w.dZ[L - 1].data();
     double loss = 0;
     int hits = 0;
     for (int b = 0; b < nb; b++) {
-        const float* zr = z + size_t(b) * C;
-        // stable softmax: subtract the row max; double inside so exp/log add no visible error
-        int arg = 0;
-        for (int c = 1; c < C; c++)
-            if (zr[c] > zr[arg]) arg = c;  // first maximum, like np.argmax
-        double m = zr[arg], s = 0;
-        for (int c = 0; c < C; c++) s += std::exp(double(zr[c]) - m);
-        loss += std::log(s) - (double(zr[y[b]]) - m);
+        int arg;
+        loss += xent_row(w.A[L].data() + size_t(b) * C, C, y[b], mean ? 1.0 / nb : 1.0, w.dZ[L - 1].data() + size_t(b) * C,
+                         &arg);
         hits += arg == y[b];
-        double scale = mean ? 1.0 / nb : 1.0;
-        for (int c = 0; c < C; c++)
-            d[size_t(b) * C + c] = float((std::exp(double(zr[c]) - m) / s - (c == y[b])) * scale);
     }
     if (correct) *correct = hits;
     return loss;
@@ -308,65 +331,45 @@ Optimizer::Optimizer(int kind_, const Net& net) : kind(kind_) {
         }
 }
 
-// The three update rules as separate branch-free loops over restrict pointers, so each
-// vectorises (vsqrtps/vdivps need no -ffast-math). Elementwise: a thread owns a contiguous
-// slice, nothing is shared. `wd` is 0 for biases: L2 on weights only.
-static void sgd_update(float* __restrict th, const float* __restrict g0, long n, float lr, float wd) {
-#pragma omp parallel for simd schedule(static) if (n > 65536)
-    for (long k = 0; k < n; k++) th[k] -= lr * (g0[k] + wd * th[k]);
+StepArgs Optimizer::begin(double lr) {
+    t++;
+    // Adam's bias corrections in double, then folded into two float factors;
+    // 1 - beta in double too: 1.0f - 0.999f is off by 5e-5 relative, which would show in v
+    const double bc1 = 1.0 - std::pow(beta1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
+    return {kind, nesterov, float(lr), wd, momentum, float(beta1), float(beta2), float(1.0 - beta1),
+            float(1.0 - beta2), float(lr / bc1), float(1.0 / bc2), float(eps)};
 }
 
-static void momentum_update(float* __restrict th, const float* __restrict g0, float* __restrict v, long n,
-                            float lr, float wd, float mu, bool nesterov) {
-    // Nesterov: theta -= lr (g + mu v); plain: theta -= lr v. Both are lr (a g + c v), with no
-    // branch in the loop (0 * g + v is exactly v).
-    const float a = nesterov ? 1.0f : 0.0f, c = nesterov ? mu : 1.0f;
-#pragma omp parallel for simd schedule(static) if (n > 65536)
-    for (long k = 0; k < n; k++) {
-        float g = g0[k] + wd * th[k];
-        float vk = mu * v[k] + g;
-        v[k] = vk;
-        th[k] -= lr * (a * g + c * vk);
-    }
-}
-
-static void adam_update(float* __restrict th, const float* __restrict g0, float* __restrict m, float* __restrict v,
-                        long n, float lr, float wd, float b1, float c1, float b2, float c2, float ibc1, float ibc2,
-                        float eps) {
-#pragma omp parallel for simd schedule(static) if (n > 65536)
-    for (long k = 0; k < n; k++) {
-        float g = g0[k] + wd * th[k];
-        float mk = b1 * m[k] + c1 * g, vk = b2 * v[k] + c2 * g * g;
-        m[k] = mk;
-        v[k] = vk;
-        th[k] -= lr * (mk * ibc1) / (std::sqrt(vk * ibc2) + eps);
+// The update rule over whole arrays, V lanes at a time. A thread owns a contiguous slice.
+static void update_all(const StepArgs& s, float* th, const float* g, float* m, float* v, long n, bool decay) {
+    const long chunks = (n + simd::V - 1) / simd::V;
+#pragma omp parallel for schedule(static) if (n > 65536)
+    for (long c = 0; c < chunks; c++) {
+        const long k = c * simd::V;
+        const int r = int(std::min<long>(simd::V, n - k));
+        float* mk = m ? m + k : nullptr;
+        float* vk = v ? v + k : nullptr;
+        simd::st(th + k, update(s, simd::ld(th + k, r), simd::ld(g + k, r), mk, vk, r, decay), r);
     }
 }
 
 void Optimizer::step(Net& net, const Work& w, double lr) {
-    t++;
-    const float flr = float(lr);
-    // Adam's bias corrections in double, then folded into two float factors;
-    // 1 - beta in double too: 1.0f - 0.999f is off by 5e-5 relative, which would show in v
-    const double bc1 = 1.0 - std::pow(beta1, double(t)), bc2 = 1.0 - std::pow(beta2, double(t));
-    const float b1 = float(beta1), b2 = float(beta2), c1 = float(1.0 - beta1), c2 = float(1.0 - beta2);
-    const float ibc1 = float(1.0 / bc1), ibc2 = float(1.0 / bc2);
+    check_not_lent(net.w1_lent || w1_lent);
+    const StepArgs s = begin(lr);
     int pi = 0;
     for (int l = 0; l < net.layers(); l++) {
         for (int isw = 1; isw >= 0; isw--, pi++) {  // W then B, the file order
             float* th = isw ? net.W[l].data() : net.B[l].data();
-            const float* g0 = isw ? w.dW[l].data() : w.dB[l].data();
+            const float* g = isw ? w.dW[l].data() : w.dB[l].data();
             const long n = long(isw ? net.W[l].size() : net.B[l].size());
-            const float d = isw ? wd : 0.0f;
-            if (kind == 0) sgd_update(th, g0, n, flr, d);
-            else if (kind == 1) momentum_update(th, g0, slot0[pi].data(), n, flr, d, momentum, nesterov);
-            else adam_update(th, g0, slot0[pi].data(), slot1[pi].data(), n, flr, d, b1, c1, b2, c2, ibc1, ibc2,
-                             float(eps));
+            update_all(s, th, g, kind >= 1 ? slot0[pi].data() : nullptr, kind == 2 ? slot1[pi].data() : nullptr, n,
+                       isw == 1);
         }
     }
 }
 
 OptimState Optimizer::state() const {
+    check_not_lent(w1_lent);
     OptimState st;
     st.kind = uint32_t(kind);
     st.step = t;
@@ -376,12 +379,12 @@ OptimState Optimizer::state() const {
 }
 
 long Schedule::warmup_steps(double warmup_epochs, long steps_per_epoch) {
-    return long(std::floor(warmup_epochs * double(steps_per_epoch) + 0.5));
+    return round_half_up(warmup_epochs * double(steps_per_epoch));  // the product rounded, then + 0.5: no FMA
 }
 
-double Schedule::at(long s, int epoch) const {
+double Schedule::at(long s) const {
     if (s < warmup) return lr * double(s + 1) / double(warmup);
-    if (kind == "step") return lr * std::pow(gamma, double(epoch / std::max(1, step_epochs)));
+    if (kind == "step") return lr * std::pow(gamma, double(s / steps_per_epoch / std::max(1, step_epochs)));
     if (kind == "cosine") {
         const double frac = std::min(1.0, double(s - warmup) / double(std::max(total - warmup, 1L)));
         return min_lr + (lr - min_lr) * (1.0 + std::cos(M_PI * frac)) / 2.0;

@@ -10,6 +10,7 @@
 #endif
 
 #include "check.h"
+#include "checkpoint.h"
 #include "mlp.h"
 
 // Both kernels against a double loop, on shapes that hit every edge case of the tiling.
@@ -144,6 +145,198 @@ static void test_optimizers() {
     CHECK(sgd.state().slots.empty() && mom.state().slots.size() == 1 && adam.state().slots.size() == 2);
 }
 
+
+// ---- train_step against a float64 reference: forward, loss, backward and the optimiser step
+
+struct RefOpt {
+    int kind;
+    double lr, wd = 0, mu = 0.9;
+    bool nesterov = false;
+};
+
+// One step in double on params P (W1 B1 W2 B2 ...) with slots S0, S1 at step t; returns the summed loss.
+static double ref_step(const std::vector<uint32_t>& sz, std::vector<std::vector<double>>& P,
+                       std::vector<std::vector<double>>& S0, std::vector<std::vector<double>>& S1, long t,
+                       const std::vector<double>& X, const std::vector<uint8_t>& y, bool mean, const RefOpt& o) {
+    const int L = int(sz.size()) - 1, nb = int(y.size());
+    std::vector<std::vector<double>> A(L + 1);
+    A[0] = X;
+    for (int l = 0; l < L; l++) {
+        const int in = int(sz[l]), out = int(sz[l + 1]);
+        A[l + 1].assign(size_t(nb) * out, 0.0);
+        for (int b = 0; b < nb; b++)
+            for (int j = 0; j < out; j++) {
+                double z = P[2 * l + 1][j];
+                for (int k = 0; k < in; k++) z += A[l][size_t(b) * in + k] * P[2 * l][size_t(j) * in + k];
+                A[l + 1][size_t(b) * out + j] = l + 1 < L ? std::max(z, 0.0) : z;
+            }
+    }
+    const int C = int(sz[L]);
+    double loss = 0;
+    std::vector<double> dZ(size_t(nb) * C);
+    for (int b = 0; b < nb; b++) {
+        const double* z = &A[L][size_t(b) * C];
+        double m = *std::max_element(z, z + C), s = 0;
+        for (int c = 0; c < C; c++) s += std::exp(z[c] - m);
+        loss += std::log(s) - (z[y[b]] - m);
+        for (int c = 0; c < C; c++) dZ[size_t(b) * C + c] = (std::exp(z[c] - m) / s - (c == y[b])) * (mean ? 1.0 / nb : 1.0);
+    }
+    for (int l = L - 1; l >= 0; l--) {
+        const int in = int(sz[l]), out = int(sz[l + 1]);
+        std::vector<double> gW(size_t(out) * in, 0.0), gB(out, 0.0), dA(size_t(nb) * in, 0.0);
+        for (int b = 0; b < nb; b++)
+            for (int j = 0; j < out; j++) {
+                const double d = dZ[size_t(b) * out + j];
+                gB[j] += d;
+                for (int k = 0; k < in; k++) {
+                    gW[size_t(j) * in + k] += d * A[l][size_t(b) * in + k];
+                    dA[size_t(b) * in + k] += d * P[2 * l][size_t(j) * in + k];
+                }
+            }
+        for (int isw = 1; isw >= 0; isw--) {
+            const int pi = 2 * l + (isw ? 0 : 1);
+            const std::vector<double>& G = isw ? gW : gB;
+            for (size_t k = 0; k < G.size(); k++) {
+                double& p = P[pi][k];
+                const double g = G[k] + (isw ? o.wd * p : 0.0);
+                if (o.kind == 0) {
+                    p -= o.lr * g;
+                } else if (o.kind == 1) {
+                    double& m = S0[pi][k];
+                    m = o.mu * m + g;
+                    p -= o.lr * (o.nesterov ? g + o.mu * m : m);
+                } else {
+                    double& m = S0[pi][k];
+                    double& v = S1[pi][k];
+                    m = 0.9 * m + 0.1 * g;
+                    v = 0.999 * v + 0.001 * g * g;
+                    p -= o.lr * (m / (1 - std::pow(0.9, double(t)))) / (std::sqrt(v / (1 - std::pow(0.999, double(t)))) + 1e-8);
+                }
+            }
+        }
+        for (size_t k = 0; k < dA.size(); k++) dA[k] = A[l][k] > 0 ? dA[k] : 0.0;
+        dZ = dA;
+    }
+    return loss;
+}
+
+// max |a - b| over a tensor, relative to the largest |b| in it
+static double rel_err(const std::vector<float>& a, const std::vector<double>& b) {
+    double worst = 0, mag = 1e-12;
+    for (size_t k = 0; k < b.size(); k++) {
+        worst = std::max(worst, std::abs(double(a[k]) - b[k]));
+        mag = std::max(mag, std::abs(b[k]));
+    }
+    return worst / mag;
+}
+
+// A batch of nb samples: `lit` of the pixels non-zero (1 for a dense batch), values in (0, 1].
+static std::vector<float> batch_of(Rng& rng, int nb, int n0, double lit) {
+    std::vector<float> X(size_t(nb) * n0);
+    for (auto& x : X) x = rng.uniform() < lit ? float(1.0 - rng.uniform()) : 0.0f;
+    return X;
+}
+
+// Three train_steps (a sparse batch, a dense one, a small sparse one, so both paths of the first
+// layer and both moves of its layout run) against the reference; then the same with 1 and 2
+// threads gives the same bits.
+static void test_train_step(const std::vector<uint32_t>& sz, const RefOpt& o, bool mean) {
+    Rng rng(7);
+    Net net0 = he_init(sz, rng);
+    for (auto& b : net0.B)
+        for (auto& x : b) x = float(0.1 * rng.normal());
+    const int n0 = int(sz[0]), C = int(sz.back());
+    struct Batch {
+        std::vector<float> X;
+        std::vector<uint8_t> y;
+    };
+    std::vector<Batch> batches;
+    for (auto [nb, lit] : {std::pair<int, double>{13, 0.2}, {13, 1.0}, {3, 0.2}}) {
+        Batch b{batch_of(rng, nb, n0, lit), {}};
+        for (int i = 0; i < nb; i++) b.y.push_back(uint8_t(rng.below(C)));
+        batches.push_back(b);
+    }
+    auto run = [&](int threads, Net& net, Optimizer& opt, std::vector<double>* losses) {
+#ifdef _OPENMP
+        int before = omp_get_max_threads();
+        omp_set_num_threads(threads);
+#else
+        (void)threads;
+#endif
+        opt.momentum = float(o.mu);
+        opt.nesterov = o.nesterov;
+        opt.wd = float(o.wd);
+        Work w(net, 13);
+        for (const Batch& b : batches) {
+            std::copy(b.X.begin(), b.X.end(), w.A[0].begin());
+            int hits = -1;
+            losses->push_back(train_step(net, w, opt, b.y.data(), int(b.y.size()), mean, o.lr, &hits));
+            CHECK(hits >= 0 && hits <= int(b.y.size()));
+        }
+        sync(net, w, opt);
+#ifdef _OPENMP
+        omp_set_num_threads(before);
+#endif
+    };
+    Net net = net0;
+    Optimizer opt(o.kind, net);
+    std::vector<double> losses;
+    run(1, net, opt, &losses);
+
+    std::vector<std::vector<double>> P, S0, S1;
+    for (int l = 0; l < net0.layers(); l++)
+        for (const auto* p : {&net0.W[l], &net0.B[l]}) {
+            P.emplace_back(p->begin(), p->end());
+            S0.emplace_back(p->size(), 0.0);
+            S1.emplace_back(p->size(), 0.0);
+        }
+    for (size_t i = 0; i < batches.size(); i++) {
+        std::vector<double> X(batches[i].X.begin(), batches[i].X.end());
+        double want = ref_step(sz, P, S0, S1, long(i + 1), X, batches[i].y, mean, o);
+        CHECK_NEAR(losses[i], want, 1e-5 * std::abs(want) + 1e-6);
+    }
+    double worst = 0;
+    for (int l = 0; l < net.layers(); l++) {
+        worst = std::max({worst, rel_err(net.W[l], P[2 * l]), rel_err(net.B[l], P[2 * l + 1])});
+        if (o.kind >= 1) worst = std::max({worst, rel_err(opt.slot0[2 * l], S0[2 * l]), rel_err(opt.slot0[2 * l + 1], S0[2 * l + 1])});
+        if (o.kind == 2) worst = std::max({worst, rel_err(opt.slot1[2 * l], S1[2 * l]), rel_err(opt.slot1[2 * l + 1], S1[2 * l + 1])});
+    }
+    if (!(worst < 1e-4))
+        std::fprintf(stderr, "train_step %s kind %d wd %g nesterov %d mean %d: error %.3g\n", sizes_str(sz).c_str(), o.kind,
+                     o.wd, int(o.nesterov), int(mean), worst);
+    CHECK(worst < 1e-4);
+    CHECK(opt.t == 3);
+
+    Net net2 = net0;
+    Optimizer opt2(o.kind, net2);
+    std::vector<double> losses2;
+    run(2, net2, opt2, &losses2);
+    CHECK(losses2 == losses);
+    CHECK(net2.W == net.W && net2.B == net.B);
+    CHECK(opt2.state().slots == opt.state().slots);
+}
+
+// While train_step holds W1 transposed, whatever reads net.W[0] or the W1 slots refuses to;
+// after sync they read what train_step trained.
+static void test_sync_rule() {
+    Rng rng(9);
+    Net net = he_init({20, 5, 3}, rng);
+    Optimizer opt(2, net);
+    Work w(net, 6);
+    std::vector<uint8_t> px(6 * 20, 0), y = {0, 1, 2, 0, 1, 2};
+    for (int i = 0; i < 6; i++) px[i * 20 + i] = 200;  // one lit pixel each: the sparse path
+    std::vector<uint32_t> idx = {0, 1, 2, 3, 4, 5};
+    load_batch(w, px.data(), 20, idx.data(), 6);
+    const std::vector<float> before = net.W[0];
+    train_step(net, w, opt, y.data(), 6, true, 0.1, nullptr);
+    CHECK(net.w1_lent && opt.w1_lent);
+    expect_error("evaluate before sync", [&] { evaluate(net, px.data(), y.data(), 6); }, "call sync");
+    expect_error("state before sync", [&] { opt.state(); }, "call sync");
+    sync(net, w, opt);
+    CHECK(!net.w1_lent && !opt.w1_lent && net.W[0] != before);
+    CHECK(evaluate(net, px.data(), y.data(), 6).n == 6 && opt.state().slots.size() == 2);
+}
+
 static void test_schedule() {
     Schedule s;
     s.kind = "cosine";
@@ -151,20 +344,22 @@ static void test_schedule() {
     s.min_lr = 0.1;
     s.warmup = 10;
     s.total = 110;
-    CHECK_NEAR(s.at(0, 0), 0.1, 1e-12);  // (s + 1) / Wu
-    CHECK_NEAR(s.at(9, 0), 1.0, 1e-12);
-    CHECK_NEAR(s.at(10, 0), 1.0, 1e-12);
-    CHECK_NEAR(s.at(60, 0), 0.55, 1e-12);
-    CHECK_NEAR(s.at(110, 0), 0.1, 1e-12);
+    CHECK_NEAR(s.at(0), 0.1, 1e-12);  // (s + 1) / Wu
+    CHECK_NEAR(s.at(9), 1.0, 1e-12);
+    CHECK_NEAR(s.at(10), 1.0, 1e-12);
+    CHECK_NEAR(s.at(60), 0.55, 1e-12);
+    CHECK_NEAR(s.at(110), 0.1, 1e-12);
+    CHECK_NEAR(s.at(500), 0.1, 1e-12);  // past the end (a resumed run trained longer): stays at min_lr
     s.kind = "step";
     s.warmup = 0;
     s.gamma = 0.5;
     s.step_epochs = 2;
-    CHECK_NEAR(s.at(5, 1), 1.0, 1e-12);
-    CHECK_NEAR(s.at(5, 2), 0.5, 1e-12);
-    CHECK_NEAR(s.at(5, 5), 0.25, 1e-12);
+    s.steps_per_epoch = 10;
+    CHECK_NEAR(s.at(19), 1.0, 1e-12);  // epoch 1
+    CHECK_NEAR(s.at(20), 0.5, 1e-12);  // epoch 2
+    CHECK_NEAR(s.at(55), 0.25, 1e-12);  // epoch 5
     s.kind = "constant";
-    CHECK_NEAR(s.at(1000, 9), 1.0, 1e-12);
+    CHECK_NEAR(s.at(1000), 1.0, 1e-12);
 }
 
 static void test_rng() {
@@ -198,6 +393,11 @@ int main() {
     test_gradients(false);
     test_gradients(true);
     test_optimizers();
+    for (const auto& sz : {std::vector<uint32_t>{40, 70, 19, 10}, {100, 250, 70, 10}, {30, 7}})
+        for (RefOpt o : {RefOpt{0, 0.05}, RefOpt{0, 0.05, 0.01}, RefOpt{1, 0.05}, RefOpt{1, 0.05, 0.01, 0.9, true},
+                         RefOpt{2, 1e-3}, RefOpt{2, 1e-3, 0.01}})
+            for (bool mean : {true, false}) test_train_step(sz, o, mean);
+    test_sync_rule();
     test_schedule();
     test_rng();
     return finish("test_mlp");

@@ -1,14 +1,18 @@
 // The shared test vectors (tests/vectors/vectors.json, written from the float64 reference tests/reference.py
 // and also checked by tests/test_vectors.py): a change of the maths on one side that the other does not
-// follow fails here or there. One function per section of the file.
+// follow fails here or there. One function per section of the file: network, schedule, rng, augment.
+#include <array>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
+#include "augment.h"
 #include "check.h"
 #include "file.h"
 #include "minijson.h"
 #include "mlp.h"
+#include "rng.h"
 
 static bool has(const JVal& o, const std::string& k) { return o.obj.count(k) > 0; }
 
@@ -107,12 +111,72 @@ static void test_schedule(const JVal& cases) {
         if (has(c, "min_lr")) s.min_lr = c["min_lr"].num;
         if (has(c, "step_epochs")) s.step_epochs = int(c["step_epochs"].num);
         s.warmup = Schedule::warmup_steps(c["warmup_epochs"].num, spe);
+        s.steps_per_epoch = spe;
         s.total = long(c["epochs"].num) * spe;
         CHECK(s.warmup == long(c["warmup_steps"].num));
         for (const JVal& at : c["at"].arr) {
             const long step = long(at[0].num);
-            CHECK_NEAR(s.at(step, int(step / spe)), at[1].num, 1e-12 * at[1].num);
+            CHECK_NEAR(s.at(step), at[1].num, 1e-12 * at[1].num);
         }
+    }
+}
+
+static uint64_t hex(const JVal& x) { return std::strtoull(x.str.c_str(), nullptr, 16); }
+
+// The counter-based generator: mix, bits and uniform, permutations, the split.
+static void test_rng(const JVal& v) {
+    for (const JVal& m : v["mix"].arr) CHECK(mix64(hex(m[0])) == hex(m[1]));
+    for (const JVal& c : v["uniform"].arr) {
+        const auto args = std::array<uint64_t, 5>{uint64_t(c["seed"].num), uint64_t(c["stream"].num),
+                                                  uint64_t(c["epoch"].num), uint64_t(c["i"].num), uint64_t(c["k"].num)};
+        CHECK(rng_bits(args[0], args[1], args[2], args[3], args[4]) == hex(c["bits"]));
+        CHECK(rng_uniform(args[0], args[1], args[2], args[3], args[4]) == c["u"].num);  // exact
+    }
+    const uint64_t seed = uint64_t(v["seed"].num);
+    for (const JVal& c : v["perm"].arr) {
+        std::vector<uint32_t> want;
+        for (const JVal& x : c["p"].arr) want.push_back(uint32_t(x.num));
+        CHECK(rng_perm(uint32_t(c["n"].num), seed, uint64_t(c["stream"].num), uint64_t(c["epoch"].num)) == want);
+    }
+    std::vector<uint32_t> tr, va, want_tr, want_va;
+    rng_split(uint32_t(v["split"]["n"].num), v["split"]["val_split"].num, seed, &tr, &va);
+    for (const JVal& x : v["split"]["train"].arr) want_tr.push_back(uint32_t(x.num));
+    for (const JVal& x : v["split"]["val"].arr) want_va.push_back(uint32_t(x.num));
+    CHECK(tr == want_tr && va == want_va);
+}
+
+static Augment augment_of(const JVal& a) {
+    Augment g;
+    auto get = [&](const char* k, double d) { return has(a, k) ? a[k].num : d; };
+    g.shift = int(get("shift", 0)), g.rotate = get("rotate", 0), g.scale = get("scale", 0);
+    g.elastic_alpha = get("alpha", 0), g.elastic_sigma = get("sigma", 4);
+    return g;
+}
+
+// The draws of given (epoch, position) and the image those draws make: exact draws, pixels to 1e-5.
+static void test_augment(const JVal& v) {
+    const uint64_t seed = uint64_t(v["seed"].num);
+    for (const JVal& c : v["draws"].arr) {
+        const Augment g = augment_of(v["augs"][c["aug"].str]);
+        const Draws d = augment_draws(g, seed, uint64_t(c["epoch"].num), uint64_t(c["q"].num));
+        CHECK(d.dx == int(c["dx"].num) && d.dy == int(c["dy"].num));
+        CHECK(d.angle == c["angle"].num && d.scale == c["scale"].num);
+        CHECK(d.field == floats(c["field"]) && (c["G"].num == 0 || g.grid() == int(c["G"].num)));
+    }
+    std::vector<uint8_t> image;
+    for (const JVal& x : v["image"].arr) image.push_back(uint8_t(x.num));
+    for (const JVal& c : v["images"].arr) {
+        const Augment g = augment_of(v["augs"][c["aug"].str]);
+        const JVal& dj = c["draws"];
+        Draws d;
+        d.dx = int(dj["dx"].num), d.dy = int(dj["dy"].num), d.angle = dj["angle"].num, d.scale = dj["scale"].num;
+        d.field = floats(dj["field"]);
+        std::vector<float> out(784);
+        augment_one(image.data(), g, d, out.data());
+        double err = 0;
+        for (size_t i = 0; i < out.size(); i++) err = std::max(err, std::abs(double(out[i]) - c["out"][i].num));
+        CHECK(err <= 1e-5);
+        if (!(err <= 1e-5)) std::fprintf(stderr, "  augment %s: max error %.3g\n", c["aug"].str.c_str(), err);
     }
 }
 
@@ -124,8 +188,8 @@ int main() {
         const JVal v = jparse(p);
         test_network(v["network"]);
         test_schedule(v["schedule"]);
-        // v["rng"] and v["augment"] hold the counter-based generator and the augmentation: their checks
-        // belong beside the C++ implementations of those, as functions of this file taking that section.
+        test_rng(v["rng"]);
+        test_augment(v["augment"]);
     } catch (const std::exception& e) {
         std::fprintf(stderr, "unexpected exception: %s\n", e.what());
         return 1;

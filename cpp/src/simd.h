@@ -1,0 +1,166 @@
+// One float vector type and the few operations the training kernels (step.cpp) need.
+//
+// The width follows what the compiler targets: 16 lanes with AVX-512 (-march=native on a
+// Zen 4 or a recent Xeon), 8 with AVX2 + FMA (Zen 3), and 4 lanes of plain GCC vectors in a
+// portable build (NN_NATIVE=OFF: SSE2 on x86-64, whatever the target has elsewhere).
+// loadn/storen touch only the first n lanes (n may be <= 0 or >= V): masked loads and stores
+// with AVX-512/AVX2, element loops otherwise, so row tails never read past an array.
+// Every reduction has a fixed order, so a kernel's result depends on the build, never on the run.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// GCC 12's AVX-512 intrinsics pass _mm512_undefined_ps() as the unused source of their unmasked
+// forms, which -Wuninitialized reports wherever they are inlined
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
+
+namespace simd {
+
+#if defined(__AVX512F__)
+
+constexpr int V = 16;
+typedef __m512 vf;
+inline __mmask16 lanes(int n) { return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1); }
+inline vf zero() { return _mm512_setzero_ps(); }
+inline vf load(const float* p) { return _mm512_loadu_ps(p); }
+inline void store(float* p, vf x) { _mm512_storeu_ps(p, x); }
+inline vf loadn(const float* p, int n) { return _mm512_maskz_loadu_ps(lanes(n), p); }
+typedef __mmask16 lmask;  // the first n lanes, made once for many loads (loadm)
+inline lmask mask_of(int n) { return lanes(n); }
+inline vf loadm(const float* p, lmask m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void storen(float* p, vf x, int n) { _mm512_mask_storeu_ps(p, lanes(n), x); }
+inline vf bcast(float x) { return _mm512_set1_ps(x); }
+inline vf fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline vf add(vf a, vf b) { return _mm512_add_ps(a, b); }
+inline vf sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+inline vf mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+inline vf div(vf a, vf b) { return _mm512_div_ps(a, b); }
+inline vf sqrt(vf a) { return _mm512_sqrt_ps(a); }
+inline vf relu(vf a) { return _mm512_max_ps(a, zero()); }
+// x where a > 0, else 0: the ReLU's derivative applied to a gradient
+inline vf where_pos(vf x, vf a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, zero(), _CMP_GT_OQ), x); }
+inline unsigned nonzero_lanes(vf x) { return _mm512_cmp_ps_mask(x, zero(), _CMP_NEQ_UQ); }
+inline __m256 half_sum(vf x) {  // the low plus the high 8 lanes
+    return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_castps512_ps256(_mm512_shuffle_f32x4(x, x, 0xEE)));
+}
+
+#elif defined(__AVX2__) && defined(__FMA__)
+
+constexpr int V = 8;
+typedef __m256 vf;
+inline __m256i lanes(int n) {
+    alignas(32) static const int32_t m[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 0, 0, 0, 0, 0};
+    n = n < 0 ? 0 : n > 8 ? 8 : n;
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(m + 8 - n));
+}
+inline vf zero() { return _mm256_setzero_ps(); }
+inline vf load(const float* p) { return _mm256_loadu_ps(p); }
+inline void store(float* p, vf x) { _mm256_storeu_ps(p, x); }
+inline vf loadn(const float* p, int n) { return _mm256_maskload_ps(p, lanes(n)); }
+typedef __m256i lmask;
+inline lmask mask_of(int n) { return lanes(n); }
+inline vf loadm(const float* p, lmask m) { return _mm256_maskload_ps(p, m); }
+inline void storen(float* p, vf x, int n) { _mm256_maskstore_ps(p, lanes(n), x); }
+inline vf bcast(float x) { return _mm256_set1_ps(x); }
+inline vf fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline vf add(vf a, vf b) { return _mm256_add_ps(a, b); }
+inline vf sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+inline vf mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+inline vf div(vf a, vf b) { return _mm256_div_ps(a, b); }
+inline vf sqrt(vf a) { return _mm256_sqrt_ps(a); }
+inline vf relu(vf a) { return _mm256_max_ps(a, zero()); }
+inline vf where_pos(vf x, vf a) { return _mm256_and_ps(x, _mm256_cmp_ps(a, zero(), _CMP_GT_OQ)); }
+inline unsigned nonzero_lanes(vf x) { return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(x, zero(), _CMP_NEQ_UQ))); }
+inline __m256 half_sum(vf x) { return x; }
+
+#else
+
+constexpr int V = 4;
+typedef float vf __attribute__((vector_size(16)));
+inline vf zero() { return vf{0, 0, 0, 0}; }
+inline vf load(const float* p) {
+    vf v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+inline void store(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
+inline vf loadn(const float* p, int n) {
+    vf v = zero();
+    for (int q = 0; q < n && q < V; q++) v[q] = p[q];
+    return v;
+}
+inline void storen(float* p, vf x, int n) {
+    for (int q = 0; q < n && q < V; q++) p[q] = x[q];
+}
+typedef int lmask;
+inline lmask mask_of(int n) { return n; }
+inline vf loadm(const float* p, lmask n) { return loadn(p, n); }
+inline vf bcast(float x) { return vf{x, x, x, x}; }
+inline vf fma(vf a, vf b, vf c) { return a * b + c; }
+inline vf add(vf a, vf b) { return a + b; }
+inline vf sub(vf a, vf b) { return a - b; }
+inline vf mul(vf a, vf b) { return a * b; }
+inline vf div(vf a, vf b) { return a / b; }
+inline vf sqrt(vf a) {
+    for (int q = 0; q < V; q++) a[q] = std::sqrt(a[q]);
+    return a;
+}
+inline vf relu(vf a) {
+    for (int q = 0; q < V; q++) a[q] = a[q] > 0.0f ? a[q] : 0.0f;
+    return a;
+}
+inline vf where_pos(vf x, vf a) {
+    for (int q = 0; q < V; q++) x[q] = a[q] > 0.0f ? x[q] : 0.0f;
+    return x;
+}
+inline unsigned nonzero_lanes(vf x) {
+    unsigned m = 0;
+    for (int q = 0; q < V; q++) m |= unsigned(x[q] != 0.0f) << q;
+    return m;
+}
+
+#endif
+
+// Pins x to a register: the compiler then loads a vector once for all its uses instead of
+// folding a fresh load into each FMA (which makes a tile load-bound).
+inline void pin(vf& x) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    asm("" : "+v"(x));
+#else
+    (void)x;
+#endif
+}
+
+inline vf ld(const float* p, int n) { return n >= V ? load(p) : loadn(p, n); }
+inline void st(float* p, vf x, int n) {
+    if (n >= V) store(p, x);
+    else storen(p, x, n);
+}
+
+// The sum of the lanes of each of a[0..3] into out[0..3]: one shuffle tree for all four.
+inline void sum4(const vf* a, float* out) {
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+    __m256 h01 = _mm256_hadd_ps(half_sum(a[0]), half_sum(a[1]));
+    __m256 h23 = _mm256_hadd_ps(half_sum(a[2]), half_sum(a[3]));
+    __m256 h = _mm256_hadd_ps(h01, h23);  // [s0 s1 s2 s3] of the low and of the high 128 bits
+    _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+    for (int i = 0; i < 4; i++) out[i] = (a[i][0] + a[i][2]) + (a[i][1] + a[i][3]);
+#endif
+}
+
+inline float sum(vf x) {
+    vf a[4] = {x, zero(), zero(), zero()};
+    float out[4];
+    sum4(a, out);
+    return out[0];
+}
+
+}  // namespace simd

@@ -1,0 +1,548 @@
+// train_step: one optimiser step on a mini-batch, as fast as this CPU allows.
+//
+// Layout: activations and their gradients live in w.H / w.G with rows padded to 64 floats
+// (zeros in the padding), 64-byte aligned. The weights stay as stored (out x in), except W1 on
+// the sparse path (below). Products, each in the form that needs no transposed copy:
+//   forward       Z = A W^T        dot form over rows of A and W       -> TR x TS dot-product tiles
+//   input grad   dA = dZ W         axpy form over rows of W            -> TR rows x TS vectors
+//   weight grad  dW = dZ^T A       axpy form over rows of A            -> TR rows x TS vectors,
+//                                  then the optimiser step on that tile of W (update.h)
+// A tile keeps its TR x TS sums in vector registers for the whole reduction: 24 of AVX-512's 32
+// registers, 12 of AVX2's 16.
+//
+// The first layer. Most of MNIST's pixels are 0, so on a sparse batch the first layer keeps W1
+// transposed, WT (n0 x ld1): row k is what pixel k adds to every output.
+//   forward       a sample's outputs are the sum of its lit pixels' rows of WT, all (up to 256)
+//                 outputs in registers at once
+//   weight grad   for each block of 6 neighbouring pixels, a 6 x TS-vector tile of dWT summed over
+//                 only the samples that light the block, then the optimiser step on WT
+//
+// Threads: one parallel region per step; in each phase every output element belongs to one task
+// and is summed in a fixed order, so the result is the same for any number of threads.
+#include <algorithm>
+#include <cmath>
+#include <string>
+
+#include "error.h"
+#include "mlp.h"
+#include "simd.h"
+#include "update.h"
+
+using namespace simd;
+
+namespace {
+
+constexpr int PAD = 64;  // row padding of w.H, w.G, WT, in floats
+int pad(int n) { return (n + PAD - 1) / PAD * PAD; }
+
+constexpr int TR = 6;  // rows of a tile (samples, outputs or pixels)
+#if defined(__AVX512F__)
+constexpr int TS = 4;  // vectors per tile row: 64 columns
+constexpr int FU = 4;  // 64-column units one sparse-forward pass keeps in registers
+#else
+constexpr int TS = 2;
+constexpr int FU = 1;
+#endif
+constexpr int TW = TS * V;  // columns of a tile
+constexpr int SLOT = 8;     // floats per packed block of pixels (TR used)
+
+// ---------------------------------------------------------------- forward
+
+// Z[r, s] = relu?(A[r] . W[s] + bias[s]) for R rows of A and S rows of W.
+template <int R, int S>
+void dot_tile(int K, const float* A, int lda, const float* W, int ldw, const float* bias, bool relu, float* Z, int ldz) {
+    vf acc[R * S + 3];  // + 3 zeros: the sums go four at a time
+    for (auto& a : acc) a = zero();
+    const int kf = K - K % V;
+    for (int k = 0; k < kf; k += V) {
+        vf w[S];
+        for (int s = 0; s < S; s++) w[s] = load(W + size_t(s) * ldw + k);
+        for (int r = 0; r < R; r++) {
+            vf a = load(A + size_t(r) * lda + k);
+            pin(a);
+            for (int s = 0; s < S; s++) acc[r * S + s] = fma(a, w[s], acc[r * S + s]);
+        }
+    }
+    if (kf < K) {
+        vf w[S];
+        for (int s = 0; s < S; s++) w[s] = loadn(W + size_t(s) * ldw + kf, K - kf);
+        for (int r = 0; r < R; r++) {
+            vf a = loadn(A + size_t(r) * lda + kf, K - kf);
+            for (int s = 0; s < S; s++) acc[r * S + s] = fma(a, w[s], acc[r * S + s]);
+        }
+    }
+    float out[R * S + 3];
+    for (int q = 0; q < R * S; q += 4) sum4(acc + q, out + q);
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < S; s++) {
+            float z = out[r * S + s] + bias[s];
+            Z[size_t(r) * ldz + s] = relu ? std::max(z, 0.0f) : z;
+        }
+}
+
+template <int R>
+void dot_rows(int S, int K, const float* A, int lda, const float* W, int ldw, const float* bias, bool relu, float* Z,
+              int ldz) {
+    static_assert(TS <= 4, "dot_rows dispatches on 1..4 rows of W");
+    switch (S) {
+        case 4: dot_tile<R, (TS >= 4 ? 4 : 1)>(K, A, lda, W, ldw, bias, relu, Z, ldz); break;
+        case 3: dot_tile<R, (TS >= 3 ? 3 : 1)>(K, A, lda, W, ldw, bias, relu, Z, ldz); break;
+        case 2: dot_tile<R, 2>(K, A, lda, W, ldw, bias, relu, Z, ldz); break;
+        default: dot_tile<R, 1>(K, A, lda, W, ldw, bias, relu, Z, ldz); break;
+    }
+}
+
+// Z (nb x N, row stride ldz) = relu?(A W^T + bias), W (N x K) as stored. Tiles with W's rows
+// outermost, so a thread's consecutive tiles share TS rows of W in L1.
+// One TR x TS tile of forward_dense at rows i, columns j.
+void dot_task(int i, int j, int nb, int N, int K, const float* A, int lda, const float* W, const float* bias, bool relu,
+              float* Z, int ldz) {
+    const int mr = std::min(TR, nb - i), nr = std::min(TS, N - j);
+    const float* a = A + size_t(i) * lda;
+    const float* w = W + size_t(j) * K;
+    float* z = Z + size_t(i) * ldz + j;
+    switch (mr) {
+        case 6: dot_rows<6>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+        case 5: dot_rows<5>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+        case 4: dot_rows<4>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+        case 3: dot_rows<3>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+        case 2: dot_rows<2>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+        default: dot_rows<1>(nr, K, a, lda, w, K, bias + j, relu, z, ldz); break;
+    }
+}
+
+void forward_dense(int nb, int N, int K, const float* A, int lda, const float* W, const float* bias, bool relu,
+                   float* Z, int ldz) {
+    const int mt = (nb + TR - 1) / TR, nt = (N + TS - 1) / TS;
+#pragma omp for schedule(static)
+    for (int t = 0; t < mt * nt; t++) dot_task((t % mt) * TR, (t / mt) * TS, nb, N, K, A, lda, W, bias, relu, Z, ldz);
+}
+
+// The lit pixels of one sample x (n0 floats) in pixel order: cols[:cnt], vals[:cnt]. Blocks of V
+// zero pixels cost one compare; the others are appended branch-free (a zero is written, then
+// overwritten). cols and vals need n0 + V slots.
+int lit_pixels(const float* x, int n0, int32_t* cols, float* vals) {
+    int c = 0;
+    for (int k = 0; k < n0; k += V) {
+        const int n = n0 - k;
+        const vf v = ld(x + k, n);
+        const unsigned m = nonzero_lanes(v);
+        if (!m) continue;
+#if defined(__AVX512F__)
+        const __m512i ix = _mm512_add_epi32(_mm512_set1_epi32(k),
+                                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        _mm512_storeu_ps(vals + c, _mm512_maskz_compress_ps(__mmask16(m), v));
+        _mm512_storeu_si512(cols + c, _mm512_maskz_compress_epi32(__mmask16(m), ix));
+        c += __builtin_popcount(m);
+#else
+        for (int q = 0; q < std::min(n, V); q++) {
+            const float xv = x[k + q];
+            cols[c] = k + q;
+            vals[c] = xv;
+            c += xv != 0.0f;
+        }
+#endif
+    }
+    return c;
+}
+
+// One sample's first-layer outputs out[c0 .. c0 + NV*V) from its lit pixels.
+template <int NV>
+void sparse_chunk(int cnt, const int32_t* cols, const float* vals, const float* WT, int ldT, int c0,
+                  const float* bias, int n1, bool relu, float* out) {
+    vf acc[NV];
+    for (auto& a : acc) a = zero();
+    for (int e = 0; e < cnt; e++) {
+        const float* row = WT + size_t(cols[e]) * ldT + c0;
+        const vf x = bcast(vals[e]);
+        for (int q = 0; q < NV; q++) acc[q] = fma(x, load(row + q * V), acc[q]);
+    }
+    for (int q = 0; q < NV; q++) {
+        const int col = c0 + q * V;
+        const vf z = add(acc[q], loadn(bias + col, n1 - col));  // zeros past n1: the padding stays 0
+        store(out + col, relu ? simd::relu(z) : z);
+    }
+}
+
+// For pixel block kb (pixels 6kb .. 6kb + 5) the samples that light it, in sample order, with
+// the block's pixels packed into SLOT floats each. Each sample's slot is written, and kept only
+// if the block is lit: no branch to mispredict at stroke edges.
+int lit_block(const float* X, int n0, int nb, int kb, int32_t* idx, float* pk) {
+    const int k = kb * TR, n = std::min(TR, n0 - k);
+    int c = 0;
+    for (int b = 0; b < nb; b++) {
+        const float* x = X + size_t(b) * n0 + k;
+        float* slot = pk + size_t(c) * SLOT;
+#if defined(__AVX2__)
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        const __m256 v = _mm256_maskload_ps(x, m);
+        _mm256_store_ps(slot, v);
+        const bool any = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ)) != 0;
+#else
+        bool any = false;
+        for (int r = 0; r < SLOT; r++) {
+            const float v = r < n ? x[r] : 0.0f;
+            slot[r] = v;
+            any |= v != 0.0f;
+        }
+#endif
+        idx[c] = b;
+        c += any;
+    }
+    return c;
+}
+
+// ---------------------------------------------------------------- backward
+
+// D[r, k0 ..] = (dZ[r] W)[k0 ..] where A[r] > 0, for R samples and one column block of TW.
+// In the last block (EDGE) a row of W ends inside the tile: the lanes past it read the start of
+// the next row, and the mask A > 0 zeroes them (A's padding is 0); only W's last row, which has no
+// next row, takes masked loads.
+template <int R, bool EDGE>
+void input_tile(int N, const float* dZ, int ldz, const float* W, int K, int k0, const float* A, int lda, float* D,
+                int ldd) {
+    vf acc[R][TS];
+    for (auto& row : acc)
+        for (auto& a : row) a = zero();
+    auto add_row = [&](int o, const vf* wv) {
+        for (int r = 0; r < R; r++) {
+            const vf d = bcast(dZ[size_t(r) * ldz + o]);
+            for (int s = 0; s < TS; s++) acc[r][s] = fma(d, wv[s], acc[r][s]);
+        }
+    };
+    const int last = EDGE ? N - 1 : N;
+    for (int o = 0; o < last; o++) {
+        const float* w = W + size_t(o) * K + k0;
+        vf wv[TS];
+        for (int s = 0; s < TS; s++) wv[s] = load(w + s * V);
+        add_row(o, wv);
+    }
+    if (EDGE) {
+        const float* w = W + size_t(N - 1) * K + k0;
+        vf wv[TS];
+        for (int s = 0; s < TS; s++) wv[s] = loadn(w + s * V, K - k0 - s * V);
+        add_row(N - 1, wv);
+    }
+    for (int r = 0; r < R; r++)
+        for (int s = 0; s < TS; s++) {
+            const int col = k0 + s * V;  // < the padded row length: whole vectors, zeros past K
+            store(D + size_t(r) * ldd + col, where_pos(acc[r][s], load(A + size_t(r) * lda + col)));
+        }
+}
+
+template <bool EDGE>
+void input_rows(int mr, int N, const float* dZ, int ldz, const float* W, int K, int k0, const float* A, int lda,
+                float* D, int ldd) {
+    switch (mr) {
+        case 6: input_tile<6, EDGE>(N, dZ, ldz, W, K, k0, A, lda, D, ldd); break;
+        case 5: input_tile<5, EDGE>(N, dZ, ldz, W, K, k0, A, lda, D, ldd); break;
+        case 4: input_tile<4, EDGE>(N, dZ, ldz, W, K, k0, A, lda, D, ldd); break;
+        case 3: input_tile<3, EDGE>(N, dZ, ldz, W, K, k0, A, lda, D, ldd); break;
+        case 2: input_tile<2, EDGE>(N, dZ, ldz, W, K, k0, A, lda, D, ldd); break;
+        default: input_tile<1, EDGE>(N, dZ, ldz, W, K, k0, A, lda, D, ldd); break;
+    }
+}
+
+// D (nb x K, stride ldd = A's) = (dZ W) masked by A > 0: the gradient at the layer's input through
+// the previous ReLU. Column blocks outermost: a run of tiles reads the same N x TW block of W.
+// One TR x TW tile of input_grad at rows i, columns k0.
+void input_task(int i, int k0, int nb, int N, int K, const float* dZ, int ldz, const float* W, const float* A, int lda,
+                float* D) {
+    const int mr = std::min(TR, nb - i);
+    const float* dz = dZ + size_t(i) * ldz;
+    const float* a = A + size_t(i) * lda;
+    float* d = D + size_t(i) * lda;
+    if (k0 + TW <= K) input_rows<false>(mr, N, dz, ldz, W, K, k0, a, lda, d, lda);
+    else input_rows<true>(mr, N, dz, ldz, W, K, k0, a, lda, d, lda);
+}
+
+void input_grad(int nb, int N, int K, const float* dZ, int ldz, const float* W, const float* A, int lda, float* D) {
+    const int mt = (nb + TR - 1) / TR, kt = (K + TW - 1) / TW;
+#pragma omp for schedule(static)
+    for (int t = 0; t < mt * kt; t++) input_task((t % mt) * TR, (t / mt) * TW, nb, N, K, dZ, ldz, W, A, lda, D);
+}
+
+// The optimiser step on rows o .. o + nr - 1, columns k0 .. of a (.. x K) parameter matrix P with
+// its gradient tile g in registers; M, Vs its slots (or null).
+template <int KIND>
+void step_tile(const vf (*g)[TS], int nr, int o, int k0, int K, float* P, float* M, float* Vs, const StepArgs& s) {
+    for (int r = 0; r < nr; r++)
+        for (int q = 0; q < TS; q++) {
+            const int n = K - k0 - q * V;
+            if (n <= 0) break;
+            const size_t off = size_t(o + r) * K + k0 + q * V;
+            st(P + off, update_k<KIND>(s, ld(P + off, n), g[r][q], M ? M + off : nullptr, Vs ? Vs + off : nullptr, n, true), n);
+        }
+}
+
+// The gradient of rows o .. o + TR - 1 of W (N x K) at columns k0 .. k0 + TW - 1, summed over the
+// batch in sample order, then the optimiser step on that block of W. dZ has TR readable columns
+// from o (the padding and the buffers' slack); rows past N are computed and dropped. EDGE: A's
+// rows end inside the tile (an unpadded input batch), so its loads are masked.
+template <bool EDGE, int KIND>
+void weight_tile(int nb, const float* dZ, int ldz, int o, const float* A, int lda, int K, int k0, int N, float* W,
+                 float* M, float* Vs, const StepArgs& s) {
+    vf acc[TR][TS];
+    for (auto& row : acc)
+        for (auto& a : row) a = zero();
+    lmask m[TS];
+    for (int q = 0; q < TS; q++) m[q] = mask_of(K - k0 - q * V);
+    for (int b = 0; b < nb; b++) {
+        const float* a = A + size_t(b) * lda + k0;
+        vf av[TS];
+        for (int q = 0; q < TS; q++) av[q] = EDGE ? loadm(a + q * V, m[q]) : load(a + q * V);
+        const float* d = dZ + size_t(b) * ldz + o;
+        for (int r = 0; r < TR; r++) {
+            const vf c = bcast(d[r]);
+            for (int q = 0; q < TS; q++) acc[r][q] = fma(c, av[q], acc[r][q]);
+        }
+    }
+    step_tile<KIND>(acc, std::min(TR, N - o), o, k0, K, W, M, Vs, s);
+}
+
+// dB[o0 .. o0 + V) = column sums of dZ in sample order, then the step on those biases.
+void bias_step(int nb, const float* dZ, int ldz, int o0, int N, float* B, float* M, float* Vs, const StepArgs& s) {
+    vf g = zero();
+    for (int b = 0; b < nb; b++) g = add(g, load(dZ + size_t(b) * ldz + o0));
+    const int n = N - o0;
+    st(B + o0, update(s, ld(B + o0, n), g, M ? M + o0 : nullptr, Vs ? Vs + o0 : nullptr, n, false), n);
+}
+
+// Layer l's weight gradient and bias gradient with the optimiser step fused. Tasks: the tiles of W
+// (row blocks fastest, so a run of them reads the same TW columns of A from L1), then the biases.
+// nowait: the next phase (the input gradient of the layer below) touches nothing this one writes.
+void weight_step(int nb, int N, int K, const float* dZ, int ldz, const float* A, int lda, float* W, float* B,
+                 float* MW, float* VW, float* MB, float* VB, const StepArgs& s) {
+    const bool padded = lda >= (K + TW - 1) / TW * TW;  // whole tiles of A are readable
+    const int nt = (N + TR - 1) / TR, kt = (K + TW - 1) / TW, bt = (N + V - 1) / V;
+#pragma omp for schedule(static) nowait
+    for (int t = 0; t < nt * kt + bt; t++) {
+        if (t >= nt * kt) {
+            bias_step(nb, dZ, ldz, (t - nt * kt) * V, N, B, MB, VB, s);
+            continue;
+        }
+        const int o = (t % nt) * TR, k0 = (t / nt) * TW;
+        auto tile = padded || k0 + TW <= K ? (s.kind == 0   ? weight_tile<false, 0>
+                                    : s.kind == 1 ? weight_tile<false, 1>
+                                                  : weight_tile<false, 2>)
+                                 : (s.kind == 0   ? weight_tile<true, 0>
+                                    : s.kind == 1 ? weight_tile<true, 1>
+                                                  : weight_tile<true, 2>);
+        tile(nb, dZ, ldz, o, A, lda, K, k0, N, W, MW, VW, s);
+    }
+}
+
+// The first layer's weight gradient on the sparse path: for pixel block kb, a TR x TW tile of dWT
+// summed over the m samples idx[:m] that light it (pk: their pixels), then the step on WT.
+template <int KIND>
+void sparse_weight_tile(int m, const int32_t* idx, const float* pk, const float* dZ, int ldz, int kb, int j, int n0,
+                        float* WT, float* MT, float* VT, int ldT, const StepArgs& s) {
+    vf acc[TR][TS];
+    for (auto& row : acc)
+        for (auto& a : row) a = zero();
+    for (int p = 0; p < m; p++) {
+        const float* d = dZ + size_t(idx[p]) * ldz + j;
+        vf dv[TS];
+        for (int q = 0; q < TS; q++) dv[q] = load(d + q * V);
+        const float* x = pk + size_t(p) * SLOT;
+        for (int r = 0; r < TR; r++) {
+            const vf c = bcast(x[r]);
+            for (int q = 0; q < TS; q++) acc[r][q] = fma(c, dv[q], acc[r][q]);
+        }
+    }
+    const int k = kb * TR;
+    step_tile<KIND>(acc, std::min(TR, n0 - k), k, j, ldT, WT, MT, VT, s);
+}
+
+// ---------------------------------------------------------------- the step
+
+void prepare(const Net& net, Work& w) {
+    const int L = net.layers();
+    if (int(w.H.size()) == L + 1) return;
+    const size_t rows = size_t(w.cap) + TR;  // + slack: tiles read a few rows and columns past the data
+    w.ld.assign(L + 1, 0);
+    w.H.assign(L + 1, fbuf());
+    w.G.assign(L, fbuf());
+    for (int l = 1; l <= L; l++) {
+        w.ld[l] = pad(int(net.sizes[l]));
+        w.H[l].assign(rows * w.ld[l] + PAD, 0.0f);
+        w.G[l - 1].assign(rows * w.ld[l] + PAD, 0.0f);
+    }
+    w.loss.assign(w.cap, 0.0);
+    w.hit.assign(w.cap, 0);
+}
+
+// The sparse path's index lists, at its first use (dense inputs never need them).
+void prepare_sparse(const Net& net, Work& w) {
+    if (!w.cnt.empty()) return;
+    const int n0 = int(net.sizes[0]), nblk = (n0 + TR - 1) / TR;
+    w.cnt.assign(w.cap, 0);
+    w.cols.assign(size_t(w.cap) * (n0 + V), 0);
+    w.vals.assign(size_t(w.cap) * (n0 + V), 0.0f);
+    w.bcnt.assign(nblk, 0);
+    w.bidx.assign(size_t(nblk) * w.cap, 0);
+    w.pk.assign(size_t(nblk) * w.cap * SLOT, 0.0f);
+}
+
+// W (n1 x n0) <-> WT (n0 x ldT, zeros in the padding).
+void transpose_first(std::vector<float>& W, fbuf& WT, int n1, int n0, int ldT, bool to_t) {
+    if (to_t) WT.assign(size_t(n0) * ldT, 0.0f);
+    for (int o = 0; o < n1; o++)
+        for (int k = 0; k < n0; k++) {
+            float& t = WT[size_t(k) * ldT + o];
+            float& x = W[size_t(o) * n0 + k];
+            if (to_t) t = x;
+            else x = t;
+        }
+}
+
+void move_first(Net& net, Work& w, Optimizer& opt, bool to_t) {
+    const int n0 = int(net.sizes[0]), n1 = int(net.sizes[1]), ldT = w.ld[1];
+    transpose_first(net.W[0], w.WT, n1, n0, ldT, to_t);
+    if (opt.kind >= 1) transpose_first(opt.slot0[0], w.MT, n1, n0, ldT, to_t);
+    if (opt.kind == 2) transpose_first(opt.slot1[0], w.VT, n1, n0, ldT, to_t);
+    w.transposed = net.w1_lent = opt.w1_lent = to_t;
+}
+
+// The share of non-zero values in the first rows of X: picks the first layer's path.
+double density(const float* X, int rows, int n0) {
+    long n = 0;
+    for (size_t k = 0; k < size_t(rows) * n0; k++) n += X[k] != 0.0f;
+    return double(n) / double(std::max<size_t>(size_t(rows) * n0, 1));
+}
+
+// Phase one of the sparse path: each sample's lit pixels and its first-layer outputs, and each
+// pixel block's lit samples (for the weight gradient), as one task list.
+void sparse_first(const Net& net, Work& w, int nb, bool relu) {
+    const int n0 = int(net.sizes[0]), n1 = int(net.sizes[1]), ldT = w.ld[1], nblk = (n0 + TR - 1) / TR;
+    const float* X = w.A[0].data();
+    const float* bias = net.B[0].data();
+#pragma omp for schedule(static)
+    for (int t = 0; t < nb + nblk; t++) {
+        if (t >= nb) {
+            const int kb = t - nb;
+            w.bcnt[kb] = lit_block(X, n0, nb, kb, &w.bidx[size_t(kb) * w.cap], &w.pk[size_t(kb) * w.cap * SLOT]);
+            continue;
+        }
+        int32_t* cols = &w.cols[size_t(t) * (n0 + V)];
+        float* vals = &w.vals[size_t(t) * (n0 + V)];
+        const int c = lit_pixels(X + size_t(t) * n0, n0, cols, vals);
+        float* out = w.H[1].data() + size_t(t) * ldT;
+        for (int u = 0; u < ldT / PAD; u += FU) {
+            const int c0 = u * PAD;
+            switch (std::min(FU, ldT / PAD - u)) {
+                case 4: sparse_chunk<(FU >= 4 ? 4 : 1) * PAD / V>(c, cols, vals, w.WT.data(), ldT, c0, bias, n1, relu, out); break;
+                case 3: sparse_chunk<(FU >= 3 ? 3 : 1) * PAD / V>(c, cols, vals, w.WT.data(), ldT, c0, bias, n1, relu, out); break;
+                case 2: sparse_chunk<(FU >= 2 ? 2 : 1) * PAD / V>(c, cols, vals, w.WT.data(), ldT, c0, bias, n1, relu, out); break;
+                default: sparse_chunk<PAD / V>(c, cols, vals, w.WT.data(), ldT, c0, bias, n1, relu, out); break;
+            }
+        }
+    }
+}
+
+void sparse_first_step(Net& net, Work& w, Optimizer& opt, int nb, const StepArgs& s) {
+    const int n0 = int(net.sizes[0]), n1 = int(net.sizes[1]), ldT = w.ld[1], nblk = (n0 + TR - 1) / TR;
+    const int jt = ldT / TW, bt = (n1 + V - 1) / V;
+    const bool idle = s.kind == 0 && s.wd == 0.0f;  // then a block no sample lit keeps its weights
+    float* B = net.B[0].data();
+    float* MB = opt.kind >= 1 ? opt.slot0[1].data() : nullptr;
+    float* VB = opt.kind == 2 ? opt.slot1[1].data() : nullptr;
+    float* MT = opt.kind >= 1 ? w.MT.data() : nullptr;
+    float* VT = opt.kind == 2 ? w.VT.data() : nullptr;
+    // blocks outermost: each thread works through its own part of the image
+#pragma omp for schedule(static) nowait
+    for (int t = 0; t < nblk * jt + bt; t++) {
+        if (t >= nblk * jt) {
+            bias_step(nb, w.G[0].data(), ldT, (t - nblk * jt) * V, n1, B, MB, VB, s);
+            continue;
+        }
+        const int kb = t / jt, j = (t % jt) * TW, m = w.bcnt[kb];
+        if (m == 0 && idle) continue;
+        auto tile = s.kind == 0 ? sparse_weight_tile<0> : s.kind == 1 ? sparse_weight_tile<1> : sparse_weight_tile<2>;
+        tile(m, &w.bidx[size_t(kb) * w.cap], &w.pk[size_t(kb) * w.cap * SLOT], w.G[0].data(), ldT, kb, j,
+                           n0, w.WT.data(), MT, VT, ldT, s);
+    }
+}
+
+float* slot(std::vector<std::vector<float>>& v, int i) { return v.empty() ? nullptr : v[i].data(); }
+
+// Softmax cross-entropy of samples i .. i + mr - 1: their losses, hits and dZ_L.
+void loss_rows(const Net& net, Work& w, const uint8_t* y, int i, int mr, double scale) {
+    const int L = net.layers(), C = int(net.sizes[L]), ld = w.ld[L];
+    for (int b = i; b < i + mr; b++) {
+        int arg;
+        w.loss[b] = xent_row(w.H[L].data() + size_t(b) * ld, C, y[b], scale, w.G[L - 1].data() + size_t(b) * ld, &arg);
+        w.hit[b] = arg == y[b];
+    }
+}
+
+// The last layer, the loss and the gradient at the last layer's input, TR samples per task: a
+// sample needs only its own row at each stage, so the three stages share one parallel loop.
+void last_layer(const Net& net, Work& w, const uint8_t* y, int nb, double scale) {
+    const int L = net.layers(), N = int(net.sizes[L]), K = int(net.sizes[L - 1]);
+    const float* A = w.H[L - 1].data();
+#pragma omp for schedule(static)
+    for (int i = 0; i < nb; i += TR) {
+        for (int j = 0; j < N; j += TS)
+            dot_task(i, j, nb, N, K, A, w.ld[L - 1], net.W[L - 1].data(), net.B[L - 1].data(), false, w.H[L].data(),
+                     w.ld[L]);
+        loss_rows(net, w, y, i, std::min(TR, nb - i), scale);
+        for (int k0 = 0; k0 < K; k0 += TW)
+            input_task(i, k0, nb, N, K, w.G[L - 1].data(), w.ld[L], net.W[L - 1].data(), A, w.ld[L - 1],
+                       w.G[L - 2].data());
+    }
+}
+
+}  // namespace
+
+void sync(Net& net, Work& w, Optimizer& opt) {
+    if (w.transposed) move_first(net, w, opt, false);
+}
+
+double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, bool mean, double lr, int* correct) {
+    if (nb < 1 || nb > w.cap) throw NNError("internal error: a batch of " + std::to_string(nb) + " in a Work for " +
+                                            std::to_string(w.cap));
+    prepare(net, w);
+    const int L = net.layers(), n0 = int(net.sizes[0]);
+    const StepArgs s = opt.begin(lr);
+    // MNIST-like batches (few lit pixels) take the sparse first layer; dense inputs the tiles
+    const bool sparse = nb < TR || density(w.A[0].data(), std::min(nb, 8), n0) <= 0.4;
+    if (sparse) prepare_sparse(net, w);
+    if (sparse != w.transposed) move_first(net, w, opt, sparse);
+    const double scale = mean ? 1.0 / nb : 1.0;
+#pragma omp parallel
+    {
+        if (sparse) sparse_first(net, w, nb, L > 1);
+        else
+            forward_dense(nb, int(net.sizes[1]), n0, w.A[0].data(), n0, net.W[0].data(), net.B[0].data(), L > 1,
+                          w.H[1].data(), w.ld[1]);
+        for (int l = 1; l + 1 < L; l++)
+            forward_dense(nb, int(net.sizes[l + 1]), int(net.sizes[l]), w.H[l].data(), w.ld[l], net.W[l].data(),
+                          net.B[l].data(), true, w.H[l + 1].data(), w.ld[l + 1]);
+        if (L > 1) {
+            last_layer(net, w, y, nb, scale);
+        } else {
+#pragma omp for schedule(static)
+            for (int i = 0; i < nb; i += TR) loss_rows(net, w, y, i, std::min(TR, nb - i), scale);
+        }
+        for (int l = L - 1; l >= 0; l--) {
+            const int N = int(net.sizes[l + 1]), K = int(net.sizes[l]);
+            if (l > 0 && l < L - 1)  // reads the old W_l, so before its step (last_layer did l = L - 1)
+                input_grad(nb, N, K, w.G[l].data(), w.ld[l + 1], net.W[l].data(), w.H[l].data(), w.ld[l],
+                           w.G[l - 1].data());
+            if (l == 0 && sparse) sparse_first_step(net, w, opt, nb, s);
+            else
+                weight_step(nb, N, K, w.G[l].data(), w.ld[l + 1], l ? w.H[l].data() : w.A[0].data(),
+                            l ? w.ld[l] : n0, net.W[l].data(), net.B[l].data(), slot(opt.slot0, 2 * l),
+                            slot(opt.slot1, 2 * l), slot(opt.slot0, 2 * l + 1), slot(opt.slot1, 2 * l + 1), s);
+        }
+    }
+    double loss = 0;
+    int hits = 0;
+    for (int b = 0; b < nb; b++) {  // in sample order: the same sum for any thread count
+        loss += w.loss[b];
+        hits += w.hit[b];
+    }
+    if (correct) *correct = hits;
+    return loss;
+}

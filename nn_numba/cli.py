@@ -75,8 +75,8 @@ def train(
     name: Annotated[str | None, typer.Option(metavar="NAME", help="The run folder's name (default: the date and "
                                                                   "time); report's plots use it as the label.")] = None,
     data_dir: DataDir = None,
-    resume: Annotated[str | None, typer.Option(metavar="RUN", help="Continue a run: its folder or its last.ck, "
-                                                                   "with its own config; --epochs N extends it.")] = None,
+    resume: Annotated[str | None, typer.Option(
+        metavar="RUN", help="Continue a run: its folder or its last.ck, with its own config; --epochs N extends it.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
 ) -> None:
     """Train a network.

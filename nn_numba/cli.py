@@ -76,7 +76,8 @@ def train(
                                                                   "time); report's plots use it as the label.")] = None,
     data_dir: DataDir = None,
     resume: Annotated[str | None, typer.Option(
-        metavar="RUN", help="Continue a run: its folder or its last.ck, with its own config; --epochs N extends it.")] = None,
+        metavar="RUN", help="Continue a run: its folder or its last.ck, with its own config; "
+                            "--epochs N extends it.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
 ) -> None:
     """Train a network.

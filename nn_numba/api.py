@@ -119,9 +119,9 @@ class Network:
 def load(source: Source | None = None) -> Network:
     """A trained network from a checkpoint file or a run folder (its best.ck); None: the latest run in runs/."""
     from .checkpoint import load as load_checkpoint
-    from .runs import resolve_checkpoint
+    from .runs import checkpoint_path
 
-    path = resolve_checkpoint(source)
+    path = checkpoint_path(source)
     return Network(load_checkpoint(path), path)
 
 
@@ -140,9 +140,9 @@ def fit(
     `name` names the run folder (default: the time), as `--name`; `overrides` are the command's flags:
     epochs, batch_size, lr, seed, threads, out.
     """
-    from .config import from_dict, load_config
+    from .config import apply_overrides, from_dict, load_config
     from .runs import check_run_name
-    from .train import apply_overrides, train
+    from .train import train
 
     if name is not None:
         check_run_name(name)

@@ -15,63 +15,23 @@ the source there; outside the image is zero.
 """
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
 from nn_numba import jitcache, rng
-from nn_numba.errors import NNError
+from nn_numba.config import Augment
 from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255
 from nn_numba.kernels import gather
+
+__all__ = ["Augment", "augment_batch", "augment_grid"]
 
 jitcache.use()  # before the first @njit(cache=True), as in kernels.py
 
 S = 28  # image side
 P = S * S  # pixels per image
 C = (S - 1) / 2  # image centre, 13.5
-
-
-@dataclass
-class Augment:
-    """The [augment] config table; every field 0 means off.
-
-    shift: max integer translation per axis in pixels, uniform in [-shift, shift], zero fill.
-    rotate: max rotation in degrees, uniform in [-rotate, rotate] (positive = counter-clockwise on screen).
-    scale: max relative scaling, factor uniform in [1 - scale, 1 + scale] (> 1 enlarges the digit).
-    elastic_alpha: elastic displacement strength in pixels: no displacement exceeds it, the RMS one is
-        about alpha / 3.5 (Simard et al. 2003, but with a random B-spline control grid instead of a
-        Gaussian-smoothed per-pixel field, see grid_size).
-    elastic_sigma: smoothness of the elastic field in pixels: the spacing of the random control grid.
-    """
-
-    shift: int = 0
-    rotate: float = 0.0
-    scale: float = 0.0
-    elastic_alpha: float = 0.0
-    elastic_sigma: float = 4.0
-
-    def __post_init__(self) -> None:
-        # Only what the kernels need to be safe; config.py checks the user-facing ranges.
-        def bad(key: str, what: str) -> NNError:
-            return NNError(f"config key augment.{key} = {getattr(self, key)!r} {what}")
-
-        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, np.integer)) or self.shift < 0:
-            raise bad("shift", "is not a whole number >= 0: give the max shift in pixels, e.g. 2 (0 = off)")
-        for key in ("rotate", "scale", "elastic_alpha", "elastic_sigma"):
-            v = getattr(self, key)
-            number = isinstance(v, (int, float, np.number)) and not isinstance(v, bool)
-            if not number or not math.isfinite(v) or v < 0:
-                raise bad(key, "is not a finite number >= 0: give e.g. 0 (off) or 10")
-        if self.scale >= 1:
-            raise bad("scale", "is too large: the factor 1 - scale must stay positive, use e.g. 0.1")
-        if self.elastic_sigma == 0:
-            raise bad("elastic_sigma", "is zero: give the smoothness of the elastic field in pixels, e.g. 4")
-
-    @property
-    def enabled(self) -> bool:
-        return self.shift > 0 or self.rotate > 0 or self.scale > 0 or self.elastic_alpha > 0
 
 
 # ---------------------------------------------------------------------------------------------------------

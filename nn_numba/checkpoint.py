@@ -15,7 +15,6 @@ into that one buffer.
 import ctypes
 import json
 import math
-import os
 import struct
 import zlib
 from collections.abc import Sequence
@@ -24,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from nn_numba.errors import NNError
-from nn_numba.files import NotAFileError, open_regular
+from .errors import NNError
+from .files import NotAFileError, open_regular, write_atomic
+from .optim import KINDS, SLOTS
 
 MAGIC = b"NNCK"
 VERSION = 1
@@ -33,9 +33,6 @@ DTYPE_F32 = 1
 ACT_RELU = 1
 MAX_LAYERS = 64
 MAX_SIZE = 1_000_000
-KINDS = ("sgd", "momentum", "adam")  # OPTM kind codes 0, 1, 2
-SLOTS = {"sgd": 0, "momentum": 1, "adam": 2}  # momentum: velocity; adam: m, then v
-PRODUCER = "nn-numba 0.1.0"
 _HEAD = 24 + 4 * (MAX_LAYERS + 1)  # the longest header: read before anything it promises
 
 
@@ -67,8 +64,9 @@ def arch(sizes: Sequence[int]) -> str:
     return "-".join(str(n) for n in sizes)
 
 
-def _shapes(sizes: Sequence[int]) -> list[tuple[int, ...]]:
-    """Parameter shapes in file order: W1, B1, W2, B2, ..."""
+def shapes(sizes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Parameter shapes in file order, which is also the order of the flat array in memory
+    (kernels.layer_views): W1, B1, W2, B2, ..."""
     out: list[tuple[int, ...]] = []
     for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True):
         out += [(n_out, n_in), (n_out,)]
@@ -108,11 +106,11 @@ def _chunks(path: Path, ck: Checkpoint) -> list[bytes | np.ndarray]:
     if len(ck.weights) != L or len(ck.biases) != L:
         raise CheckpointError(f"cannot save {path}: {len(ck.weights)} weights and {len(ck.biases)} "
                               f"biases for {L} layers")
-    shapes, names = _shapes(sizes), _names(sizes)
+    layout, names = shapes(sizes), _names(sizes)
     params = [p for wb in zip(ck.weights, ck.biases, strict=True) for p in wb]
     out: list[bytes | np.ndarray] = [struct.pack(f"<4s5I{L + 1}I", MAGIC, VERSION, 24 + 4 * (L + 1),
                                                  DTYPE_F32, ACT_RELU, L, *sizes)]
-    out += [_f32(p, s, n, path) for p, s, n in zip(params, shapes, names, strict=True)]
+    out += [_f32(p, s, n, path) for p, s, n in zip(params, layout, names, strict=True)]
 
     def section(tag: bytes, payload: list[bytes | np.ndarray]) -> None:
         out.append(struct.pack("<4sIQ", tag, 0, sum(len(memoryview(p).cast("B")) for p in payload)))
@@ -133,54 +131,23 @@ def _chunks(path: Path, ck: Checkpoint) -> list[bytes | np.ndarray]:
                                   f"{len(o.slots)} slots, step {o.step})")
         arrays = []
         for s, slot in enumerate(o.slots):
-            if len(slot) != len(shapes):
+            if len(slot) != len(layout):
                 raise CheckpointError(f"cannot save {path}: optimizer slot {s} has {len(slot)} arrays, "
-                                      f"expected {len(shapes)}")
-            for a, sh, n in zip(slot, shapes, names, strict=True):
+                                      f"expected {len(layout)}")
+            for a, sh, n in zip(slot, layout, names, strict=True):
                 arrays.append(_f32(a, sh, f"optimizer slot {s} {n}", path))
         section(b"OPTM", [struct.pack("<IIQ", KINDS.index(o.kind), len(o.slots), int(o.step)), *arrays])
     return out
 
 
 def save(path: str | Path, ck: Checkpoint) -> None:
-    """Write `ck` to `path` atomically: a crash leaves the old file (and maybe a stray NAME.tmp-PID)."""
+    """Write `ck` to `path` atomically (files.write_atomic): a crash leaves the old file."""
     path = Path(path)
-    chunks = _chunks(path, ck)  # validate everything before touching the disk
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    replaced = False
-    try:
-        with open(tmp, "wb") as f:
-            crc = 0
-            for c in chunks:
-                c = memoryview(c).cast("B")
-                f.write(c)
-                crc = zlib.crc32(c, crc)
-            f.write(struct.pack("<I", crc))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        replaced = True
-        # the rename itself must reach the disk, else a power cut can bring back the old directory entry
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except BaseException as e:
-        try:
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass
-        if not isinstance(e, OSError):
-            raise
-        why = e.strerror or str(e)
-        if isinstance(e, FileNotFoundError) and not path.parent.is_dir():
-            why = "the folder does not exist"
-        if replaced:
-            raise CheckpointError(f"checkpoint {path} was written but its folder could not be synced "
-                                  f"({why}); check the disk") from None
-        raise CheckpointError(f"cannot save checkpoint {path}: {why}; the previous file, if any, "
-                              "is unchanged") from None
+    chunks = [memoryview(c).cast("B") for c in _chunks(path, ck)]  # validate everything before the disk
+    crc = 0
+    for c in chunks:
+        crc = zlib.crc32(c, crc)
+    write_atomic(path, [*chunks, struct.pack("<I", crc)], what="checkpoint", error=CheckpointError)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -264,7 +231,7 @@ def _header(buf: bytes, S: int, name: str) -> tuple[list[int], int]:
     if not all(1 <= n <= MAX_SIZE for n in sizes):
         raise CheckpointError(f"checkpoint {name}: bad header field sizes={arch(sizes)} "
                               f"(each must be 1..{MAX_SIZE})")
-    P = H + 4 * sum(math.prod(s) for s in _shapes(sizes))  # Python ints: cannot overflow
+    P = H + 4 * sum(math.prod(s) for s in shapes(sizes))  # Python ints: cannot overflow
     if P + 4 > S:
         raise _Truncated(f"checkpoint {name}: truncated ({S} bytes, sizes {arch(sizes)} need at least "
                          f"{P + 4}); the save or copy was interrupted")
@@ -313,7 +280,7 @@ def _parse(path: Path) -> _Parsed:
                               f"computed {crc:08x}); use a backup or an earlier checkpoint")
     sizes, P, sections = _layout(buf, name)
     params, off = [], 24 + 4 * len(sizes)
-    for shape, what in zip(_shapes(sizes), _names(sizes), strict=True):
+    for shape, what in zip(shapes(sizes), _names(sizes), strict=True):
         a = _array(buf, off, shape)
         if not _finite(a):
             raise CheckpointError(f"checkpoint {name}: NaN/Inf in {what} (saved from a diverged run); "
@@ -378,15 +345,15 @@ def _optim(p: _Parsed, name: str) -> OptimState | None:
         if kind >= len(KINDS) or nslots != SLOTS[KINDS[kind]]:
             raise CheckpointError(f"checkpoint {name}: bad OPTM payload (kind {kind} with {nslots} slots; "
                                   "known: 0 sgd/0, 1 momentum/1, 2 adam/2)")
-        shapes, names = _shapes(p.sizes), _names(p.sizes)
-        need = 16 + nslots * 4 * sum(math.prod(s) for s in shapes)
+        layout, names = shapes(p.sizes), _names(p.sizes)
+        need = 16 + nslots * 4 * sum(math.prod(s) for s in layout)
         if n != need:
             raise CheckpointError(f"checkpoint {name}: bad OPTM payload ({n} bytes, {KINDS[kind]} state for "
                                   f"{arch(p.sizes)} needs {need})")
         slots, off = [], _align(p.buf, off + 16, n - 16)
         for s in range(nslots):
             slot = []
-            for shape, what in zip(shapes, names, strict=True):
+            for shape, what in zip(layout, names, strict=True):
                 a = _array(p.buf, off, shape)
                 if not _finite(a):
                     raise CheckpointError(f"checkpoint {name}: bad OPTM payload (NaN/Inf in slot {s} {what})")

@@ -51,20 +51,22 @@ def _usage(arg) -> str:
 
 DataDir = Annotated[str | None, typer.Option("--data-dir", metavar="DIR", help="Folder with the MNIST IDX files "
                                                 "(default: $NN_NUMBA_DATA, the config, then a per-user cache).")]
-CheckpointArg = typer.Argument(metavar="CHECKPOINT", help="Checkpoint (default: best of the latest run).")
+CheckpointArg = typer.Argument(metavar="CHECKPOINT", help="Checkpoint or run folder (default: best.ck of the "
+                                                            "latest run).")
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")]
 
 
-def _default_checkpoint(checkpoint: str | None, command: str) -> Path:
-    from .runs import default_checkpoint
+def _checkpoint(checkpoint: str | None, command: str) -> Path:
+    from .runs import checkpoint_path
 
-    return default_checkpoint(checkpoint, name_one=f"give one: `nn-numba {command} CHECKPOINT`")
+    return checkpoint_path(checkpoint, name_one=f"give one: `nn-numba {command} CHECKPOINT_OR_RUN`")
 
 
 @app.command(cls=PlainHelp)
 def train(
-    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="A TOML file or a shipped config's "
-                                                                 "name: default, best, no-augment, seed.")],
+    config: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="A TOML file or a shipped config's name "
+                                                                         "(default, best, no-augment, seed) "
+                                                                         "(with --resume: the run's own).")] = None,
     epochs: Annotated[int | None, typer.Option(metavar="N", help="Override [train] epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(metavar="N", help="Override [train] batch_size.")] = None,
     lr: Annotated[float | None, typer.Option(metavar="LR", help="Override [optim] lr.")] = None,
@@ -74,29 +76,35 @@ def train(
     name: Annotated[str | None, typer.Option(metavar="NAME", help="The run folder's name (default: the date and "
                                                                   "time); report's plots use it as the label.")] = None,
     data_dir: DataDir = None,
-    resume: Annotated[str | None, typer.Option(metavar="RUN",
-                                               help="Continue a run: its folder or its last.ck.")] = None,
+    resume: Annotated[str | None, typer.Option(
+        metavar="RUN", help="Continue a run: its folder or its last.ck, with its own config; "
+                            "--epochs N extends it.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or per-epoch lines.")] = False,
 ) -> None:
     """Train a network.
 
     Writes runs/<timestamp>/ with config.toml, metrics.jsonl, best.ck and last.ck.
     """
-    from .config import load_config
-    from .runs import best_row, check_run_name
-    from .train import apply_overrides
+    from .config import apply_overrides, load_config
+    from .runs import check_run_name
+    from .train import open_resume, resumed_config
     from .train import train as run_training
 
-    cfg = apply_overrides(load_config(config), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                          threads=threads, out=out)
+    if config is None and resume is None:
+        raise NNError("give a CONFIG (e.g. configs/default.toml), or --resume RUN to continue a run")
     if name is not None:
         check_run_name(name)
-    run = run_training(cfg, data_dir=data_dir, resume=resume, quiet=quiet, name=name)
-    hist = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    if hist:
-        best = best_row(hist)
-        print(f"done: best epoch {best['epoch']} (validation {100 * best.get('val_acc', float('nan')):.2f}%, "
-              f"test {100 * best['test_acc']:.2f}%) saved in {run / 'best.ck'}")
+    plan = {"batch_size": batch_size, "lr": lr, "seed": seed}
+    given = apply_overrides(load_config(config), **plan, threads=threads, out=out) if config else None
+    if resume is None:
+        cfg = apply_overrides(given, epochs=epochs)
+        run_training(cfg, data_dir=data_dir, quiet=quiet, name=name)
+        return
+    r = open_resume(resume)
+    if given is None and any(v is not None for v in plan.values()):
+        given = apply_overrides(r.plan, **plan)
+    cfg = resumed_config(r, given, epochs, threads=threads, out=out)
+    run_training(cfg, data_dir=data_dir, resume=r, quiet=quiet, name=name)  # name: for a new folder only
 
 
 @app.command(cls=PlainHelp)
@@ -113,7 +121,7 @@ def evaluate(
     from .model import MLP
     from .model import evaluate as run_eval
 
-    path = _default_checkpoint(checkpoint, "evaluate")
+    path = _checkpoint(checkpoint, "evaluate")
     model = MLP.from_checkpoint(load(path))
     if model.sizes[0] != 784 or model.sizes[-1] != 10:
         raise NNError(f"{path}: has sizes {model.sizes}, not an MNIST network (784 inputs, 10 classes)")
@@ -147,7 +155,7 @@ def info(
     """What a checkpoint holds: sizes, parameters, epoch, accuracy."""
     from .checkpoint import describe
 
-    path = _default_checkpoint(checkpoint, "info")
+    path = _checkpoint(checkpoint, "info")
     d = describe(path)
     if as_json:
         print(json.dumps(d, default=str))

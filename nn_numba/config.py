@@ -52,15 +52,35 @@ class Schedule:
     step_epochs: int = 10  # step: multiply by gamma every step_epochs epochs
     gamma: float = 0.1
     min_lr: float = 0.0  # cosine: the rate it decays to
+    plan_epochs: int = 0  # the epochs warm-up and decay are laid out over; 0: [train] epochs (docs/training.md)
 
 
 @dataclass
 class Augment:
-    shift: int = 0  # max random translation, pixels per axis
-    rotate: float = 0.0  # max random rotation, degrees
-    scale: float = 0.0  # max relative scaling
-    elastic_alpha: float = 0.0  # elastic distortion strength, pixels (0 = off)
-    elastic_sigma: float = 4.0  # smoothness of the elastic field, pixels
+    """Random distortions of each training digit (augment.py); every field 0 means off.
+
+    shift: max integer translation per axis in pixels, uniform in [-shift, shift], zero fill.
+    rotate: max rotation in degrees, uniform in [-rotate, rotate] (positive = counter-clockwise on screen).
+    scale: max relative scaling, factor uniform in [1 - scale, 1 + scale] (> 1 enlarges the digit).
+    elastic_alpha: elastic displacement strength in pixels: no displacement exceeds it, the RMS one is
+        about alpha / 3.5 (augment.elastic_grid).
+    elastic_sigma: smoothness of the elastic field in pixels: the spacing of the random control grid.
+    """
+
+    shift: int = 0
+    rotate: float = 0.0
+    scale: float = 0.0
+    elastic_alpha: float = 0.0
+    elastic_sigma: float = 4.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.shift > 0 or self.rotate > 0 or self.scale > 0 or self.elastic_alpha > 0
+
+    def active(self) -> dict[str, float]:
+        """The settings in effect (elastic_sigma only with elastic_alpha)."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v and (k != "elastic_sigma" or self.elastic_alpha)}
 
 
 @dataclass
@@ -114,6 +134,7 @@ _RANGES = {
     ("optim", "weight_decay"): (0.0, 1.0), ("optim", "beta1"): (0.0, 1.0), ("optim", "beta2"): (0.0, 1.0),
     ("optim", "eps"): (1e-30, 1.0), ("schedule", "warmup_epochs"): (0.0, 1e4),
     ("schedule", "step_epochs"): (1, 10**6), ("schedule", "gamma"): (0.0, 1.0), ("schedule", "min_lr"): (0.0, 10.0),
+    ("schedule", "plan_epochs"): (0, 100_000),
     ("augment", "shift"): (0, 14), ("augment", "rotate"): (0.0, 180.0), ("augment", "scale"): (0.0, 0.9),
     ("augment", "elastic_alpha"): (0.0, 10.0), ("augment", "elastic_sigma"): (2.0, 100.0),
     ("train", "epochs"): (1, 100_000), ("train", "batch_size"): (1, 60_000), ("train", "seed"): (0, 2**63 - 1),
@@ -190,7 +211,7 @@ def from_dict(raw: dict[str, Any], source: str = "config") -> Config:
         for key, value in values.items():
             if key not in known:
                 raise ConfigError(f"{source}: unknown key '{key}' in [{table}] (known: {', '.join(known)})")
-            setattr(section, key, _typed(source, table, key, value, type(getattr(section, key))))
+            setattr(section, key, _typed(f"{source}: [{table}] {key}", value, type(getattr(section, key))))
     check(cfg, source)
     return cfg
 
@@ -210,8 +231,7 @@ def _tables() -> list[str]:
     return [f.name for f in dataclasses.fields(Config)]
 
 
-def _typed(source: str, table: str, key: str, value: Any, want: type) -> Any:
-    where = f"{source}: [{table}] {key}"
+def _typed(where: str, value: Any, want: type) -> Any:
     if want is list:
         if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where} must be a list of whole numbers, like [784, 250, 250, 10]")
@@ -278,3 +298,12 @@ def _utf8(v: str) -> bool:
         return True
     except UnicodeEncodeError:  # e.g. --out given as bytes that are not UTF-8 (surrogate escapes)
         return False
+
+
+OVERRIDES = {"epochs": ("train", "epochs"), "batch_size": ("train", "batch_size"), "lr": ("optim", "lr"),
+             "seed": ("train", "seed"), "threads": ("train", "threads"), "out": ("train", "out")}
+
+
+def apply_overrides(cfg: Config, **over: Any) -> Config:
+    """Command-line flags (the keys of OVERRIDES; None: not given) over the file's values, checked again."""
+    return with_values(cfg, {".".join(OVERRIDES[k]): v for k, v in over.items() if v is not None}, "command line")

@@ -105,22 +105,22 @@ def check_format(to: str | os.PathLike) -> str:
 
 def write(ck: Checkpoint, to: str | os.PathLike) -> Path:
     """Export `ck` to `to` in the format its extension names; the file is replaced atomically."""
-    from .runs import write_atomic
+    from .files import write_atomic
 
     to = Path(to)
     data = onnx_bytes(ck) if check_format(to) == ".onnx" else npz_bytes(ck)
     if to.is_dir():
         raise NNError(f"cannot export to {to}: is a folder; give a file name ending in .onnx or .npz")
-    write_atomic(to, data, hint="choose another --to")
+    write_atomic(to, [data], what="export")
     return to
 
 
 def export(source: str | os.PathLike, to: str | os.PathLike) -> Path:
     """`nn-numba export`: the checkpoint `source` (a run folder: its best.ck) into `to`."""
     from .checkpoint import load
-    from .runs import resolve_checkpoint
+    from .runs import checkpoint_path
 
     ext = check_format(to)  # before any reading: a wrong name fails at once
     if ext == ".onnx":
         _onnx()
-    return write(load(resolve_checkpoint(source)), to)
+    return write(load(checkpoint_path(source)), to)

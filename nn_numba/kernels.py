@@ -15,14 +15,17 @@ are bit-identical run after run, for any thread count, and whether a kernel was 
 from the cache (that is why no kernel is compiled with `fastmath`: see `_exact`). Float32 scalars are
 spelled np.float32(0): a bare 0.0 is float64 in Numba.
 Callers hand in 64-byte aligned arrays (`aligned_zeros`; activation rows padded to 16 floats): 32-byte
-loads that straddle cache lines cost 10-25 % on the products. No data-dependent branches in hot loops:
+loads that straddle cache lines slow the products down. No data-dependent branches in hot loops:
 ReLU signs are random.
 """
+
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
 from . import jitcache
+from .optim import ADAM, MOMENTUM, NO_UPDATE, SGD
 from .simd import (
     prefetch,
     vadd,
@@ -47,8 +50,6 @@ from .simd import (
 
 jitcache.use()  # before the first @njit(cache=True): the compiled kernels go to a folder keyed by their sources
 
-SGD, MOMENTUM, ADAM, NO_UPDATE = 0, 1, 2, 3  # optimiser codes, as in the checkpoint's OPTM section
-
 # u8 -> float32 pixel, exactly u8 / 255 as the C++ port computes it: one table load per pixel instead of a
 # division.
 PIXEL = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
@@ -58,8 +59,8 @@ PIXEL = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
 # into its caller's module and optimises it again. Under fastmath's flags a second pass is free to
 # contract and reassociate what the first one left, so the caller's copy can round differently from the
 # callee's own, and which copy runs depends on whether they were compiled in this process or loaded from
-# the cache (augment.elastic_gather's prange body did: other last bits from a cold cache). IEEE arithmetic
-# is the same after any number of passes; where an FMA is wanted the code says so (`vfma`).
+# the cache. IEEE arithmetic is the same after any number of passes; where an FMA is wanted the code says
+# so (`vfma`).
 _exact = dict(cache=True)
 
 
@@ -67,8 +68,8 @@ def aligned_zeros(shape: int | tuple[int, ...], dtype=np.float32, align: int = 6
     """Zeros whose first element sits on an `align`-byte boundary.
 
     NumPy only promises 16 bytes, and a large np.zeros usually lands 16 bytes past a page start, so every
-    second 32-byte load of a row straddles two cache lines: on a Zen 3 core the products over 784-wide
-    rows (X, W1, gW1) run 10-25 % slower that way. Used for the parameters, gradients, optimiser state,
+    second 32-byte load of a row straddles two cache lines, which slows the products over long rows
+    (X, W1, gW1) markedly. Used for the parameters, gradients, optimiser state,
     batch and activation buffers.
     """
     dtype = np.dtype(dtype)
@@ -76,6 +77,51 @@ def aligned_zeros(shape: int | tuple[int, ...], dtype=np.float32, align: int = 6
     buf = np.zeros(n * dtype.itemsize + align, np.uint8)
     off = (-buf.ctypes.data) % align
     return buf[off:off + n * dtype.itemsize].view(dtype).reshape(shape)
+
+
+class Param(NamedTuple):
+    """A parameter array with its gradient and optimiser moments, all of one shape: a layer's W or b, the
+    flat array of all parameters, or the transposed first layer."""
+
+    value: np.ndarray
+    grad: np.ndarray
+    m: np.ndarray  # momentum's velocity, Adam's first moment
+    v: np.ndarray  # Adam's second moment
+
+
+class TrainState(NamedTuple):
+    """What a training step changes. While batches are sparse, the first layer's weights, gradient and
+    moments are trained in a transposed copy (see "The first layer" below); `first_is_t[0]` is 1 while that
+    copy, not the flat one, is current."""
+
+    flat: Param  # (n_params,) each, in checkpoint order (layer_views)
+    first_t: Param  # (n_0, pad(n_1)) each
+    first_is_t: np.ndarray  # int64 (1,)
+
+
+class Nonzeros(NamedTuple):
+    """The first layer's index buffers for up to B samples of K pixels: each sample's non-zero pixels
+    (`nonzeros`) and each block of 6 pixels' lit samples (`nonzero_blocks`)."""
+
+    count: np.ndarray  # (B,) int32: non-zero pixels per sample
+    cols: np.ndarray  # (B, K) int32: their indices
+    vals: np.ndarray  # (B, K) float32: their values
+    block_count: np.ndarray  # (ceil(K/6),) int32: samples that light the block
+    block_samples: np.ndarray  # (ceil(K/6), B) int32: which ones
+    block_pixels: np.ndarray  # (ceil(K/6), B, 8) float32: their 6 pixels, packed
+
+
+class Buffers(NamedTuple):
+    """train_step's work buffers for up to `cap` samples (`buffers` makes them)."""
+
+    acts: np.ndarray  # every layer's outputs (acts_size)
+    grad_a: np.ndarray  # two gradient buffers (grad_size), used in turn layer by layer
+    grad_b: np.ndarray
+    work: np.ndarray  # linear_backward_weight's packing space (work_size)
+    nonzeros: Nonzeros
+    loss: np.ndarray  # (cap,) float32 per-sample loss
+    pred: np.ndarray  # (cap,) int64 predicted class
+    cap: int
 
 
 @njit(parallel=True, cache=True)
@@ -105,7 +151,7 @@ def gather_nonzeros(X_u8, X_u64, idx, lut, out, cnt, cols, vals):
     idx (B,) int64, lut (256,) float32 with lut[0] == 0, out (>=B, K) float32, cnt/cols/vals as
     `nonzeros`. Eight pixels at a time: an all-zero block (60 % of MNIST's) is one 64-bit compare and one
     vector store of zeros, the others are looked up and appended branch-free. It spares the second pass
-    over the batch that `nonzeros` makes (2-3 % of a step). prange over samples, each writes its own
+    over the batch that `nonzeros` makes. prange over samples, each writes its own
     rows; the row four ahead is prefetched as in `gather`.
     """
     B = idx.shape[0]
@@ -217,8 +263,7 @@ def linear_forward(X, W, b, Y, relu):
 @njit(**_exact)
 def _clip(v, lo):
     """max(v, lo) as a select: lo = 0 is the ReLU, lo = the lowest float32 leaves v alone. A branch per
-    output (`if Y < 0`, as before) mispredicts on about half of them: the 250-wide forward product ran at
-    35 instead of 61 GFLOP/s on real (mixed-sign) data."""
+    output (`if Y < 0`) would mispredict on about half of them, as the signs of real data are random."""
     return lo if v < lo else v
 
 
@@ -265,7 +310,7 @@ def _tile_n(C, r, D, k, n):
 
 
 @njit(parallel=True, **_exact)
-def linear_backward_input(dY, W, A, dX):
+def linear_backward_input(dY, W, A, dX):  # noqa: C901 -- each branch is one edge of the register tile
     """dX = (dY W) ⊙ [A > 0]: the gradient at the layer's input, through the previous layer's ReLU.
 
     dY (B, N), W (N, K), A (B, K) the layer's input (a ReLU output, so A > 0 exactly where its
@@ -273,7 +318,7 @@ def linear_backward_input(dY, W, A, dX):
     of dX (`_tile` with C = dY, D = W, summing over the N outputs), masks it and stores it once. prange
     over tiles, batch blocks fastest, so the 16 columns of W a run of tasks reads stay in L1. The last
     tile of a ragged edge overlaps its neighbour and stores only its own rows, or its own columns (the
-    K % 16 last ones: one full tile, 4 % faster at K = 250 than two masked 6x8 passes).
+    K % 16 last ones: one full tile, cheaper than two masked 6x8 passes).
     """
     B, N = dY.shape
     K = W.shape[1]
@@ -311,36 +356,38 @@ def linear_backward_input(dY, W, A, dX):
                     vstoren(dX, i0 + q, kk, vmask(acc[q], vloadn(A, i0 + q, kk, K - kk)), K - kk)
 
 
-def ws_size(n_out: int, batch: int) -> int:
+def work_size(n_out: int, batch: int) -> int:
     """Floats of the workspace linear_backward_weight needs for n_out outputs and `batch` samples."""
     return ((n_out + 5) // 6) * batch * 8
 
 
 @njit(parallel=True, **_exact)
-def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2, eps, c1,
-                           c2):
-    """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step on W and b, fused.
+def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch is one edge of the register tile
+    """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step `h` on W and b, fused.
 
-    dY (B, N), A (B, K) the layer's input, gW/W/mW/vW (N, K), gb/b/mb/vb (N,), ws a float32 workspace of
-    ws_size(N, B). Axpy form over contiguous rows of A: each task owns a 6x16 tile of gW (`_tile` with
-    C = dYᵀ, D = A, summing over the batch), stores it once and takes the optimiser step on the same block
-    of W with the gradient still in registers (`_step`); the tasks of the first column block also own gb
-    and b. prange over tiles, row blocks fastest, so the 16 columns of A a run of tasks reads stay in L1.
-    Tiles are disjoint, so no races, and one parallel region per call (two with the packing). Must run
-    after linear_backward_input, which reads the old W. `kind`, the hyper-parameters and the Adam bias
-    corrections c1 = 1/(1-β1ᵗ), c2 = 1/(1-β2ᵗ) are those of `update`; kind NO_UPDATE only computes the
-    gradients. gW is stored only then: a training step never reads it back, and writing 0.8 MB of gW1
-    per step cost 2-6 % of the step (gb is always stored).
+    dY (B, N), A (B, K) the layer's input, Wp a Param of (N, K) arrays, bp a Param of (N,) arrays, work a
+    float32 workspace of work_size(N, B). Axpy form over contiguous rows of A: each task owns a 6x16 tile
+    of gW (`_tile` with C = dYᵀ, D = A, summing over the batch), stores it once and takes the optimiser
+    step on the same block of W with the gradient still in registers (`_step`); the tasks of the first
+    column block also own gb and b. prange over tiles, row blocks fastest, so the 16 columns of A a run
+    of tasks reads stay in L1. Tiles are disjoint, so no races, and one parallel region per call
+    (two with the packing). Must run
+    after linear_backward_input, which reads the old W. h.kind NO_UPDATE only computes the gradients, and
+    only then is gW stored: a training step never reads it back, and writing gW1 costs a few per cent of
+    the step (gb is always stored).
 
-    dYᵀ is first packed, as OpenBLAS packs its operands: ws[jb, p, :6] = dY[p, 6jb : 6jb + 6], zeros past
+    dYᵀ is first packed, as OpenBLAS packs its operands: work[jb, p, :6] = dY[p, 6jb : 6jb + 6], zeros past
     N. The tile's six broadcasts per sample then come from one 32-byte slot instead of a fresh cache line
-    of dY, so the two panels a tile streams fit L1 together at B = 256 (dW1 +5-7 %, dW2 +9 %); and the
-    last row block is zero-padded instead of overlapping its neighbour.
+    of dY, so the two panels a tile streams fit L1 together at B = 256; and the last row block is
+    zero-padded instead of overlapping its neighbour.
     """
     B, N = dY.shape
     K = A.shape[1]
+    W, gW, mW, vW = Wp  # unpacked here: helpers in the loops take arrays (see _step)
+    b, gb, mb, vb = bp
+    kind = h.kind
     nj = (N + 5) // 6
-    pk = ws[:nj * B * 8].reshape((nj, B, 8))
+    pk = work[:nj * B * 8].reshape((nj, B, 8))
     if N >= 6:
         for t in prange(nj):
             for p in range(B):
@@ -356,7 +403,7 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
                         s = vfma(vbload(dY, i, jj), _ld(A, i, kk, K - kk), s)
                     if kind == NO_UPDATE:
                         _st(gW, jj, kk, s, K - kk)
-                    _step_call(W, mW, vW, jj, kk, s, K - kk, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2)
+                    _step_call(W, mW, vW, jj, kk, s, K - kk, h, h.weight_decay)
         else:
             C = pk[j // 6].T  # (8, B): C[q, p] = dY[p, j + q]
             nq = min(6, N - j)  # rows of W this tile owns; the rest is padding
@@ -372,51 +419,62 @@ def linear_backward_weight(dY, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mo
             if k + 16 <= K:
                 acc = _tile(C, 0, A, k)
                 for q in range(nq):
-                    for h in range(2):
+                    for half in range(2):
                         if kind == NO_UPDATE:
-                            vstore(gW, j + q, k + 8 * h, acc[2 * q + h])
-                        _step(W, mW, vW, j + q, k + 8 * h, acc[2 * q + h], 8, kind, lr, mom, nesterov, wd, b1, b2,
-                              eps, c1, c2)
+                            vstore(gW, j + q, k + 8 * half, acc[2 * q + half])
+                        _step(W, mW, vW, j + q, k + 8 * half, acc[2 * q + half], 8, h, h.weight_decay)
             else:
                 for kk in range(k, K, 8):
                     acc = _tile_n(C, 0, A, kk, K - kk)
                     for q in range(nq):
                         if kind == NO_UPDATE:
                             _st(gW, j + q, kk, acc[q], K - kk)
-                        _step_call(W, mW, vW, j + q, kk, acc[q], K - kk, kind, lr, mom, nesterov, wd, b1, b2, eps,
-                                   c1, c2)
+                        _step_call(W, mW, vW, j + q, kk, acc[q], K - kk, h, h.weight_decay)
         if k == 0:  # the first column of tiles also owns gb and b: column sums of dY
-            _bias_step(dY, gb, b, mb, vb, j, min(j + 6, N), kind, lr, mom, nesterov, b1, b2, eps, c1, c2)
+            _bias_step(dY, b, gb, mb, vb, j, min(j + 6, N), h)
 
 
-@njit(**_exact, inline="always")  # a call per 8 lanes would cost more than the step
-def _step(P, M, V, r, k, g, n, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
-    """`update` on P[r, k : k + n] (n <= 8) with the gradient g still in a register: the optimiser step of
-    a gW tile, done by the task that computed it while the block of W is in L1 (no second pass over W
-    and gW, no 1-D slice per row, whose reference count Numba would update atomically). Masked loads and
-    stores only for n < 8: AMD's masked stores are slow."""
+# a call per 8 lanes would cost more than the step; the arrays come one by one, not as a Param: taking an
+# array out of a tuple inside a loop makes Numba update its reference count, atomically, every time
+@njit(**_exact, inline="always")
+def _step(P, M, V, r, k, g, n, h, wd):  # noqa: PLR0913
+    """The optimiser step `h`, the only one: P[r, k : k + n] (n <= 8) with its moments M, V (2-D, P's
+    shape), the gradient g (8 lanes) and weight decay wd (h.weight_decay on weights, 0 on biases),
+    PyTorch semantics (docs/training.md). Explicit FMAs: one rounding each, the same in every compile.
+
+    Weight tiles call it with g still in a register, in the task that computed g while the block of W is
+    in L1 (no second pass over W and gW, no 1-D slice per row, whose reference count Numba would update
+    atomically). Masked loads and stores only for n < 8: AMD's masked stores are slow."""
+    kind = h.kind
     if kind == NO_UPDATE:
         return
-    p = _ld(P, r, k, n)
-    g = vfma(vbcast(wd), p, g)  # explicit FMAs: one rounding each, the same in every compile
+    x = _ld(P, r, k, n)
+    g = vfma(vbcast(wd), x, g)
     if kind == SGD:
-        p = vfma(vbcast(-lr), g, p)
+        x = _sgd(x, g, h.lr)
     elif kind == MOMENTUM:
-        m = vfma(vbcast(mom), _ld(M, r, k, n), g)
+        m = vfma(vbcast(h.momentum), _ld(M, r, k, n), g)
         _st(M, r, k, m, n)
-        p = vfma(vbcast(-lr), vfma(vbcast(mom), m, g) if nesterov else m, p)
+        x = _sgd(x, vfma(vbcast(h.momentum), m, g) if h.nesterov else m, h.lr)
     else:  # ADAM
-        m = vfma(vbcast(b1), _ld(M, r, k, n), vmul(vbcast(1 - b1), g))
-        v = vfma(vbcast(b2), _ld(V, r, k, n), vmul(vmul(vbcast(1 - b2), g), g))
+        m = vfma(vbcast(h.beta1), _ld(M, r, k, n), vmul(vbcast(1 - h.beta1), g))
+        v = vfma(vbcast(h.beta2), _ld(V, r, k, n), vmul(vmul(vbcast(1 - h.beta2), g), g))
         _st(M, r, k, m, n)
         _st(V, r, k, v, n)
-        p = vsub(p, vdiv(vmul(vbcast(lr * c1), m), vadd(vsqrt(vmul(v, vbcast(c2))), vbcast(eps))))
-    _st(P, r, k, p, n)
+        x = vsub(x, vdiv(vmul(vbcast(h.lr * h.inv_bias1), m), vadd(vsqrt(vmul(v, vbcast(h.inv_bias2))),
+                                                                     vbcast(h.eps))))
+    _st(P, r, k, x, n)
 
 
-# The rare paths (too few outputs for a tile, the ragged last columns) call the step instead of inlining it:
-# one inlined copy fewer for LLVM to optimise: linear_backward_weight compiles in 7 s instead of 11, at the same
-# speed (the ragged tiles are 1 in 16 at K = 250).
+@njit(**_exact, inline="always")
+def _sgd(x, g, lr):
+    """x - lr·g in one rounding: the update of SGD and momentum in `_step`, and of the sparse weight
+    gradient's plain-SGD tiles (whose weight decay is 0, so `_step` would add nothing else)."""
+    return vfma(vbcast(-lr), g, x)
+
+
+# The rare paths (too few outputs for a tile, the ragged last columns, the biases) call the step instead of
+# inlining it: one inlined copy fewer for LLVM to optimise, which shortens the first compile at the same speed.
 _step_call = njit(**_exact)(_step.py_func)
 
 
@@ -434,53 +492,22 @@ def _st(A, r, k, x, n):
 
 
 @njit(**_exact)
-def update(p, g, m, v, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
-    """One optimiser step on 1-D arrays (all (n,) float32): `update_row` on their only row."""
-    n = p.shape[0]
-    update_row(p.reshape((1, n)), g.reshape((1, n)), m.reshape((1, n)), v.reshape((1, n)), 0, 0, n, kind, lr, mom,
-               nesterov, wd, b1, b2, eps, c1, c2)
-
-
-@njit(**_exact)
-def update_row(P, G, M, V, r, k0, k1, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
-    """One optimiser step on P[r, k0:k1], PyTorch semantics (docs/training.md).
-
-    P params, G gradient, M momentum / Adam first moment, V Adam second moment: 2-D float32 arrays of one
-    shape. Serial: called by the task that owns those elements (the biases, as a row); indexing a 2-D
-    array instead of taking 1-D slices spares Numba four reference counts per call.
-    """
-    lr, mom, wd = np.float32(lr), np.float32(mom), np.float32(wd)
-    b1, b2, eps, c1, c2 = np.float32(b1), np.float32(b2), np.float32(eps), np.float32(c1), np.float32(c2)
-    one = np.float32(1)
-    if kind == SGD:
-        for k in range(k0, k1):
-            P[r, k] -= lr * (G[r, k] + wd * P[r, k])
-    elif kind == MOMENTUM:
-        for k in range(k0, k1):
-            gk = G[r, k] + wd * P[r, k]
-            M[r, k] = mom * M[r, k] + gk
-            P[r, k] -= lr * (gk + mom * M[r, k]) if nesterov else lr * M[r, k]
-    elif kind == ADAM:
-        for k in range(k0, k1):
-            gk = G[r, k] + wd * P[r, k]
-            M[r, k] = b1 * M[r, k] + (one - b1) * gk
-            V[r, k] = b2 * V[r, k] + (one - b2) * gk * gk
-            P[r, k] -= lr * (M[r, k] * c1) / (np.sqrt(V[r, k] * c2) + eps)
+def update(p, h):
+    """One optimiser step `h` on a Param of 1-D float32 arrays (n,): `_step` along its only row."""
+    n = p.value.shape[0]
+    P, G, M, V = p.value.reshape((1, n)), p.grad.reshape((1, n)), p.m.reshape((1, n)), p.v.reshape((1, n))
+    for k in range(0, n, 8):
+        _step(P, M, V, 0, k, _ld(G, 0, k, n - k), min(n - k, 8), h, h.weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------------
 # The first layer, whose input is pixels. 81 % of MNIST's pixels are 0 (the background), so a product
 # that skips them does a fifth of the FLOPs of a dense one. Skipping needs the weights the other way
-# round, so during training the first layer keeps them transposed, WT (K, pad_t(N)) (train_step moves
+# round, so during training the first layer keeps them transposed, WT (K, pad(N)) (train_step moves
 # them between the layouts; checkpoints and inference keep (out, in)): row k of WT is what pixel k adds
 # to every output. Forward: a sample's outputs are the sum of its ~150 lit rows, in 64-column chunks
 # with eight vector sums in registers (a chunk of WT, 784 rows x 256 bytes, stays in L2). Weight
 # gradient: the dense 6x16 tile, summed only over the samples that light each block of 6 pixels.
-
-
-def pad_t(n: int) -> int:
-    """Row length of the transposed first-layer weights (and their gradient and moments) for n outputs."""
-    return (n + 63) // 64 * 64
 
 
 @njit(cache=True)
@@ -524,13 +551,13 @@ def nonzeros(X, cnt, cols, vals):
 
 
 @njit(parallel=True, **_exact)
-def nonzero_blocks(X, cnt, idx, pk):
+def nonzero_blocks(X, count, samples, pixels):
     """For each block of 6 neighbouring pixels, the samples in which any of them is lit (in sample order),
     and those samples' 6 pixels packed for the weight gradient's tiles.
 
-    X (B, K) float32, cnt (ceil(K/6),) int32, idx (ceil(K/6), >= B) int32, pk (ceil(K/6), >= B, 8)
-    float32: idx[kb, :cnt[kb]] are the samples, pk[kb, p, :6] = X[idx[kb, p], 6kb : 6kb + 6] (zeros past
-    K). Neighbouring pixels are lit together (strokes), so a block is lit in 33 % of MNIST's samples
+    X (B, K) float32, count (ceil(K/6),) int32, samples (ceil(K/6), >= B) int32, pixels (ceil(K/6), >= B,
+    8) float32: samples[kb, :count[kb]] are the samples, pixels[kb, p, :6] = X[samples[kb, p], 6kb : 6kb + 6]
+    (zeros past K). Neighbouring pixels are lit together (strokes), so a block is lit in 33 % of MNIST's samples
     against 19 % for one pixel. prange over blocks; each sample is appended branch-free (its slot is
     written, and kept only if the block is lit), as a branch per sample would mispredict a third of the
     time.
@@ -542,17 +569,17 @@ def nonzero_blocks(X, cnt, idx, pk):
         c = 0
         for i in range(B):
             v = vloadn(X, i, k, n)
-            vstore(pk[kb], c, 0, v)
-            idx[kb, c] = i
+            vstore(pixels[kb], c, 0, v)
+            samples[kb, c] = i
             c += vany(v)
-        cnt[kb] = c
+        count[kb] = c
 
 
 @njit(parallel=True, **_exact)
 def sparse_forward(cnt, cols, vals, WT, b, Y, relu):
     """Y = X W + b (then ReLU when `relu`) from X's non-zeros (`nonzeros`), W kept transposed.
 
-    cnt/cols/vals as `nonzeros` makes them for B samples, WT (K, Np) with Np = pad_t(N) and zeros past
+    cnt/cols/vals as `nonzeros` makes them for B samples, WT (K, pad(N)) with zeros past
     column N, b (N,), Y (B, N). Each task owns 64 outputs of one sample: eight vector sums, to which each
     lit pixel k adds vals · WT[k, chunk] (eight FMAs, their operands straight from L1/L2). prange over
     (chunk, sample), chunk slowest, so a thread works through one 200 KB chunk of WT at a time.
@@ -606,68 +633,69 @@ def _tile_rows(C, D, rows, k):
 
 
 @njit(parallel=True, **_exact)
-def sparse_backward_weight(cnt, idx, pk, dY, gWT, WT, mWT, vWT, gb, b, mb, vb, kind, lr, mom, nesterov, wd, b1, b2,
-                           eps, c1, c2):
+def sparse_backward_weight(nz, dY, WTp, bp, h):
     """gWᵀ = Xᵀ dY over the samples that light each block of pixels (`nonzero_blocks`), then the
-    optimiser step on WT, fused.
+    optimiser step `h` on WT, fused.
 
-    cnt/idx/pk as `nonzero_blocks` makes them for K pixels, dY (B, N) with rows at least pad_t(N) floats
-    apart (the last tile reads 16 columns; lanes past N are never stored), gWT/WT/mWT/vWT (K, pad_t(N)),
-    gb/b/mb/vb (N,). Each task owns a 6x16 tile of gWᵀ (6 pixels x 16 outputs): `_tile_rows` with C =
-    the block's packed pixels and D = the rows of dY of its samples, then `_step` with the gradient
-    still in registers. The
-    sums run over 33 % of the batch instead of 100 %, with the register blocking of the dense product
-    (12 FMAs per 2 loads and 6 broadcasts); a sample with the block lit but this pixel 0 adds an exact 0.
-    Tiles are disjoint and sum in sample order: no races, the same bits for any thread count. With
-    plain SGD and no weight decay a block no sample lit has a zero gradient and is skipped (what the step
-    would leave). The tasks of block 0 (the image's corner, never lit) also own gb and b, 16 columns each
-    (`_bias_step`; one parallel region fewer than a kernel of their own, which counts at two threads and
-    small batches). prange over (block, column tile), blocks slowest: the two threads take the top and
-    the bottom half of the image.
+    nz the Nonzeros whose block lists `nonzero_blocks` made for K pixels, dY (B, N) with rows at least
+    pad(N) floats apart (the last tile reads 16 columns; lanes past N are never stored), WTp a Param of
+    (K, pad(N)) arrays, bp a Param of (N,) arrays. Each task owns a 6x16 tile of gWᵀ (6 pixels x 16
+    outputs): `_tile_rows` with C = the block's packed pixels and D = the rows of dY of its samples, then
+    `_step` with the gradient still in registers. The sums run over the samples that light the block
+    instead of the whole batch, with the register blocking of the dense product (12 FMAs per 2 loads and
+    6 broadcasts); a sample with the block lit but this pixel 0 adds an exact 0. Tiles are disjoint and
+    sum in sample order: no races, the same bits for any thread count. With plain SGD and no weight decay
+    a block no sample lit has a zero gradient, and its step would change nothing: it is skipped. The
+    tasks of block 0 (the image's corner, never lit) also own gb and b, 16 columns each (`_bias_step`;
+    one parallel region fewer than a kernel of their own, which counts at two threads and small batches).
+    prange over (block, column tile), blocks slowest: the two threads take the top and the bottom half of
+    the image.
     """
+    cnt, samples, pixels = nz.block_count, nz.block_samples, nz.block_pixels
+    WT, GT, MT, VT = WTp  # unpacked here: helpers in the loops take arrays (see _step)
+    b, gb, mb, vb = bp
     nb = cnt.shape[0]
     K = WT.shape[0]
     N = dY.shape[1]
     nt = (N + 15) // 16
-    idle = kind == SGD and wd == 0
+    skip_unlit = h.kind == SGD and h.weight_decay == 0
     for t in prange(nb * nt):
         kb = t // nt
         j = (t % nt) * 16
         if kb == 0:
-            _bias_step(dY, gb, b, mb, vb, j, min(j + 16, N), kind, lr, mom, nesterov, b1, b2, eps, c1, c2)
+            _bias_step(dY, b, gb, mb, vb, j, min(j + 16, N), h)
         m = cnt[kb]
-        if m == 0 and idle:
+        if m == 0 and skip_unlit:
             continue
-        acc = _tile_rows(pk[kb, :m].T, dY, idx[kb], j)
+        acc = _tile_rows(pixels[kb, :m].T, dY, samples[kb], j)
         k = kb * 6
-        if idle and j + 16 <= N and k + 6 <= K:  # the common case: plain SGD on a whole tile, one FMA per vector
+        if skip_unlit and j + 16 <= N and k + 6 <= K:  # the common case: `_step` for plain SGD, whole tile
             for r in range(12):
                 c = j + 8 * (r % 2)
-                vstore(WT, k + r // 2, c, vfma(vbcast(-lr), acc[r], vload(WT, k + r // 2, c)))
+                vstore(WT, k + r // 2, c, _sgd(vload(WT, k + r // 2, c), acc[r], h.lr))
             continue
-        _step_tile(acc, gWT, WT, mWT, vWT, k, j, min(6, K - k), N, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2)
+        _step_tile(acc, WT, GT, MT, VT, k, j, min(6, K - k), N, h)
 
 
 @njit(**_exact)
-def _step_tile(acc, gW, W, mW, vW, k, j, nq, N, kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2):
-    """The general epilogue of a 6x16 gradient tile at (k, j): rows k..k+nq-1, columns below N (stored
-    when NO_UPDATE), then `_step`. A function of its own, so that its registers do not crowd the tile's."""
+def _step_tile(acc, W, gW, mW, vW, k, j, nq, N, h):  # noqa: PLR0913 -- arrays one by one, as _step
+    """The general epilogue of a 6x16 gradient tile at (k, j) of W: rows k..k+nq-1, columns below N (the
+    gradient stored in gW when NO_UPDATE), then `_step`. A function of its own, so that its registers do
+    not crowd the tile's."""
     for q in range(nq):
-        for h in range(2):
-            n = N - j - 8 * h
+        for half in range(2):
+            n = N - j - 8 * half
             if n > 0:
-                if kind == NO_UPDATE:
-                    _st(gW, k + q, j + 8 * h, acc[2 * q + h], n)
-                _step(W, mW, vW, k + q, j + 8 * h, acc[2 * q + h], min(n, 8), kind, lr, mom, nesterov, wd, b1, b2,
-                      eps, c1, c2)
+                if h.kind == NO_UPDATE:
+                    _st(gW, k + q, j + 8 * half, acc[2 * q + half], n)
+                _step(W, mW, vW, k + q, j + 8 * half, acc[2 * q + half], min(n, 8), h, h.weight_decay)
 
 
 @njit(**_exact)
-def _bias_step(dY, gb, b, mb, vb, j0, j1, kind, lr, mom, nesterov, b1, b2, eps, c1, c2):
+def _bias_step(dY, b, gb, mb, vb, j0, j1, h):
     """gb[j0:j1] = Σ_batch dY[:, j0:j1], 8 columns at a time in sample order, and the optimiser step on
     b[j0:j1] (no weight decay on biases): the bias part of both weight-gradient kernels, done by the tasks
-    of their first block. dY (B, N), gb/b/mb/vb (N,); b as a row, so update_row indexes instead of
-    slicing."""
+    of their first block. dY (B, N), b/gb/mb/vb (N,), viewed as rows for `_step`."""
     B, N = dY.shape
     br, gbr, mbr, vbr = b.reshape((1, N)), gb.reshape((1, N)), mb.reshape((1, N)), vb.reshape((1, N))
     for j in range(j0, j1, 8):
@@ -675,8 +703,7 @@ def _bias_step(dY, gb, b, mb, vb, j0, j1, kind, lr, mom, nesterov, b1, b2, eps, 
         for i in range(B):
             s = vadd(s, vloadn(dY, i, j, j1 - j))
         vstoren(gbr, 0, j, s, j1 - j)
-    if kind != NO_UPDATE:
-        update_row(br, gbr, mbr, vbr, 0, j0, j1, kind, lr, mom, nesterov, 0.0, b1, b2, eps, c1, c2)
+        _step_call(br, mbr, vbr, 0, j, s, min(j1 - j, 8), h, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -713,11 +740,12 @@ def softmax_xent(Z, y, dZ, loss, pred, scale):
 
 # ---------------------------------------------------------------------------------------------------
 # Whole steps. The parameters live in one flat float32 array, layer after layer W1 b1 W2 b2 ... (the
-# order of the checkpoint file), so the optimiser state, gradients and checkpoints are flat copies too.
+# order of the checkpoint file, docs/checkpoint-format.md), so the optimiser state, gradients and
+# checkpoints are flat copies too. `layer_views` is the one place that knows where a layer sits in it.
 
 
 @njit(cache=True)
-def _views(P, sizes, l):
+def layer_views(P, sizes, l):
     """W_l (n_l, n_{l-1}) and b_l (n_l,) as views into the flat array P (l counts from 0)."""
     off = 0
     for m in range(l):
@@ -729,28 +757,38 @@ def _views(P, sizes, l):
 
 
 @njit(cache=True)
-def _pad(n):
-    """Row length in the activation and gradient buffers: n rounded up to 64 floats (pad_t). Every row
-    starts 64-byte aligned (rows of 250 floats 1000 bytes apart made most 32-byte loads of fwd2, dA1 and
-    dW2 straddle two cache lines: the whole step was 3 % slower at B = 256), and the first layer's sparse
-    backward product may read whole 64-column chunks of its dY."""
+def _layer(flat, sizes, l):
+    """Layer l's weights and biases, each as a Param of views into the flat Param."""
+    W, b = layer_views(flat.value, sizes, l)
+    gW, gb = layer_views(flat.grad, sizes, l)
+    mW, mb = layer_views(flat.m, sizes, l)
+    vW, vb = layer_views(flat.v, sizes, l)
+    return Param(W, gW, mW, vW), Param(b, gb, mb, vb)
+
+
+@njit(cache=True)
+def pad(n):
+    """Row length, in floats, of the activation and gradient buffers and of the transposed first layer:
+    n rounded up to 64 floats, so that every row starts 64-byte aligned (otherwise most 32-byte loads of
+    the products straddle two cache lines), and the first layer's sparse products may read whole
+    64-column chunks."""
     return (n + 63) // 64 * 64
 
 
 def acts_size(sizes, cap: int) -> int:
     """Floats of the activation buffer of `forward` and `train_step` for up to `cap` samples."""
-    return cap * sum(_pad(n) for n in sizes[1:])
+    return cap * sum(pad(n) for n in sizes[1:])
 
 
 def grad_size(sizes, cap: int) -> int:
-    """Floats of each of train_step's two gradient buffers d0 and d1."""
-    return cap * max(_pad(n) for n in sizes[1:])
+    """Floats of each of train_step's two gradient buffers."""
+    return cap * max(pad(n) for n in sizes[1:])
 
 
 @njit(cache=True)
 def _rows(buf, off, B, n):
-    """A (B, n) view into the flat buffer from `off`, each row _pad(n) floats long."""
-    return buf[off:off + B * _pad(n)].reshape((B, _pad(n)))[:, :n]
+    """A (B, n) view into the flat buffer from `off`, each row pad(n) floats long."""
+    return buf[off:off + B * pad(n)].reshape((B, pad(n)))[:, :n]
 
 
 @njit(cache=True)
@@ -758,7 +796,7 @@ def _act(acts, sizes, cap, l, B):
     """The (B, n_l) output buffer of layer l (0-based) inside the flat activation array."""
     off = 0
     for m in range(l):
-        off += cap * _pad(sizes[m + 1])
+        off += cap * pad(sizes[m + 1])
     return _rows(acts, off, B, sizes[l + 1])
 
 
@@ -770,7 +808,7 @@ def forward(P, sizes, X, acts, cap):
     B = X.shape[0]
     A = X[:, :X.shape[1]]  # typed as a strided view like the activations: one compiled linear_forward, not two
     for l in range(L):
-        W, b = _views(P, sizes, l)
+        W, b = layer_views(P, sizes, l)
         Y = _act(acts, sizes, cap, l, B)
         linear_forward(A, W, b, Y, l < L - 1)
         A = Y
@@ -778,64 +816,58 @@ def forward(P, sizes, X, acts, cap):
 
 
 @njit(cache=True)
-def train_step(P, G, M, V, WT, GT, MT, VT, where, sizes, X, y, acts, cap, d0, d1, ws, nz, rows, loss, pred,
-               kind, lr, mom, nesterov, wd, b1, b2, eps, c1, c2, scale):
-    """Forward, loss, backward and optimiser step on one mini-batch; returns the summed loss.
+def train_step(state, sizes, X, y, buf, listed, h, scale):
+    """Forward, loss, backward and optimiser step `h` on one mini-batch; returns the summed loss.
 
-    P, G, M, V: flat params, gradients (the weights' part is written only by a gradient-only step, kind
-    NO_UPDATE), first and second moments, in checkpoint order. WT, GT, MT, VT (n_0, pad_t(n_1)): the
-    first layer's weights, gradient and moments transposed, which the sparse path trains; where[0] says
-    which copy is current (0: P, G, M, V; 1: the transposed one), and a batch that takes the other path
-    first moves them over (`move_first`). X (B, n_0) float32, y (B,) labels, acts: layer outputs for up
-    to `cap` samples (acts_size), d0/d1: two gradient buffers of grad_size floats, ws: ws_size(max(sizes[1:]),
-    cap) floats of workspace, nz: the index buffers of `nonzeros_bufs` (rows: X's compressed rows are in
-    them already, from `gather_nonzeros`), loss (B,) float32 and pred (B,) int64 per sample.
+    state: the TrainState (flat params, gradients and moments; the first layer's transposed copy and
+    which copy is current), X (B, n_0) float32 with B <= buf.cap, y (B,) int64 labels, buf: the Buffers
+    (per-sample loss and prediction land in buf.loss[:B], buf.pred[:B]), listed: X is the batch
+    `gather_nonzeros` just wrote and its non-zeros are in buf.nonzeros already, scale: 1 for a summed loss,
+    1/B for a mean. h.kind NO_UPDATE computes loss and gradients only (the weights' part into
+    state.flat.grad).
 
     The first layer skips X's zeros (`sparse_forward`, `sparse_backward_weight`) unless X is dense: when
     more than 40 % of the first 8 samples' pixels are non-zero, the dense tiles on (out, in) weights are
-    faster. Real data stays on one path, so the move happens once, at the first step.
+    faster. A batch that takes the other path than the last one first moves the first layer over
+    (`move_first`); real data stays on one path, so that happens once, at the first step.
     """
     L = sizes.shape[0] - 1
     B = X.shape[0]
-    cnt, cols, vals, bcnt, bidx, pk = nz
+    nz, cap = buf.nonzeros, buf.cap
     sparse = B < 6 or density(X, 8) <= 0.4
-    if sparse != (where[0] == 1):
-        move_first(P, G, M, V, WT, GT, MT, VT, sizes, sparse)
-        where[0] = 1 if sparse else 0
-    W, b = _views(P, sizes, 0)
-    A = _act(acts, sizes, cap, 0, B)
+    if sparse != (state.first_is_t[0] == 1):
+        move_first(state, sizes, sparse)
+        state.first_is_t[0] = 1 if sparse else 0
+    W, b = layer_views(state.flat.value, sizes, 0)
+    A = _act(buf.acts, sizes, cap, 0, B)
     X = X[:, :X.shape[1]]  # typed as a strided view like the activations: each product compiles once
     if sparse:
-        if not rows:
-            nonzeros(X, cnt, cols, vals)
+        if not listed:
+            nonzeros(X, nz.count, nz.cols, nz.vals)
         # now, while the gather's X is still in L2: at the end of the step, after the forward and backward
-        # products have passed through, reading X back from L3 made this 2-3 times slower (B = 256)
-        nonzero_blocks(X, bcnt, bidx, pk)
-        sparse_forward(cnt, cols, vals, WT, b, A, L > 1)
+        # products have passed through, X would come back from L3
+        nonzero_blocks(X, nz.block_count, nz.block_samples, nz.block_pixels)
+        sparse_forward(nz.count, nz.cols, nz.vals, state.first_t.value, b, A, L > 1)
     else:
         linear_forward(X, W, b, A, L > 1)
     for l in range(1, L):
-        W, b = _views(P, sizes, l)
-        Y = _act(acts, sizes, cap, l, B)
+        W, b = layer_views(state.flat.value, sizes, l)
+        Y = _act(buf.acts, sizes, cap, l, B)
         linear_forward(A, W, b, Y, l < L - 1)
         A = Y
-    dZ = _rows(d0, 0, B, sizes[L])
-    softmax_xent(A, y, dZ, loss, pred, scale)
+    loss = buf.loss[:B]
+    dZ = _rows(buf.grad_a, 0, B, sizes[L])
+    softmax_xent(A, y, dZ, loss, buf.pred[:B], scale)
     for l in range(L - 1, -1, -1):
-        A = X if l == 0 else _act(acts, sizes, cap, l - 1, B)
-        W, b = _views(P, sizes, l)
+        A = X if l == 0 else _act(buf.acts, sizes, cap, l - 1, B)
+        Wp, bp = _layer(state.flat, sizes, l)
         if l > 0:  # the input gradient needs the old W, so before the update
-            dA = _rows(d1 if (L - 1 - l) % 2 == 0 else d0, 0, B, sizes[l])
-            linear_backward_input(dZ, W, A, dA)
-        gW, gb = _views(G, sizes, l)
-        mW, mb = _views(M, sizes, l)
-        vW, vb = _views(V, sizes, l)
+            dA = _rows(buf.grad_b if (L - 1 - l) % 2 == 0 else buf.grad_a, 0, B, sizes[l])
+            linear_backward_input(dZ, Wp.value, A, dA)
         if l > 0 or not sparse:
-            linear_backward_weight(dZ, A, ws, gW, gb, W, b, mW, mb, vW, vb, kind, lr, mom, nesterov, wd, b1, b2,
-                                   eps, c1, c2)
+            linear_backward_weight(dZ, A, buf.work, Wp, bp, h)
         else:
-            sparse_backward_weight(bcnt, bidx, pk, dZ, GT, WT, MT, VT, gb, b, mb, vb, kind, lr, mom, nesterov, wd,
-                                   b1, b2, eps, c1, c2)
+            sparse_backward_weight(nz, dZ, state.first_t, bp, h)
         if l > 0:
             dZ = dA
     total = 0.0
@@ -845,19 +877,20 @@ def train_step(P, G, M, V, WT, GT, MT, VT, where, sizes, X, y, acts, cap, d0, d1
 
 
 @njit(cache=True)
-def move_first(P, G, M, V, WT, GT, MT, VT, sizes, to_t):
+def move_first(state, sizes, to_t):
     """Copy the first layer's weights, gradient and moments into the transposed arrays (to_t) or back."""
-    _move(_views(P, sizes, 0)[0], WT, to_t)
-    _move(_views(G, sizes, 0)[0], GT, to_t)
-    _move(_views(M, sizes, 0)[0], MT, to_t)
-    _move(_views(V, sizes, 0)[0], VT, to_t)
+    flat, t = state.flat, state.first_t
+    _move(layer_views(flat.value, sizes, 0)[0], t.value, to_t)
+    _move(layer_views(flat.grad, sizes, 0)[0], t.grad, to_t)
+    _move(layer_views(flat.m, sizes, 0)[0], t.m, to_t)
+    _move(layer_views(flat.v, sizes, 0)[0], t.v, to_t)
 
 
 @njit(cache=True)
 def _move(W, WT, to_t):
     """WT[:, :N] = Wᵀ (to_t) or W = WT[:, :N]ᵀ, W (N, K). Serial: it runs when the path changes (once per
-    run on real data) and before each evaluation, about 0.5 ms, and a parallel loop here cost 1 s of
-    the first run's compile."""
+    run on real data) and before each evaluation, and a parallel loop here would lengthen the first
+    compile for nothing."""
     N, K = W.shape
     for k in range(K):
         if to_t:
@@ -868,9 +901,25 @@ def _move(W, WT, to_t):
                 W[n, k] = WT[k, n]
 
 
-def nonzeros_bufs(cap: int, n_in: int) -> tuple[np.ndarray, ...]:
-    """The index buffers train_step's first layer fills per batch for up to `cap` samples of n_in pixels:
-    `nonzeros`' (cnt, cols, vals) and `nonzero_blocks`' (cnt, idx, pk)."""
+def nonzeros_bufs(cap: int, n_in: int) -> Nonzeros:
+    """The index buffers train_step's first layer fills per batch for up to `cap` samples of n_in pixels."""
     nb = (n_in + 5) // 6
-    return (np.zeros(cap, np.int32), np.zeros((cap, n_in), np.int32), aligned_zeros((cap, n_in)),
-            np.zeros(nb, np.int32), np.zeros((nb, cap), np.int32), aligned_zeros((nb, cap, 8)))
+    return Nonzeros(np.zeros(cap, np.int32), np.zeros((cap, n_in), np.int32), aligned_zeros((cap, n_in)),
+                    np.zeros(nb, np.int32), np.zeros((nb, cap), np.int32), aligned_zeros((nb, cap, 8)))
+
+
+def buffers(sizes, cap: int) -> Buffers:
+    """The work buffers of train_step for up to `cap` samples (64-byte aligned)."""
+    return Buffers(aligned_zeros(acts_size(sizes, cap)), aligned_zeros(grad_size(sizes, cap)),
+                   aligned_zeros(grad_size(sizes, cap)), aligned_zeros(work_size(max(sizes[1:]), cap)),
+                   nonzeros_bufs(cap, sizes[0]), np.zeros(cap, np.float32), np.zeros(cap, np.int64), cap)
+
+
+def train_state(sizes, params: np.ndarray) -> TrainState:
+    """Training state around the flat parameter array `params`: zero gradients and moments, the first layer
+    current in the flat arrays."""
+    n = params.size
+    shape_t = (sizes[0], pad(sizes[1]))
+    flat = Param(params, aligned_zeros(n), aligned_zeros(n), aligned_zeros(n))
+    first_t = Param(*(aligned_zeros(shape_t) for _ in range(4)))
+    return TrainState(flat, first_t, np.zeros(1, np.int64))

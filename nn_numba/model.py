@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -9,11 +10,13 @@ import numpy as np
 from . import kernels
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from .checkpoint import Checkpoint, OptimState
 
 
 def n_params(sizes: list[int]) -> int:
-    return sum(sizes[l + 1] * sizes[l] + sizes[l + 1] for l in range(len(sizes) - 1))
+    from .checkpoint import shapes
+
+    return sum(math.prod(s) for s in shapes(sizes))
 
 
 class MLP:
@@ -25,7 +28,7 @@ class MLP:
         n = n_params(self.sizes)
         if params is not None and np.shape(params) != (n,):
             raise ValueError(f"expected {n} parameters for sizes {sizes}, got {np.shape(params)}")
-        # 64-byte aligned (a copy of `params`): the products run 10-25 % faster on aligned rows
+        # 64-byte aligned (a copy of `params`): the products are faster on aligned rows (kernels.aligned_zeros)
         self.params = kernels.aligned_zeros(n)
         if params is not None:
             self.params[:] = params
@@ -42,7 +45,11 @@ class MLP:
 
     def layer(self, l: int) -> tuple[np.ndarray, np.ndarray]:
         """Views W_l (n_out, n_in) and b_l (n_out,) into the flat parameters (l from 0)."""
-        return kernels._views(self.params, self.sizes_arr, l)
+        return kernels.layer_views(self.params, self.sizes_arr, l)
+
+    def split(self, flat: np.ndarray) -> list[np.ndarray]:
+        """A parameter-shaped flat array (a gradient, an optimiser moment) as copies [W1, b1, W2, b2, ...]."""
+        return [a.copy() for l in range(len(self.sizes) - 1) for a in kernels.layer_views(flat, self.sizes_arr, l)]
 
     @property
     def weights(self) -> list[np.ndarray]:
@@ -56,6 +63,12 @@ class MLP:
     def from_checkpoint(cls, ck: Checkpoint) -> MLP:
         flat = [a.ravel() for W, b in zip(ck.weights, ck.biases) for a in (W, b)]
         return cls(ck.sizes, np.concatenate(flat).astype(np.float32))
+
+    def to_checkpoint(self, meta: dict, optim: OptimState | None = None) -> Checkpoint:
+        from .checkpoint import Checkpoint
+
+        params = self.split(self.params)
+        return Checkpoint(list(self.sizes), params[0::2], params[1::2], meta, optim)
 
     def logits(self, X: np.ndarray, chunk: int = 1000) -> np.ndarray:
         """Logits (N, n_L) for float32 inputs X (N, n_0) in [0, 1], computed `chunk` rows at a time."""

@@ -403,13 +403,6 @@ def free_name(folder: Path, stem: str, taken: set[Path]) -> Path:
 # prediction
 
 
-def default_checkpoint(runs_dir: str | os.PathLike = "runs") -> Path:
-    """RUN/best.ck of the newest run (runs/latest)."""
-    from .runs import default_checkpoint as newest
-
-    return newest(None, runs_dir)
-
-
 def expand(paths: list[str]) -> Iterator[tuple[str, Path | None, str | None]]:
     """(shown name, file or None, error or None) for each input; a folder becomes its images, sorted.
     One folder is listed at a time (its names only), as the images are needed."""
@@ -514,8 +507,9 @@ def predict_paths(
     """
     from nn_numba.checkpoint import load  # here, so preprocessing works without the model code
     from nn_numba.model import MLP
+    from nn_numba.runs import checkpoint_path
 
-    ck_path = Path(checkpoint) if checkpoint else default_checkpoint()
+    ck_path = checkpoint_path(checkpoint, name_one="pass --checkpoint FILE or RUN")
     ck = load(ck_path)
     if ck.sizes[0] != SIZE * SIZE or ck.sizes[-1] != 10:
         raise NNError(f"checkpoint {ck_path}: network takes {ck.sizes[0]} inputs and gives {ck.sizes[-1]} "

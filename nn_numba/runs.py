@@ -1,15 +1,21 @@
-"""Run folders: OUT/<timestamp>/ holding config.toml, metrics.jsonl, best.ck and last.ck, the OUT/latest
-pointer, the checkpoint a command uses by default, atomic text writes and the free-space check.
+"""Run folders: OUT/<name>/ holding config.toml, metrics.jsonl, best.ck and last.ck; the OUT/latest
+pointer; which checkpoint a command means; which epoch is best; the lock that keeps one process per run;
+the free-space check.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
 from .errors import NNError
+from .files import write_text_atomic
 
 
 def best_row(history: list[dict]) -> dict:
@@ -40,13 +46,19 @@ def new_run_dir(out: str, name: str | None = None) -> Path:
             return run
         except OSError as e:
             if isinstance(e, FileExistsError) and run.is_dir():
-                continue  # another run started this second
+                continue  # another run of that name, or started this second
             why = "a file is in the way" if isinstance(e, FileExistsError) else e.strerror
             raise NNError(f"cannot create the run folder {run}: {why} (choose another with --out)") from None
-    raise NNError(f"cannot create a new run folder in {root}: too many runs started this second")
+    raise NNError(f"cannot create a new run folder in {root}: too many runs named {stamp}")
+
+
+def is_run(folder: Path) -> bool:
+    """A folder that `nn-numba train` made: it holds config.toml and at least one checkpoint."""
+    return (folder / "config.toml").is_file() and ((folder / "last.ck").is_file() or (folder / "best.ck").is_file())
+
 
 def point_latest(run: Path) -> None:
-    """OUT/latest -> run (a relative symlink, swapped in atomically)."""
+    """OUT/latest -> run (a relative symlink, swapped in atomically). Called once the run has a checkpoint."""
     link = run.parent / "latest"
     tmp = run.parent / f".latest.tmp-{os.getpid()}"
     try:
@@ -64,6 +76,7 @@ def point_latest(run: Path) -> None:
     except (OSError, NNError):
         pass  # a convenience only: never fail a run over it
 
+
 def latest_run(out: str | os.PathLike = "runs") -> Path:
     """The newest run folder, via OUT/latest (a symlink, or a text file naming the run where links fail)."""
     link = Path(out) / "latest"
@@ -73,12 +86,18 @@ def latest_run(out: str | os.PathLike = "runs") -> Path:
         return (link.parent / link.read_text().strip()).resolve()
     raise NNError(f"no runs found in {out}/: run `nn-numba train default` first")
 
-def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = "runs",
-                       name_one: str = "pass --checkpoint FILE") -> Path:
-    """`checkpoint` if given, else best.ck of the newest run. `name_one`: how the command takes a checkpoint,
-    for the hint when there is none."""
-    if checkpoint:
-        return Path(checkpoint)
+
+def checkpoint_path(arg: str | os.PathLike | None = None, runs: str | os.PathLike = "runs",
+                    name_one: str = "give a checkpoint or run folder") -> Path:
+    """The checkpoint a command means: a file as given, a run folder's best.ck, or (None) the best.ck of
+    the newest run. `name_one`: how the command takes a checkpoint, for the hint when there is none."""
+    if arg is not None and str(arg) != "":
+        p = Path(arg)
+        if not p.is_dir():
+            return p
+        if not (p / "best.ck").is_file():
+            raise NNError(f"{p} is a folder without best.ck: give a checkpoint file or a run folder")
+        return p / "best.ck"
     try:
         ck = latest_run(runs) / "best.ck"
     except NNError:
@@ -88,40 +107,38 @@ def default_checkpoint(checkpoint: str | None = None, runs: str | os.PathLike = 
                       f"run `nn-numba train default` first, or {name_one}")
     return ck
 
-def resolve_checkpoint(path: str | os.PathLike | None = None, runs: str | os.PathLike = "runs") -> Path:
-    """A checkpoint file as given, a run folder's best.ck, or (None) best.ck of the newest run."""
-    if path is None or str(path) == "":
-        return default_checkpoint(None, runs)
-    p = Path(path)
-    if p.is_dir():
-        if not (p / "best.ck").is_file():
-            raise NNError(f"{p}: a folder without best.ck, so not a finished run folder; give a run folder "
-                          "or a checkpoint file (.ck)")
-        return p / "best.ck"
-    return p
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """`write_atomic` for text, as UTF-8."""
-    write_atomic(path, text.encode("utf-8"))
+def write_metrics(run: Path, history: list[dict]) -> None:
+    """metrics.jsonl, one JSON object per epoch, rewritten whole (atomically) from the history."""
+    write_text_atomic(run / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
-def write_atomic(path: Path, data: bytes, hint: str = "free some space or choose another --out") -> None:
-    """Temp file + fsync + rename, like checkpoint.save: `path` is always either the old or the new bytes."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+def read_metrics(run: Path) -> list[dict] | None:
+    """metrics.jsonl's rows, or None if it is missing or not whole JSON lines."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:  # incl. a second Ctrl-C: leave no temp file behind
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def locked(run: Path) -> Iterator[None]:
+    """Hold a lock on the run folder while training: a second process that tries to train the same run
+    is refused. (flock on the folder itself: no extra file, and the kernel drops it when the process dies.)"""
+    try:
+        fd = os.open(run, os.O_RDONLY)
+    except OSError as e:
+        raise NNError(f"cannot open the run folder {run}: {e.strerror} (choose another with --out)") from None
+    try:
         try:
-            tmp.unlink(missing_ok=True)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise NNError(f"cannot write {path}: {e.strerror or e}; the previous file, if any, is unchanged "
-                          f"({hint})") from None
-        raise
+            raise NNError(f"{run} is being trained by another process right now; wait for it to finish "
+                          "(or stop it) before resuming it") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
 
 def check_space(folder: Path, n_params: int, slots: int) -> None:
     """Fail before training, not after an hour, if best.ck + last.ck (+ the temp copy of a save) cannot fit."""

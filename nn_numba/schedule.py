@@ -16,10 +16,16 @@ def lr_at(cfg: Config, step: int, steps_per_epoch: int) -> float:
     if s.name == "step":
         return o.lr * s.gamma ** (step // steps_per_epoch // s.step_epochs)
     if s.name == "cosine":
-        total = cfg.train.epochs * steps_per_epoch
+        total = planned_epochs(cfg) * steps_per_epoch
         frac = (step - warm) / max(total - warm, 1)
         return s.min_lr + (o.lr - s.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0))) / 2
     return o.lr
+
+
+def planned_epochs(cfg: Config) -> int:
+    """The epochs the cosine decay spans: [schedule] plan_epochs, else [train] epochs. Extending a run sets
+    plan_epochs to the old total, so the steps already run keep their rate and the new ones run at min_lr."""
+    return cfg.schedule.plan_epochs or cfg.train.epochs
 
 
 def warmup_steps(warmup_epochs: float, steps_per_epoch: int) -> int:

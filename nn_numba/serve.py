@@ -259,10 +259,9 @@ def serve(checkpoint: str | None, host: str = "127.0.0.1", port: int = 8000, ope
     except ImportError:
         raise NNError("serve needs the optional packages: pip install 'nn-numba[serve]'") from None
 
-    path = None
-    if checkpoint:
-        path = Path(checkpoint)
-        path = path / "best.ck" if path.is_dir() else path
+    from .runs import checkpoint_path
+
+    path = checkpoint_path(checkpoint) if checkpoint else None  # a file, or a run folder's best.ck
     models = Models(path, Path(runs))
     sock = bind(host, port)
     url = f"http://{'[' + host + ']' if ':' in host else host}:{sock.getsockname()[1]}/"

@@ -40,12 +40,12 @@ def listing() -> str:
 
 def copy(name: str, to: str | os.PathLike) -> Path:
     """Write the shipped config NAME to `to` (into it as NAME.toml if a folder); never overwrites a file."""
-    from .runs import write_atomic
+    from .files import write_atomic
 
     src, dst = shipped_path(name), Path(to)
     if dst.is_dir():
         dst = dst / src.name
     if dst.exists() or dst.is_symlink():
         raise NNError(f"{dst} already exists: choose another path (nothing was written)")
-    write_atomic(dst, src.read_bytes(), hint="choose another path")
+    write_atomic(dst, [src.read_bytes()], what="config")
     return dst

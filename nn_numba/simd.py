@@ -2,7 +2,7 @@
 
 LLVM keeps the sums of a *dot-form* tile in registers by itself (`fastmath` lets it vectorise the
 reduction), but not the sums of an *axpy-form* tile: there the accumulators are rows of the output,
-and it reloads and re-stores them every few FMAs (docs/performance.md, rounds 2-3). Numba also turns
+and it reloads and re-stores them every few FMAs (docs/performance.md). Numba also turns
 LLVM's SLP vectoriser off, so scalar accumulators are never packed into vectors. `f32x8` closes that
 gap: a value of this type *is* an LLVM `<8 x float>`, which lives in one ymm register (AVX2; also on
 AVX-512, where 256-bit FMAs reach the same FLOP rate on Zen 4), and each function below is one or a

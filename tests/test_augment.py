@@ -18,6 +18,7 @@ from nn_numba.augment import (
     grid_size,
     shift_gather,
 )
+from nn_numba.config import from_dict
 from nn_numba.errors import NNError
 
 S = 28
@@ -294,14 +295,15 @@ def test_bad_arguments_are_refused(X):
 
 
 @pytest.mark.parametrize("kw, key", [
-    (dict(shift=-1), "augment.shift"), (dict(shift=1.5), "augment.shift"),
-    (dict(rotate=float("nan")), "augment.rotate"),
-    (dict(scale=1.0), "augment.scale"), (dict(elastic_alpha=-2.0), "augment.elastic_alpha"),
-    (dict(elastic_sigma=0.0), "augment.elastic_sigma"),
+    (dict(shift=-1), r"\[augment\] shift"), (dict(shift=1.5), r"\[augment\] shift"),
+    (dict(rotate=float("nan")), r"\[augment\] rotate"),
+    (dict(scale=1.0), r"\[augment\] scale"), (dict(elastic_alpha=-2.0), r"\[augment\] elastic_alpha"),
+    (dict(elastic_sigma=0.0), r"\[augment\] elastic_sigma"),
 ])
 def test_bad_config_values_raise_nnerror(kw, key):
+    """The one validator of [augment] is the config's."""
     with pytest.raises(NNError, match=key):
-        Augment(**kw)
+        from_dict({"augment": kw})
 
 
 def test_augment_grid(X):

@@ -56,7 +56,7 @@ def test_epoch_rows(report):
     assert positive(t["gemm2048_gflops"])
     assert t["gemm_samples"] == 1 + len(t["epochs"])  # sampled at the start and before each batch size
     assert 0 < t["gemm2048_gflops_min"] <= t["gemm2048_gflops"]  # the limit is the fastest sample
-    assert t["gemm_limited_epoch_s"] == pytest.approx(70.38e9 / (t["gemm2048_gflops"] * 1e9))
+    assert t["gemm_limited_epoch_s"] == pytest.approx(70.44e9 / (t["gemm2048_gflops"] * 1e9))
     (e,) = t["epochs"]
     assert e["gemm_fraction"] == pytest.approx(t["gemm_limited_epoch_s"] / e["numba_s"])
     assert e["batch"] == 256
@@ -79,13 +79,6 @@ def test_inference_and_jit(report):
     assert warm["process_s"] >= warm["import_s"]
 
 
-def test_targets_are_evaluated_only_when_measured(report):
-    # one thread, batch 256 only: the B=256 target is judged, the B=64 and 2-thread ones are not
-    assert list(report["targets"]) == ["1T epoch B=256 >= 90% of GEMM-limited rate"]
-    t = report["targets"]["1T epoch B=256 >= 90% of GEMM-limited rate"]
-    assert t["met"] == (t["value"] >= 0.9)
-
-
 def test_bad_arguments_are_one_line_errors():
     with pytest.raises(bench.NNError, match="--threads"):
         bench.bench(threads="one")
@@ -99,7 +92,9 @@ def test_kernel_rates_count_flops():
     # fwd1 at B=10 in 1 ms: 2 * 10 * 784 * 250 FLOP
     assert bench._kernel_rate("fwd1 lin+bias+relu", 10, 1e-3)["gflops"] == pytest.approx(2 * 10 * 784 * 250 / 1e6)
     assert bench._kernel_rate("dW3 + db3", 10, 1e-3)["gflops"] == pytest.approx(2 * 10 * 250 * 10 / 1e6)
-    assert bench.FLOP_PER_SAMPLE * bench.N_TRAIN == pytest.approx(70.38e9)
+    # 784-250-250-10: forward and dW of all three layers, dX of the last two; 2 FLOP per multiply-add
+    assert bench.FLOP_PER_SAMPLE == 2 * (2 * (784 * 250 + 250 * 250 + 250 * 10) + 250 * 250 + 250 * 10) == 1_174_000
+    assert bench.FLOP_PER_SAMPLE * bench.N_TRAIN == pytest.approx(70.44e9)
 
 
 def test_data_is_mnist_when_present_else_random_and_says_why(monkeypatch, tmp_path):

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nn_numba import checkpoint as ckmod
+from nn_numba import files
 from nn_numba.checkpoint import Checkpoint, CheckpointError, OptimState, describe, load, save
 from nn_numba.errors import NNError
 
@@ -37,7 +38,7 @@ def random_ck(sizes, seed=0, kind=None, meta=None, bits=False) -> Checkpoint:
         a = rng.integers(0, 2**32, size=shape, dtype=np.uint64).astype(np.uint32).view(np.float32)
         return np.where(np.isfinite(a), a, np.float32(-0.0)).astype(np.float32)
 
-    shapes = ckmod._shapes(sizes)
+    shapes = ckmod.shapes(sizes)
     params = [arr(s) for s in shapes]
     optim = None
     if kind is not None:
@@ -70,7 +71,7 @@ def raw(sizes, params=None, sections=(), version=1, header_bytes=None, dtype=1, 
     L = len(sizes) - 1 if L is None else L
     hb = 24 + 4 * len(sizes) if header_bytes is None else header_bytes
     if params is None:
-        params = [np.full(s, 0.5, np.float32) for s in ckmod._shapes(sizes)]
+        params = [np.full(s, 0.5, np.float32) for s in ckmod.shapes(sizes)]
     b = struct.pack(f"<4s5I{len(sizes)}I", b"NNCK", version, hb, dtype, act, L, *sizes)
     b += b"".join(np.asarray(p, "<f4").tobytes() for p in params)
     for tag, payload in sections:
@@ -517,7 +518,7 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, how):
     before = folder(tmp_path)
     real_open = open
     if how == "disk full":
-        monkeypatch.setattr(ckmod, "open", lambda f, m: FlakyFile(real_open(f, m), 1000), raising=False)
+        monkeypatch.setattr(files, "open", lambda f, m: FlakyFile(real_open(f, m), 1000), raising=False)
     elif how == "fsync":
         monkeypatch.setattr(os, "fsync", fail_on(OSError(errno.EIO, "Input/output error")))
     elif how == "replace":
@@ -525,7 +526,7 @@ def test_failed_save_keeps_old_file(tmp_path, monkeypatch, how):
     elif how == "interrupt":
         monkeypatch.setattr(os, "fsync", fail_on(KeyboardInterrupt()))
     else:
-        monkeypatch.setattr(ckmod, "open", fail_on(PermissionError(errno.EACCES, "Permission denied")),
+        monkeypatch.setattr(files, "open", fail_on(PermissionError(errno.EACCES, "Permission denied")),
                             raising=False)
     new = random_ck([20, 30, 10], seed=10, kind="adam", meta={"epoch": 2})
     if how == "interrupt":
@@ -596,7 +597,7 @@ def consistent_version(ck: Checkpoint) -> int:
 def test_sigkill_during_save_keeps_a_complete_checkpoint(tmp_path, delay):
     p = tmp_path / "model.ck"
     sizes = [784, 1000, 1000, 10]
-    params = [np.zeros(s, np.float32) for s in ckmod._shapes(sizes)]
+    params = [np.zeros(s, np.float32) for s in ckmod.shapes(sizes)]
     old = Checkpoint(sizes, params[0::2], params[1::2], {"i": 0},
                      OptimState("momentum", 0, [[np.zeros_like(a) for a in params]]))
     save(p, old)

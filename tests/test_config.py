@@ -5,9 +5,8 @@ import tomllib
 import pytest
 from conftest import ROOT
 
-from nn_numba.config import ConfigError, from_dict, load_config
+from nn_numba.config import ConfigError, apply_overrides, from_dict, load_config
 from nn_numba.schedule import lr_at
-from nn_numba.train import apply_overrides
 
 
 @pytest.mark.parametrize("name", ["default", "seed", "no-augment", "best"])

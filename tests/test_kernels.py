@@ -7,6 +7,7 @@ import reference as ref
 
 from nn_numba import kernels as K
 from nn_numba.model import MLP, n_params
+from nn_numba.optim import plain
 
 
 def rel(a, b):
@@ -58,20 +59,20 @@ def test_linear_backward_weight_and_sgd(shapes):
     gW = np.full((N, Kin), np.nan, np.float32)
     gb = np.full(N, np.nan, np.float32)
     z2, z1 = np.zeros_like(W), np.zeros_like(b)
-    ws = np.full(K.ws_size(N, B), np.nan, np.float32)  # padding lanes must not leak into the result
+    ws = np.full(K.work_size(N, B), np.nan, np.float32)  # padding lanes must not leak into the result
     want_gW = dY.T.astype(np.float64) @ A
     want_gb = dY.sum(axis=0, dtype=np.float64)
     # NO_UPDATE: the gradients only, weights untouched
-    K.linear_backward_weight(dY, A, ws, gW, gb, W, b, z2, z1, z2.copy(), z1.copy(), K.NO_UPDATE, 0.01, 0.0, False,
-                             0.1, 0.9, 0.999, 1e-8, 1.0, 1.0)
+    K.linear_backward_weight(dY, A, ws, K.Param(W, gW, z2, z2.copy()), K.Param(b, gb, z1, z1.copy()),
+                             plain(K.NO_UPDATE, 0.01, weight_decay=0.1))
     assert rel(gW, want_gW) < 1e-5
     assert rel(gb, want_gb) < 1e-5
     assert np.array_equal(W, W0.astype(np.float32)) and np.array_equal(b, b0.astype(np.float32))
     # SGD: the same gradient applied in the fused step; gW itself is not written
     gW[:] = np.nan
     gb[:] = np.nan
-    K.linear_backward_weight(dY, A, ws, gW, gb, W, b, z2, z1, z2.copy(), z1.copy(), K.SGD, 0.01, 0.0, False, 0.1,
-                             0.9, 0.999, 1e-8, 1.0, 1.0)
+    K.linear_backward_weight(dY, A, ws, K.Param(W, gW, z2, z2.copy()), K.Param(b, gb, z1, z1.copy()),
+                             plain(K.SGD, 0.01, weight_decay=0.1))
     assert np.isnan(gW).all()
     assert rel(gb, want_gb) < 1e-5
     ref.Optimizer("sgd", 0.01, wd=0.1).step([W0, b0], [want_gW, want_gb], [True, False])  # decay on W only
@@ -89,7 +90,8 @@ def test_update_matches_reference_over_steps(kind, nesterov):
     code = {"momentum": K.MOMENTUM, "adam": K.ADAM}[kind]
     for t in range(1, 6):
         g = rng.standard_normal(37, dtype=np.float32)
-        K.update(p, g, m, v, code, 0.05, 0.9, nesterov, 0.01, 0.9, 0.999, 1e-8, 1 / (1 - 0.9**t), 1 / (1 - 0.999**t))
+        K.update(K.Param(p, g, m, v), plain(code, 0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.01,
+                                            inv_bias1=1 / (1 - 0.9**t), inv_bias2=1 / (1 - 0.999**t)))
         opt.step([p64], [g.astype(np.float64)], [True])
     assert rel(p, p64) < 1e-5
 
@@ -133,7 +135,7 @@ def _setup(sizes, B, seed=0, density=1.0):
 
 def _step(model, X, y, kind, lr, reduction, wd=0.0, nesterov=False, eps=1e-8):
     from nn_numba.config import from_dict
-    from nn_numba.train import Trainer
+    from nn_numba.trainer import Trainer
 
     cfg = from_dict({"optim": {"name": kind, "lr": lr, "reduction": reduction, "weight_decay": wd,
                                "nesterov": nesterov, "eps": eps}})
@@ -202,15 +204,14 @@ def test_gradients_against_reference(density):
     _, gW, gb = ref.gradients([W.astype(np.float64) for W in model.weights], model.biases, X, y, "mean")
     before = model.params.copy()
     from nn_numba.config import from_dict
-    from nn_numba.train import Trainer
+    from nn_numba.trainer import Trainer
 
     tr = Trainer(from_dict({"optim": {"reduction": "mean"}}), model, 37)
-    tr.kind = K.NO_UPDATE
-    tr.train_step(X, y, 0.1)
+    tr.train_step(X, y, 0.1, update=False)
     tr.sync()
     assert np.array_equal(model.params, before)  # NO_UPDATE leaves the weights alone
     for l in range(3):
-        g_W, g_b = K._views(tr.grad, model.sizes_arr, l)
+        g_W, g_b = K.layer_views(tr.state.flat.grad, model.sizes_arr, l)
         assert rel(g_W, gW[l]) < 1e-5
         assert rel(g_b, gb[l]) < 1e-5
 
@@ -220,11 +221,10 @@ def test_finite_differences_tiny_network():
     sizes = [784, 6, 5, 10]
     model, X, y = _setup(sizes, 4, seed=7)
     from nn_numba.config import from_dict
-    from nn_numba.train import Trainer
+    from nn_numba.trainer import Trainer
 
     tr = Trainer(from_dict({"optim": {"reduction": "mean"}}), model, 4)
-    tr.kind = K.NO_UPDATE
-    tr.train_step(X, y, 0.0)
+    tr.train_step(X, y, 0.0, update=False)
     tr.sync()
     p0 = model.params.astype(np.float64)
 
@@ -245,7 +245,7 @@ def test_finite_differences_tiny_network():
         e = np.zeros_like(p0)
         e[i] = h
         fd = (loss_at(p0 + e) - loss_at(p0 - e)) / (2 * h)
-        assert abs(fd - tr.grad[i]) < 1e-4 * max(1.0, abs(fd)), i
+        assert abs(fd - tr.state.flat.grad[i]) < 1e-4 * max(1.0, abs(fd)), i
 
 
 @pytest.mark.parametrize("density", [0.2, 1.0])
@@ -266,7 +266,7 @@ _STEPS = """
 import hashlib, numpy as np
 from nn_numba.config import from_dict
 from nn_numba.model import MLP
-from nn_numba.train import Trainer
+from nn_numba.trainer import Trainer
 rng = np.random.default_rng(0)
 X = rng.random((37, 784), dtype=np.float32)
 X[:, ::3] = 0  # 67 % non-zero: the dense first layer; the second batch (19 %) takes the sparse one
@@ -275,7 +275,7 @@ tr = Trainer(from_dict({"optim": {"name": "adam", "reduction": "mean"}}), MLP.in
 for _ in range(2):
     tr.train_step(X, y, 1e-3)
     tr.train_step(X * (rng.random(X.shape) < 0.3), y, 1e-3)
-print(hashlib.sha256(tr.sync().params.tobytes() + tr.mt.tobytes() + tr.v.tobytes()).hexdigest())
+print(hashlib.sha256(tr.sync().params.tobytes() + tr.state.first_t.m.tobytes() + tr.state.flat.v.tobytes()).hexdigest())
 """
 
 
@@ -340,13 +340,13 @@ def test_sparse_forward_against_reference(N, relu):
     X[rng.random(X.shape) < 0.8] = 0
     W = rng.standard_normal((N, K_in)).astype(np.float32) * 0.05
     b = rng.standard_normal(N).astype(np.float32)
-    WT = K.aligned_zeros((K_in, K.pad_t(N)))
+    WT = K.aligned_zeros((K_in, K.pad(N)))
     WT[:, :N] = W.T
     want = X.astype(np.float64) @ W.T.astype(np.float64) + b
     want = np.maximum(want, 0) if relu else want
     cnt, cols, vals, *_ = K.nonzeros_bufs(B, K_in)
     K.nonzeros(X, cnt, cols, vals)
-    buf = K.aligned_zeros((B, K.pad_t(N)))
+    buf = K.aligned_zeros((B, K.pad(N)))
     K.sparse_forward(cnt, cols, vals, WT, b, buf[:, :N], relu)
     assert rel(buf[:, :N], want) < 1e-5
     assert not buf[:, N:].any()  # nothing stored past the row's N outputs
@@ -366,7 +366,7 @@ def test_first_layer_moves_between_paths():
     for x, path in ((Xd, 0), (X, 1), (Xd, 0)):
         tr.train_step(x, y, 0.01)
         ref.step(Ws, bs, x, y, opt, "mean")
-        assert tr.where[0] == path
+        assert tr.state.first_is_t[0] == path
     tr.sync()
     for l in range(2):
         assert rel(model.layer(l)[0], Ws[l]) < 1e-5
@@ -374,11 +374,11 @@ def test_first_layer_moves_between_paths():
 
 
 def test_gather_with_nonzeros_is_gather_then_nonzeros():
-    """Trainer.gather (one pass: pixels and their non-zeros) then train_step(rows=True) is bit for bit
+    """Trainer.gather (one pass: pixels and their non-zeros) then train_step(listed=True) is bit for bit
     gather, then train_step listing the non-zeros itself; also the fallback for a width that is not a
     multiple of 8."""
     from nn_numba.config import from_dict
-    from nn_numba.train import Trainer
+    from nn_numba.trainer import Trainer
 
     rng = np.random.default_rng(5)
     X_u8 = rng.integers(0, 256, (300, 784), dtype=np.uint8)
@@ -396,16 +396,16 @@ def test_gather_with_nonzeros_is_gather_then_nonzeros():
     assert np.array_equal(xa, xb)
     cnt, cols, vals = K.nonzeros_bufs(64, 784)[:3]
     K.nonzeros(xb, cnt, cols, vals)
-    assert np.array_equal(a.nz[0], cnt)
+    assert np.array_equal(a.buf.nonzeros.count, cnt)
     for i in range(64):
-        assert np.array_equal(a.nz[1][i, :cnt[i]], cols[i, :cnt[i]])
-        assert np.array_equal(a.nz[2][i, :cnt[i]], vals[i, :cnt[i]])
+        assert np.array_equal(a.buf.nonzeros.cols[i, :cnt[i]], cols[i, :cnt[i]])
+        assert np.array_equal(a.buf.nonzeros.vals[i, :cnt[i]], vals[i, :cnt[i]])
     for _ in range(2):
-        a.train_step(a.gather(X_u8, idx), y[idx], 1e-3, rows=True)
+        a.train_step(a.gather(X_u8, idx), y[idx], 1e-3, listed=True)
         K.gather(X_u8, idx, K.PIXEL, b.xb[:64])
         b.train_step(b.xb[:64], y[idx], 1e-3)
     assert np.array_equal(a.sync().params, b.sync().params)
     odd = np.ascontiguousarray(X_u8[:, :780])  # 780 % 8 != 0: gather, then nonzeros
     c = Trainer(cfg, MLP.init([780, 50, 10], np.random.default_rng(0)), 64)
     assert np.array_equal(c.gather(odd, idx), odd[idx] / np.float32(255))
-    assert np.array_equal(c.nz[0], np.count_nonzero(odd[idx], axis=1))
+    assert np.array_equal(c.buf.nonzeros.count, np.count_nonzero(odd[idx], axis=1))

@@ -361,20 +361,23 @@ def test_save_preprocessed_never_overwrites(tmp_path, capsys, mnist_test, model)
 
 
 def test_default_checkpoint(tmp_path):
+    from nn_numba.runs import checkpoint_path
+
     runs = tmp_path / "runs"
-    msg = r"no trained model found .*: run `nn-numba train default` first, or pass --checkpoint FILE"
+    msg = (r"no trained model found .*: run `nn-numba train default` first, or give a checkpoint "
+           "or run folder")
     with pytest.raises(NNError, match=msg):
-        P.default_checkpoint(runs)
+        checkpoint_path(None, runs)
     run = runs / "2024-01-01_120000"
     run.mkdir(parents=True)
     (runs / "latest").symlink_to(run.name)
     with pytest.raises(NNError, match="no trained model found"):  # run exists, best.ck not yet
-        P.default_checkpoint(runs)
+        checkpoint_path(None, runs)
     (run / "best.ck").write_bytes(b"x")
-    assert P.default_checkpoint(runs) == (run / "best.ck").resolve()
+    assert checkpoint_path(None, runs) == (run / "best.ck").resolve()
     (runs / "latest").unlink()
     (runs / "latest").write_text(run.name + "\n")  # a text file naming the run
-    assert P.default_checkpoint(runs) == run / "best.ck"
+    assert checkpoint_path(None, runs) == run / "best.ck"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from nn_numba.checkpoint import load
+from nn_numba.checkpoint import load, save
 from nn_numba.config import from_dict
 from nn_numba.runs import latest_run
 from nn_numba.train import split, train
@@ -63,7 +63,14 @@ def test_without_validation_split_best_is_the_last_epoch(tmp_path, mnist_path):
     raw["data"] = {"val_split": 0.0}
     raw["train"].update(out=str(tmp_path), epochs=1)
     run = train(from_dict(raw), data_dir=str(mnist_path), quiet=True)
-    raw["train"]["epochs"], raw["optim"]["lr"] = 2, 0.2
+    raw["train"]["epochs"], raw["optim"]["lr"], raw["schedule"] = 2, 0.05, {"name": "constant"}
+    # a resume cannot change the plan's lr: the run's own plan says 0.05, constant (config.toml and last.ck
+    # agree), so that the second epoch runs at that rate
+    plan = from_dict(raw | {"train": raw["train"] | {"epochs": 1}})
+    (run / "config.toml").write_text(plan.to_toml())
+    ck = load(run / "last.ck")
+    ck.meta["config"] = plan.to_dict()
+    save(run / "last.ck", ck)
     train(from_dict(raw), data_dir=str(mnist_path), resume=str(run), quiet=True)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[1]["train_acc"] < rows[0]["train_acc"]  # the case that tells the rules apart
@@ -75,8 +82,6 @@ def test_without_validation_split_best_is_the_last_epoch(tmp_path, mnist_path):
 def test_resume_ignores_the_generator_states_older_files_hold(tmp_path, mnist_path):
     """last.ck needs only (epoch, batch) to resume; the NumPy generator states that older versions saved
     under `resume` are ignored, and the resumed epoch is the one an uninterrupted run trains."""
-    from nn_numba.checkpoint import save
-
     def cfg(out, epochs):
         raw = json.loads(json.dumps(SMALL))
         raw["schedule"] = {"name": "constant"}

@@ -16,7 +16,7 @@ from nn_numba.augment import Augment, Draws, apply, draws
 from nn_numba.config import from_dict
 from nn_numba.model import MLP
 from nn_numba.schedule import lr_at, warmup_steps
-from nn_numba.train import Trainer
+from nn_numba.trainer import Trainer
 
 HERE = Path(__file__).resolve().parent / "vectors"
 V = json.loads((HERE / "vectors.json").read_text())
@@ -73,7 +73,7 @@ def test_gradients(reduction):
     tr.sync()
     want = NET[f"grad_{reduction}"]
     for l in range(len(NET["sizes"]) - 1):
-        gW, gb = K._views(tr.grad, m.sizes_arr, l)
+        gW, gb = K.layer_views(tr.state.flat.grad, m.sizes_arr, l)
         assert rel(gW, want["W"][l]) < 1e-5 and rel(gb, want["b"][l]) < 1e-5, l
 
 

@@ -64,7 +64,8 @@ def _checkpoint(checkpoint: str | None, command: str) -> Path:
 
 @app.command(cls=PlainHelp)
 def train(
-    config: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="TOML config, e.g. configs/default.toml "
+    config: Annotated[Path | None, typer.Argument(metavar="CONFIG", help="A TOML file or a shipped config's name "
+                                                                         "(default, best, no-augment, seed) "
                                                                          "(with --resume: the run's own).")] = None,
     epochs: Annotated[int | None, typer.Option(metavar="N", help="Override [train] epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(metavar="N", help="Override [train] batch_size.")] = None,
@@ -214,6 +215,44 @@ def serve(
     from .serve import serve as run_server
 
     run_server(checkpoint, host=host, port=port, open_browser=open_browser, runs=runs)
+
+
+@app.command(cls=PlainHelp)
+def export(
+    source: Annotated[str, typer.Argument(metavar="CHECKPOINT_OR_RUN",
+                                          help="A checkpoint or a run folder (its best.ck), e.g. runs/latest.")],
+    to: Annotated[str, typer.Option("--to", metavar="FILE",
+                                    help="Output file: .onnx (needs nn-numba[export]) or .npz (NumPy).")] = "",
+) -> None:
+    """Write a network as ONNX or NumPy .npz, to run it elsewhere.
+
+    Tensor names fit a torch.nn.Sequential of Linear and ReLU layers (0.weight, 0.bias, 2.weight, ...).
+    """
+    from .export import export as run_export
+
+    if not to:
+        raise NNError("export needs --to FILE ending in .onnx or .npz")
+    out = run_export(source, to)
+    print(f"wrote {out}")
+
+
+@app.command(cls=PlainHelp)
+def configs(
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="Print this shipped config.")] = None,
+    to: Annotated[str | None, typer.Option("--to", metavar="PATH",
+                                           help="Copy it to this file or folder (never overwrites).")] = None,
+) -> None:
+    """The configs that ship with nn-numba: list them, print one, or copy one to start from."""
+    from .shipped import copy, listing, shipped_path
+
+    if name is None:
+        if to:
+            raise NNError("configs --to needs a NAME to copy, e.g. nn-numba configs default --to my.toml")
+        print(listing())
+    elif to:
+        print(f"wrote {copy(name, to)}")
+    else:
+        print(shipped_path(name).read_text(encoding="utf-8"), end="")
 
 
 @app.command(cls=PlainHelp)

@@ -1,7 +1,8 @@
 """Training configuration: TOML files read with tomllib and checked into typed dataclasses.
 
 Every table and key is listed below with its default; anything else in a file is an error, so a typo
-never silently falls back to a default.
+never silently falls back to a default. The recipes in nn_numba/configs/ ship with the package and load
+by name (`default`, `best`, ...) from any folder.
 """
 
 import dataclasses
@@ -144,27 +145,49 @@ _EXCLUSIVE_HIGH = {("optim", "beta1"), ("optim", "beta2")}  # Adam divides by 1 
 MAX_FILE = 1 << 20  # a config is a few hundred bytes: refuse to read /dev/zero or a 10 GB log into memory
 MAX_PARAMS = 50_000_000  # 200 MB per copy of the weights; training keeps four (weights, grad, Adam m, v)
 MAX_ACTS = 1 << 28  # floats of activations per mini-batch (batch_size x hidden widths): 1 GB
+SHIPPED = Path(__file__).parent / "configs"  # installed with the package; the repository's configs/ links here
+
+
+def shipped_names() -> list[str]:
+    """The configs that ship with the package, by name: default, best, no-augment, seed.
+
+    NAME.toml files only: the folder also holds sweep files (NAME.sweep.toml, docs/sweep.md).
+    """
+    order = ["default", "best", "no-augment", "seed"]
+    names = [p.stem for p in SHIPPED.glob("*.toml") if "." not in p.stem]
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file: the path if it is a file, else the shipped config of that name (`default`, ...)."""
+    path = Path(name_or_path)
+    if str(name_or_path) in shipped_names() and not path.is_file():
+        return SHIPPED / f"{name_or_path}.toml"
+    return path
 
 
 def load_config(path: str | Path) -> Config:
-    """Read and check a TOML config; every problem is a one-line ConfigError naming the file and key."""
-    path = Path(path)
+    """Read and check a TOML config: a file or the name of a shipped one (`default`, `best`, ...).
+
+    Every problem is a one-line ConfigError naming the file and key.
+    """
+    path = config_path(path)
     try:
         f, size = open_regular(path)
         with f:
             data = f.read(min(size, MAX_FILE) + 1)  # no 1 MB buffer for a 300-byte file
         if len(data) > MAX_FILE:
             raise ConfigError(f"{path}: larger than {MAX_FILE // 1024} KB, not a config file "
-                              "(a config is TOML, see configs/default.toml)")
+                              "(a config is TOML, see `nn-numba configs default`)")
         text = data.decode("utf-8-sig")  # a byte order mark (Windows editors write one) is not TOML
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file (try configs/default.toml)") from None
+        raise ConfigError(f"no such config file {path}: give a path or one of: {', '.join(shipped_names())}") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder, not a config file") from None
     except NotAFileError as e:
         raise ConfigError(f"{path}: {e.strerror}, not a config file") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file (a config is TOML, see configs/default.toml)") from None
+        raise ConfigError(f"{path}: not a text file (a config is TOML, see `nn-numba configs default`)") from None
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     try:

@@ -84,7 +84,7 @@ def latest_run(out: str | os.PathLike = "runs") -> Path:
         return link.resolve()
     if link.is_file():
         return (link.parent / link.read_text().strip()).resolve()
-    raise NNError(f"no runs found in {out}/: run `nn-numba train configs/default.toml` first")
+    raise NNError(f"no runs found in {out}/: run `nn-numba train default` first")
 
 
 def checkpoint_path(arg: str | os.PathLike | None = None, runs: str | os.PathLike = "runs",
@@ -104,7 +104,7 @@ def checkpoint_path(arg: str | os.PathLike | None = None, runs: str | os.PathLik
         ck = None
     if ck is None or not ck.is_file():
         raise NNError(f"no trained model found ({ck or Path(runs) / 'latest'} does not exist): "
-                      f"run `nn-numba train configs/default.toml` first, or {name_one}")
+                      f"run `nn-numba train default` first, or {name_one}")
     return ck
 
 

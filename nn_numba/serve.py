@@ -65,7 +65,7 @@ class Models:
         self.scan()
         if default is None:
             if not self.entries:
-                raise NNError(f"no trained model found in {runs}/: run `nn-numba train configs/default.toml` "
+                raise NNError(f"no trained model found in {runs}/: run `nn-numba train default` "
                               "first, or give one: `nn-numba serve CHECKPOINT_OR_RUN`")
             self.first = next(iter(self.entries))
 

@@ -364,7 +364,7 @@ def test_default_checkpoint(tmp_path):
     from nn_numba.runs import checkpoint_path
 
     runs = tmp_path / "runs"
-    msg = (r"no trained model found .*: run `nn-numba train configs/default\.toml` first, or give a checkpoint "
+    msg = (r"no trained model found .*: run `nn-numba train default` first, or give a checkpoint "
            "or run folder")
     with pytest.raises(NNError, match=msg):
         checkpoint_path(None, runs)

@@ -16,7 +16,8 @@ from nn_numba.checkpoint import Checkpoint, save
 from nn_numba.config import from_dict
 from nn_numba.train import train
 
-COMMANDS = ["train", "evaluate", "info", "predict", "serve", "sweep", "download", "report", "bench"]
+COMMANDS = ["train", "evaluate", "info", "predict", "serve", "export", "configs", "sweep", "download", "report",
+            "bench"]
 
 
 def _cli(*args, cwd=None):

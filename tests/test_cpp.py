@@ -366,8 +366,8 @@ STEPS = -(-54000 // 128)  # per epoch
 
 
 def py_train(config: Path, out: Path, data: Path, epochs: int, resume: Path | None = None) -> Path:
-    from nn_numba.config import load_config
-    from nn_numba.train import apply_overrides, train
+    from nn_numba.config import apply_overrides, load_config
+    from nn_numba.train import train
 
     cfg = apply_overrides(load_config(config), epochs=epochs, out=str(out))
     return train(cfg, data_dir=str(data), resume=str(resume) if resume else None, quiet=True)

@@ -24,6 +24,7 @@ struct Config {
     double warmup_epochs = 0.0;
     int64_t step_epochs = 10;
     double gamma = 0.1, min_lr = 0.0;
+    int64_t plan_epochs = 0;  // the epochs the schedule is laid out over; 0: [train] epochs (docs/training.md)
     // [augment]
     int64_t shift = 0;
     double rotate = 0.0, scale = 0.0, elastic_alpha = 0.0, elastic_sigma = 4.0;

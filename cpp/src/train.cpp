@@ -214,7 +214,7 @@ Schedule make_schedule(const Config& cfg, long spe) {
     sch.step_epochs = int(cfg.step_epochs);
     sch.steps_per_epoch = spe;
     sch.warmup = Schedule::warmup_steps(cfg.warmup_epochs, spe);
-    sch.total = spe * long(cfg.epochs);
+    sch.total = spe * long(cfg.plan_epochs ? cfg.plan_epochs : cfg.epochs);  // an extended run keeps its plan
     return sch;
 }
 

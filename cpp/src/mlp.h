@@ -107,8 +107,8 @@ struct StepArgs {
     int kind;  // 0 sgd, 1 momentum, 2 adam
     bool nesterov;
     float lr, wd, mu;
-    float b1, b2, c1, c2;     // Adam: beta1, beta2, 1 - beta1, 1 - beta2
-    float lr_ibc1, ibc2, eps;  // lr / (1 - beta1^t), 1 / (1 - beta2^t)
+    float b1, b2, one_minus_b1, one_minus_b2;  // Adam: beta1, beta2, 1 - beta1, 1 - beta2
+    float lr_inv_bias1, inv_bias2, eps;  // lr / (1 - beta1^t), 1 / (1 - beta2^t), as nn_numba names them
 };
 
 struct Optimizer {

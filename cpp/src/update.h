@@ -20,11 +20,11 @@ inline simd::vf update_k(const StepArgs& s, simd::vf p, simd::vf g, float* m, fl
         st(m, mk, n);
         return fma(bcast(-s.lr), s.nesterov ? fma(bcast(s.mu), mk, g) : mk, p);
     }
-    vf mk = fma(bcast(s.b1), ld(m, n), mul(bcast(s.c1), g));
-    vf vk = fma(bcast(s.b2), ld(v, n), mul(mul(bcast(s.c2), g), g));
+    vf mk = fma(bcast(s.b1), ld(m, n), mul(bcast(s.one_minus_b1), g));
+    vf vk = fma(bcast(s.b2), ld(v, n), mul(mul(bcast(s.one_minus_b2), g), g));
     st(m, mk, n);
     st(v, vk, n);
-    return sub(p, div(mul(bcast(s.lr_ibc1), mk), add(sqrt(mul(vk, bcast(s.ibc2))), bcast(s.eps))));
+    return sub(p, div(mul(bcast(s.lr_inv_bias1), mk), add(sqrt(mul(vk, bcast(s.inv_bias2))), bcast(s.eps))));
 }
 
 inline simd::vf update(const StepArgs& s, simd::vf p, simd::vf g, float* m, float* v, int n, bool decay) {

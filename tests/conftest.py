@@ -34,3 +34,20 @@ def mnist_path() -> Path:
     if not (d / "train-images-idx3-ubyte.gz").exists() and not (d / "train-images-idx3-ubyte").exists():
         pytest.fail(f"real MNIST not found in {d}: set NN_NUMBA_DATA to the folder with the four IDX files")
     return d
+
+
+@pytest.fixture
+def nn_main(monkeypatch, capsys):
+    """nn_main("export", ...) runs the command in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from nn_numba import cli
+
+    def command(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["nn-numba", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        out, err = capsys.readouterr()
+        return e.value.code, out, err
+
+    return command

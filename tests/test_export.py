@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from nn_numba import cli
 from nn_numba.checkpoint import load
 from nn_numba.config import from_dict
 from nn_numba.data import load_mnist
@@ -48,17 +47,9 @@ def reference(run, mnist):
 
 
 @pytest.fixture
-def nn(monkeypatch, capsys):
-    """nn("export", ...) runs the command in this process: (exit code, stdout, stderr)."""
-
-    def command(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["nn-numba", *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            cli.main()
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return command
+def nn(nn_main):
+    """nn("export", ...): the command in this process (conftest.nn_main)."""
+    return nn_main
 
 
 def one_line_error(code: int, err: str) -> str:

@@ -14,7 +14,6 @@ import resource
 import struct
 import subprocess
 import sys
-import tracemalloc
 import zlib
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_robustness import peak  # noqa: E402
 
 import nn_numba.predict as P
 from nn_numba import checkpoint, config, data
@@ -90,19 +90,6 @@ def test_config_device_is_refused():
 
 
 # -------------------------------------------------------------------------------------------- checkpoint
-
-
-def peak(fn, *args) -> int:
-    """Peak bytes allocated (Python and NumPy) while fn(*args) runs; its NNError is swallowed."""
-    tracemalloc.start()
-    try:
-        fn(*args)
-    except NNError:
-        pass
-    finally:
-        size = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return size
 
 
 def mnist_model(path: Path, scale: float = 1.0, seed: int = 0, meta: dict | None = None) -> Path:

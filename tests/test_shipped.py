@@ -2,27 +2,19 @@
 `nn-numba configs` lists, prints and copies them; a wrong name says which ones exist."""
 
 import subprocess
-import sys
 
 import pytest
 from conftest import ROOT
 
-from nn_numba import cli
 from nn_numba.config import SHIPPED, ConfigError, load_config, shipped_names
 
 NAMES = ["default", "best", "no-augment", "seed"]
 
 
 @pytest.fixture
-def nn(monkeypatch, capsys):
-    def command(*args) -> tuple[int, str, str]:
-        monkeypatch.setattr(sys, "argv", ["nn-numba", *map(str, args)])
-        with pytest.raises(SystemExit) as e:
-            cli.main()
-        out, err = capsys.readouterr()
-        return e.value.code, out, err
-
-    return command
+def nn(nn_main):
+    """nn("export", ...): the command in this process (conftest.nn_main)."""
+    return nn_main
 
 
 def test_names_load_from_any_folder(tmp_path, monkeypatch):

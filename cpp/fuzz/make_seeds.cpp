@@ -10,6 +10,7 @@
 #include "checkpoint.h"
 #include "file.h"
 #include "idx.h"
+#include "../tests/gz.h"
 
 using Bytes = std::vector<uint8_t>;
 
@@ -26,19 +27,6 @@ static Bytes idx(std::vector<uint32_t> header, size_t n, uint8_t mod) {
         for (int i = 3; i >= 0; i--) b.push_back(uint8_t(v >> (8 * i)));
     for (size_t i = 0; i < n; i++) b.push_back(uint8_t(i * 7 % mod));
     return b;
-}
-static Bytes gzip(const Bytes& b) {
-    z_stream z{};
-    deflateInit2(&z, 6, Z_DEFLATED, 16 + MAX_WBITS, 8, Z_DEFAULT_STRATEGY);
-    Bytes out(deflateBound(&z, uLong(b.size())));
-    z.next_in = const_cast<uint8_t*>(b.data());
-    z.avail_in = uInt(b.size());
-    z.next_out = out.data();
-    z.avail_out = uInt(out.size());
-    deflate(&z, Z_FINISH);
-    out.resize(z.total_out);
-    deflateEnd(&z);
-    return out;
 }
 static Bytes cat(Bytes a, const Bytes& b) {
     a.insert(a.end(), b.begin(), b.end());

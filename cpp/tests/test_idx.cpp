@@ -8,6 +8,7 @@
 #include "checkpoint.h"
 #include "file.h"
 #include "idx.h"
+#include "gz.h"
 
 using Bytes = std::vector<uint8_t>;
 static std::string g_dir;
@@ -35,20 +36,6 @@ static std::string write(const std::string& name, const Bytes& b, bool gz = fals
     return path;
 }
 
-// gzip of `b` in one member (zlib's deflate with the gzip wrapper)
-static Bytes gzip(const Bytes& b) {
-    z_stream z{};
-    deflateInit2(&z, 6, Z_DEFLATED, 16 + MAX_WBITS, 8, Z_DEFAULT_STRATEGY);
-    Bytes out(deflateBound(&z, uLong(b.size())));
-    z.next_in = const_cast<uint8_t*>(b.data());
-    z.avail_in = uInt(b.size());
-    z.next_out = out.data();
-    z.avail_out = uInt(out.size());
-    deflate(&z, Z_FINISH);
-    out.resize(z.total_out);
-    deflateEnd(&z);
-    return out;
-}
 // gzip of head followed by n zero bytes, made without holding the n bytes (this process's peak memory
 // is inherited by the children that expect_bounded measures)
 static Bytes gzip_zeros(const Bytes& head, size_t n) {

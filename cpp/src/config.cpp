@@ -299,12 +299,19 @@ Config parse_config(const std::string& text, const std::string& source) {
     return c;
 }
 
-Config load_config(const std::string& path) {
+// The configs that ship with nn-numba (nn_numba/configs/), which `--config NAME` names as nn-numba does.
+static const char* const SHIPPED[] = {"default", "best", "no-augment", "seed"};
+
+Config load_config(const std::string& given) {
+    std::string path = given;
     struct stat st;
-    if (::stat(path.c_str(), &st) != 0) {
-        if (errno == ENOENT) throw NNError(path + ": no such config file (try configs/default.toml)");
-        throw NNError(path + ": cannot read: " + std::strerror(errno));
+    if (::stat(path.c_str(), &st) != 0 && errno == ENOENT) {  // a file that exists wins over a name
+        for (const char* name : SHIPPED)
+            if (given == name) path = std::string(NN_CONFIGS) + "/" + name + ".toml";
+        if (path == given || ::stat(path.c_str(), &st) != 0)
+            throw NNError("no such config file " + given + ": give a path or one of: default, best, no-augment, seed");
     }
+    if (::stat(path.c_str(), &st) != 0) throw NNError(path + ": cannot read: " + std::strerror(errno));
     if (S_ISDIR(st.st_mode)) throw NNError(path + ": is a folder, not a config file");
     FILE* f = std::fopen(path.c_str(), "rb");
     if (!f) throw NNError(path + ": cannot read: " + std::strerror(errno));
@@ -316,13 +323,13 @@ Config load_config(const std::string& path) {
         if (text.size() > MAX_FILE) {
             std::fclose(f);
             throw NNError(path + ": larger than " + std::to_string(MAX_FILE / 1024) +
-                          " KB, not a config file (a config is TOML, see configs/default.toml)");
+                          " KB, not a config file (a config is TOML, see `nn-numba configs default`)");
         }
     }
     const bool failed = std::ferror(f);
     std::fclose(f);
     if (failed) throw NNError(path + ": cannot read: " + std::strerror(errno));
-    if (!utf8_valid(text)) throw NNError(path + ": not a text file (a config is TOML, see configs/default.toml)");
+    if (!utf8_valid(text)) throw NNError(path + ": not a text file (a config is TOML, see `nn-numba configs default`)");
     return parse_config(text, path);
 }
 

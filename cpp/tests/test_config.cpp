@@ -60,7 +60,7 @@ int main() {
                  "command line: [schedule] warmup_epochs must be finite, not nan");
     expect_error("text", [&] { set_config_key(c, "train", "batch_size", "12x"); },
                  "command line: [train] batch_size must be a whole number, not '12x'");
-    expect_error("missing", [&] { load_config("no-such.toml"); }, "no-such.toml: no such config file (try configs/default.toml)");
+    expect_error("missing", [&] { load_config("no-such.toml"); }, "no such config file no-such.toml: give a path or one of: default, best, no-augment, seed");
     expect_error("folder", [&] { load_config(NN_TEST_DATA); }, ": is a folder, not a config file");
     expect_error("binary", [&] { load_config(NN_TEST_DATA "/tiny.ck"); }, "not a text file");
     return finish("test_config");

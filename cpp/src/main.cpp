@@ -386,12 +386,15 @@ int cmd_bench(int argc, char** argv) {
 
 int main(int argc, char** argv) {
 #ifdef _OPENMP
-    // libgomp's default is to spin ~ms at every barrier. A training step has ~10 barriers, and on a
-    // 2-core machine shared with other programs a spinning thread keeps the one it waits for off the
-    // CPU: measured 4x slower than single-threaded. Sleeping waits cost ~0.1 s/epoch when idle.
-    // libgomp reads the variable when it loads, before main, hence the re-exec; an explicit
-    // OMP_WAIT_POLICY (e.g. active, on a dedicated machine) is left alone.
-    if (!std::getenv("OMP_WAIT_POLICY") && ::setenv("OMP_WAIT_POLICY", "passive", 1) == 0)
+    // How long a thread spins at a barrier before it sleeps. libgomp's default (300,000 spins) lets a
+    // waiting thread keep the one it waits for off the CPU of a busy 2-core machine; sleeping at once
+    // (OMP_WAIT_POLICY=passive) costs a wake-up at each of a step's barriers, which small batches feel.
+    // A short spin (10,000) catches the barriers of a step that are a few microseconds apart and
+    // sleeps through the rest (docs/performance.md has the measurement). libgomp reads the variables
+    // when it loads, before main, hence the re-exec; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT
+    // is left alone.
+    if (!std::getenv("OMP_WAIT_POLICY") && !std::getenv("GOMP_SPINCOUNT") &&
+        ::setenv("GOMP_SPINCOUNT", "10000", 1) == 0)
         ::execv("/proc/self/exe", argv);  // returns only on failure: then carry on as we are
 #endif
     try {

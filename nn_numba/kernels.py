@@ -48,7 +48,7 @@ from .simd import (
     vzero,
 )
 
-jitcache.use()  # before the first @njit(cache=True): the compiled kernels go to a folder keyed by their sources
+jitcache.use()  # before the first cached kernel below: compiled kernels go to a folder keyed by their sources
 
 # u8 -> float32 pixel, exactly u8 / 255 as the C++ port computes it: one table load per pixel instead of a
 # division.

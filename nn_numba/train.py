@@ -159,7 +159,7 @@ def open_resume(src: str) -> Resume:
     except (KeyError, AttributeError, TypeError, NNError):
         raise NNError(f"cannot resume {src}: its training state is damaged; use another last.ck or start anew") \
             from None
-    folder = ck_path.parent
+    folder = ck_path.parent.resolve() if ck_path.parent.is_symlink() else ck_path.parent  # runs/latest: the run
     if ck_path.name == "last.ck" and is_run(folder):
         plan = load_config(folder / "config.toml")
         diff = changes(saved, plan)

@@ -191,3 +191,9 @@ def test_a_second_ctrl_c_during_a_save_keeps_its_exit_code(one_epoch, tmp_path, 
     with pytest.raises(Interrupted) as e:
         save(tmp_path / "last.ck", ck)
     assert e.value.exit_code == 130 and list(tmp_path.iterdir()) == []
+
+
+def test_resume_through_the_latest_link_keeps_it_pointing_at_the_run(run, mnist_path):
+    (run.parent / "latest").symlink_to(run.name)
+    resume(run.parent / "latest", mnist_path, epochs=2)
+    assert (run.parent / "latest").resolve() == run.resolve() and len(rows(run)) == 2

@@ -110,24 +110,7 @@ def test_epoch_passes_alternate_sides_and_thread_counts(monkeypatch):
     """The timed passes of a round go Numba 1T, NumPy 1T, Numba 2T, NumPy 2T, so that a drift of the host
     between the phases of a run cannot favour one thread count; each thread count gets its own rows."""
     log = []
-
-    class FakeChild:
-        def __init__(self, kind, threads, data):
-            self.kind, self.threads = kind, threads
-
-        def ask(self, op, **args):
-            if op == "epoch" and args.get("reps"):
-                log.append((self.kind, self.threads))
-                return {"times": [0.5 + 0.1 * self.threads + (self.kind == "numpy")], "loss": 1.0}
-            return {"info": {"data": "fake"}, "gemm": {"gflops": 100.0 * self.threads},
-                    "kernels": {"fwd2 lin+bias+relu": 1e-3}, "epoch": {"times": [], "loss": 1.0},
-                    "infer": {"batch1000_s_per_10k": 0.1, "batch1_s": 1e-5}}[op]
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(bench, "Child", FakeChild)
-    monkeypatch.setattr(bench, "jit_cost", lambda cold: {})
+    fake_children(monkeypatch, log)
     res = bench.run([1, 2], [64], cpp=False, passes=2)
     assert log == [("numba", 1), ("numpy", 1), ("numba", 2), ("numpy", 2)] * 2
     for T in ("1", "2"):

@@ -19,10 +19,13 @@ loads that straddle cache lines slow the products down. No data-dependent branch
 ReLU signs are random.
 """
 
+from __future__ import annotations
+
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
+from numba.extending import register_jitable
 
 from . import jitcache
 from .optim import ADAM, MOMENTUM, NO_UPDATE, SGD
@@ -122,6 +125,7 @@ class Buffers(NamedTuple):
     loss: np.ndarray  # (cap,) float32 per-sample loss
     pred: np.ndarray  # (cap,) int64 predicted class
     cap: int
+    views: dict  # batch size -> StepViews, made by train_step when it first sees that size
 
 
 @njit(parallel=True, cache=True)
@@ -744,7 +748,7 @@ def softmax_xent(Z, y, dZ, loss, pred, scale):
 # checkpoints are flat copies too. `layer_views` is the one place that knows where a layer sits in it.
 
 
-@njit(cache=True)
+@register_jitable
 def layer_views(P, sizes, l):
     """W_l (n_l, n_{l-1}) and b_l (n_l,) as views into the flat array P (l counts from 0)."""
     off = 0
@@ -756,7 +760,7 @@ def layer_views(P, sizes, l):
     return W, b
 
 
-@njit(cache=True)
+@register_jitable
 def _layer(flat, sizes, l):
     """Layer l's weights and biases, each as a Param of views into the flat Param."""
     W, b = layer_views(flat.value, sizes, l)
@@ -766,7 +770,7 @@ def _layer(flat, sizes, l):
     return Param(W, gW, mW, vW), Param(b, gb, mb, vb)
 
 
-@njit(cache=True)
+@register_jitable
 def pad(n):
     """Row length, in floats, of the activation and gradient buffers and of the transposed first layer:
     n rounded up to 64 floats, so that every row starts 64-byte aligned (otherwise most 32-byte loads of
@@ -785,13 +789,13 @@ def grad_size(sizes, cap: int) -> int:
     return cap * max(pad(n) for n in sizes[1:])
 
 
-@njit(cache=True)
+@register_jitable
 def _rows(buf, off, B, n):
     """A (B, n) view into the flat buffer from `off`, each row pad(n) floats long."""
     return buf[off:off + B * pad(n)].reshape((B, pad(n)))[:, :n]
 
 
-@njit(cache=True)
+@register_jitable
 def _act(acts, sizes, cap, l, B):
     """The (B, n_l) output buffer of layer l (0-based) inside the flat activation array."""
     off = 0
@@ -815,65 +819,113 @@ def forward(P, sizes, X, acts, cap):
     return A
 
 
-@njit(cache=True)
-def train_step(state, sizes, X, y, buf, listed, h, scale):
+class StepViews(NamedTuple):
+    """train_step's views into the parameters and buffers for one batch size (`step_views`), and its calls'
+    compiled entry points (`Calls`)."""
+
+    weights: list  # layer l's (W, b), each a Param of views into the flat Param
+    acts: list  # layer l's (B, n_l) outputs
+    dZ: np.ndarray  # the logits' gradient
+    dA: list  # layer l's input gradient (l >= 1; None at 0), in grad_a/grad_b by turns
+    loss: np.ndarray
+    pred: np.ndarray
+    call: Calls
+
+
+class Calls:
+    """Kernel calls through the compiled entry point each call site found on its first call: the types of
+    a site's arguments are the same at every step with the same views, and the entry point skips Numba's
+    type dispatch, which costs microseconds for every named tuple argument, a few per cent of an epoch."""
+
+    def __init__(self):
+        self.entries: dict[str, object] = {}
+
+    def __call__(self, site: str, f, *args):
+        e = self.entries.get(site)
+        if e is None:
+            if not hasattr(f, "typeof_pyval"):  # not a compiled kernel (precompile.record's stand-in)
+                return f(*args)
+            e = self.entries[site] = f.compile(tuple(f.typeof_pyval(a) for a in args))
+        return e(*args)
+
+
+def step_views(state, sizes, buf, B: int) -> StepViews:
+    """The views train_step passes to the kernels for a batch of B samples, made once per batch size
+    (kept in buf.views): slicing them anew each step would cost more Python time than the calls."""
+    L = len(sizes) - 1
+    cap = buf.cap
+    dA = [None] + [_rows(buf.grad_b if (L - 1 - l) % 2 == 0 else buf.grad_a, 0, B, sizes[l]) for l in range(1, L)]
+    return StepViews([_layer(state.flat, sizes, l) for l in range(L)],
+                     [_act(buf.acts, sizes, cap, l, B) for l in range(L)],
+                     _rows(buf.grad_a, 0, B, sizes[L]), dA, buf.loss[:B], buf.pred[:B], Calls())
+
+
+def train_step(state, sizes, X, y, buf, listed, h, scale) -> float:
     """Forward, loss, backward and optimiser step `h` on one mini-batch; returns the summed loss.
 
     state: the TrainState (flat params, gradients and moments; the first layer's transposed copy and
     which copy is current), X (B, n_0) float32 with B <= buf.cap, y (B,) int64 labels, buf: the Buffers
-    (per-sample loss and prediction land in buf.loss[:B], buf.pred[:B]), listed: X is the batch
-    `gather_nonzeros` just wrote and its non-zeros are in buf.nonzeros already, scale: 1 for a summed loss,
-    1/B for a mean. h.kind NO_UPDATE computes loss and gradients only (the weights' part into
-    state.flat.grad).
+    (per-sample loss and prediction land in buf.loss[:B], buf.pred[:B]; a Buffers serves one TrainState),
+    listed: X is the batch `gather_nonzeros` just wrote and its non-zeros are in buf.nonzeros already,
+    scale: 1 for a summed loss, 1/B for a mean. h.kind NO_UPDATE computes loss and gradients only (the
+    weights' part into state.flat.grad).
+
+    Python over the kernels: each is compiled (and cached) on its own, so a first run compiles no
+    function that links them all again, and they can be compiled in parallel processes (precompile.py).
 
     The first layer skips X's zeros (`sparse_forward`, `sparse_backward_weight`) unless X is dense: when
     more than 40 % of the first 8 samples' pixels are non-zero, the dense tiles on (out, in) weights are
     faster. A batch that takes the other path than the last one first moves the first layer over
     (`move_first`); real data stays on one path, so that happens once, at the first step.
     """
-    L = sizes.shape[0] - 1
+    L = len(sizes) - 1
     B = X.shape[0]
-    nz, cap = buf.nonzeros, buf.cap
-    sparse = B < 6 or density(X, 8) <= 0.4
+    at = (B, X.dtype.str, X.strides, y.dtype.str, y.strides)  # what fixes the types of every call's arguments
+    v = buf.views.get(at)
+    if v is None:
+        v = buf.views[at] = step_views(state, sizes, buf, B)
+    call, nz = v.call, buf.nonzeros
+    sparse = B < 6 or call("density", density, X, 8) <= 0.4
     if sparse != (state.first_is_t[0] == 1):
-        move_first(state, sizes, sparse)
+        call("move", move_first, state, sizes, sparse)
         state.first_is_t[0] = 1 if sparse else 0
-    W, b = layer_views(state.flat.value, sizes, 0)
-    A = _act(buf.acts, sizes, cap, 0, B)
-    X = X[:, :X.shape[1]]  # typed as a strided view like the activations: each product compiles once
+    (W, b), A = v.weights[0], v.acts[0]
     if sparse:
         if not listed:
-            nonzeros(X, nz.count, nz.cols, nz.vals)
+            call("nonzeros", nonzeros, X, nz.count, nz.cols, nz.vals)
         # now, while the gather's X is still in L2: at the end of the step, after the forward and backward
         # products have passed through, X would come back from L3
-        nonzero_blocks(X, nz.block_count, nz.block_samples, nz.block_pixels)
-        sparse_forward(nz.count, nz.cols, nz.vals, state.first_t.value, b, A, L > 1)
+        call("blocks", nonzero_blocks, X, nz.block_count, nz.block_samples, nz.block_pixels)
+        call("sparse_forward", sparse_forward, nz.count, nz.cols, nz.vals, state.first_t.value, b.value, A, L > 1)
     else:
-        linear_forward(X, W, b, A, L > 1)
+        call("forward0", linear_forward, X, W.value, b.value, A, L > 1)
     for l in range(1, L):
-        W, b = layer_views(state.flat.value, sizes, l)
-        Y = _act(buf.acts, sizes, cap, l, B)
-        linear_forward(A, W, b, Y, l < L - 1)
-        A = Y
-    loss = buf.loss[:B]
-    dZ = _rows(buf.grad_a, 0, B, sizes[L])
-    softmax_xent(A, y, dZ, loss, buf.pred[:B], scale)
+        W, b = v.weights[l]
+        call(f"forward{l}", linear_forward, A, W.value, b.value, v.acts[l], l < L - 1)
+        A = v.acts[l]
+    dZ = v.dZ
+    call("loss", softmax_xent, A, y, dZ, v.loss, v.pred, scale)
     for l in range(L - 1, -1, -1):
-        A = X if l == 0 else _act(buf.acts, sizes, cap, l - 1, B)
-        Wp, bp = _layer(state.flat, sizes, l)
+        A = X if l == 0 else v.acts[l - 1]
+        Wp, bp = v.weights[l]
         if l > 0:  # the input gradient needs the old W, so before the update
-            dA = _rows(buf.grad_b if (L - 1 - l) % 2 == 0 else buf.grad_a, 0, B, sizes[l])
-            linear_backward_input(dZ, Wp.value, A, dA)
+            call(f"input{l}", linear_backward_input, dZ, Wp.value, A, v.dA[l])
         if l > 0 or not sparse:
-            linear_backward_weight(dZ, A, buf.work, Wp, bp, h)
+            call(f"weight{l}", linear_backward_weight, dZ, A, buf.work, Wp, bp, h)
         else:
-            sparse_backward_weight(nz, dZ, state.first_t, bp, h)
+            call("sparse_weight", sparse_backward_weight, nz, dZ, state.first_t, bp, h)
         if l > 0:
-            dZ = dA
-    total = 0.0
-    for i in range(B):
-        total += loss[i]
-    return total
+            dZ = v.dA[l]
+    return call("sum", total, v.loss)
+
+
+@njit(cache=True)
+def total(loss):
+    """The sum of the per-sample losses in sample order, in float64."""
+    s = 0.0
+    for i in range(loss.shape[0]):
+        s += loss[i]
+    return s
 
 
 @njit(cache=True)
@@ -912,7 +964,7 @@ def buffers(sizes, cap: int) -> Buffers:
     """The work buffers of train_step for up to `cap` samples (64-byte aligned)."""
     return Buffers(aligned_zeros(acts_size(sizes, cap)), aligned_zeros(grad_size(sizes, cap)),
                    aligned_zeros(grad_size(sizes, cap)), aligned_zeros(work_size(max(sizes[1:]), cap)),
-                   nonzeros_bufs(cap, sizes[0]), np.zeros(cap, np.float32), np.zeros(cap, np.int64), cap)
+                   nonzeros_bufs(cap, sizes[0]), np.zeros(cap, np.float32), np.zeros(cap, np.int64), cap, {})
 
 
 def train_state(sizes, params: np.ndarray) -> TrainState:

@@ -21,7 +21,7 @@ import numba
 import numpy as np
 from tqdm import tqdm
 
-from . import __version__, jitcache, kernels
+from . import __version__, jitcache, kernels, precompile
 from .augment import augment_batch
 from .checkpoint import Checkpoint, load, save
 from .config import Config, ConfigError, from_dict, load_config
@@ -284,24 +284,26 @@ def train(cfg: Config, data_dir: str | None = None, resume: Resume | str | None 
         resume = open_resume(str(resume))
         cfg = resumed_config(resume, cfg, cfg.train.epochs, threads=cfg.train.threads, out=cfg.train.out)
     threads = set_threads(cfg.train.threads)
-    s = Session(cfg, data_dir, resume, quiet, name)
-    with locked(s.run):
-        if s.written_config is None:  # a new run folder: its plan first
-            s.write_config()
-        check_space(s.run, n_params(cfg.model.sizes), SLOTS[cfg.optim.name])
-        _announce(s, threads, resume)
-        _warm_up(s, resume is not None)
-        with _SigInt(s) as sigint:
-            while s.progress.epoch < cfg.train.epochs:
-                seconds, n_new = run_epoch(s, sigint)
-                row = evaluate_epoch(s, seconds, n_new)
-                save_epoch(s, row)
-                if on_epoch is not None:
-                    on_epoch(row)
-                if sigint.hit:
-                    raise Interrupted(f"interrupted after epoch {s.progress.epoch}; saved {s.run / 'last.ck'}. "
-                                      f"{s.resume_hint()}")
-        _done(s)
+    with precompile.start(warm_plan(cfg)) as job:  # from an empty cache: workers compile while the data loads
+        s = Session(cfg, data_dir, resume, quiet, name)
+        with locked(s.run):
+            if s.written_config is None:  # a new run folder: its plan first
+                s.write_config()
+            check_space(s.run, n_params(cfg.model.sizes), SLOTS[cfg.optim.name])
+            _announce(s, threads, resume, compiling=bool(job.procs))
+            job.join()
+            _warm_up(s, resume is not None)
+            with _SigInt(s) as sigint:
+                while s.progress.epoch < cfg.train.epochs:
+                    seconds, n_new = run_epoch(s, sigint)
+                    row = evaluate_epoch(s, seconds, n_new)
+                    save_epoch(s, row)
+                    if on_epoch is not None:
+                        on_epoch(row)
+                    if sigint.hit:
+                        raise Interrupted(f"interrupted after epoch {s.progress.epoch}; saved {s.run / 'last.ck'}. "
+                                          f"{s.resume_hint()}")
+            _done(s)
     return s.run
 
 
@@ -387,7 +389,7 @@ def save_epoch(s: Session, row: dict) -> None:
                    f"{row['samples_per_s']:,.0f} img/s  lr {row['lr']:.3g}")
 
 
-def _announce(s: Session, threads: int, resume: Resume | None) -> None:
+def _announce(s: Session, threads: int, resume: Resume | None, compiling: bool) -> None:
     """The run's header lines; on resume, metrics.jsonl repaired from last.ck if a kill left it behind."""
     cfg, p = s.cfg, s.progress
     if resume is not None and resume.run and read_metrics(s.run) != p.history:
@@ -406,8 +408,8 @@ def _announce(s: Session, threads: int, resume: Resume | None) -> None:
     print(f"run {s.run}  |  {'-'.join(map(str, cfg.model.sizes))}  {cfg.optim.name} lr {cfg.optim.lr:g}  "
           f"batch {cfg.train.batch_size}  {cfg.train.epochs} epochs  {threads} threads  "
           f"train {len(s.tr_idx)} / val {len(s.va_idx)} / test {len(s.mnist.test_y)}")
-    if _first_compile():
-        print(f"compiling the Numba kernels: about 30 s on the first run only (cached in {jitcache.use()})")
+    if compiling:
+        print(f"compiling kernels (first run only, cached in {jitcache.use()})...", flush=True)
     if cfg.augment.enabled:
         print("augment " + "  ".join(f"{k} {v:g}" for k, v in cfg.augment.active().items()))
 
@@ -420,17 +422,36 @@ def running(cfg: Config) -> str:
 
 def _warm_up(s: Session, resumed: bool) -> None:
     """Compile (or load from the cache) every kernel of the loop now, so the first epoch's clock and
-    images/s measure training; a gradient-only step leaves weights and optimiser alone."""
-    tr, X, idx = s.trainer, s.mnist.train_x, s.tr_idx[:1]
+    images/s measure training."""
     try:
-        if s.cfg.augment.enabled:
-            augment_batch(X, idx, tr.xb[:1], s.cfg.augment, s.cfg.train.seed, 0, 0)
-        kernels.gather(X, idx, kernels.PIXEL, tr.xb[:1])  # compiled for evaluate()
-        tr.train_step(tr.gather(X, idx), s.y[idx], 0.0, update=False, listed=True)
+        warm_step(s.trainer, s.cfg, s.mnist.train_x, s.y, s.tr_idx)
     except CtrlC:  # (from the command's handler) nothing was trained in this process
         what = (f"{s.run} is as it was. {s.resume_hint()}" if resumed else
                 f"nothing was trained ({s.run} holds only its config.toml)")
         raise Interrupted(f"interrupted before the first step; {what}") from None
+
+
+def warm_step(tr: Trainer, cfg: Config, X: np.ndarray, y: np.ndarray, idx: np.ndarray) -> None:
+    """A gradient-only step (weights and optimiser state stay) on the first 8 samples of idx through the
+    kernels of the loop (the batch path of run_epoch) and evaluate()'s gather. 8 and not 1: the loop's
+    batches and a batch of 8 give their kernels arrays of one layout, a single sample another."""
+    idx = idx[:8]
+    xb = tr.xb[:len(idx)]
+    kernels.gather(X, idx, kernels.PIXEL, xb)  # evaluate()'s
+    if cfg.augment.enabled:
+        augment_batch(X, idx, xb, cfg.augment, cfg.train.seed, 0, 0)
+    else:
+        tr.gather(X, idx)
+    tr.train_step(xb, y[idx], 0.0, update=False, listed=not cfg.augment.enabled)
+
+
+def warm_plan(cfg: Config) -> list[precompile.Entry]:
+    """The kernels `warm_step` calls for this config, with their argument types (precompile.record), from
+    stand-in data of the types MNIST and the trainer have."""
+    sizes, n = cfg.model.sizes, 8
+    tr = Trainer(cfg, MLP(sizes), n)
+    X = np.zeros((n, sizes[0]), np.uint8)
+    return precompile.record(lambda: warm_step(tr, cfg, X, np.zeros(n, np.int64), np.arange(n, dtype=np.int64)))
 
 
 def _done(s: Session) -> None:
@@ -439,13 +460,6 @@ def _done(s: Session) -> None:
     best = best_row(s.progress.history)
     val = f"validation {100 * best['val_acc']:.2f}%, " if "val_acc" in best else ""
     print(f"done: best epoch {best['epoch']} ({val}test {100 * best['test_acc']:.2f}%) saved in {s.run / 'best.ck'}")
-
-
-def _first_compile() -> bool:
-    """True when no compiled train_step is in the kernel cache (a fresh install, or changed kernels)."""
-    if os.environ.get("NUMBA_DISABLE_JIT"):
-        return False  # not compiled at all
-    return not jitcache.cached("kernels.train_step")
 
 
 class _SigInt:

@@ -1,0 +1,135 @@
+"""Compiling the kernels a command will call before it calls them, in parallel processes that fill the cache.
+
+Numba compiles under one lock per process, so a first run would compile its kernels one after the other.
+Instead the command records a plan (`record`: the code that will call the kernels runs once on stand-in
+data of the real types, with every compiled function of the package swapped for a stub that notes its
+name and argument types), and `start` spawns a worker per spare core when some kernel of the plan is not
+in the cache yet. The workers and, once it calls `Job.join`, the command itself take the plan's kernels
+largest first, each claimed by one of them (a file created exclusively), compile them into the kernel
+cache (jitcache.py) and exit; the command then loads what the workers compiled from the cache. Compiled
+code is the same wherever it was compiled, so the results are too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from numba.core.dispatcher import Dispatcher
+
+from . import jitcache
+
+Entry = tuple[str, str, tuple]  # module, function, Numba argument types
+
+
+def record(run: Callable[[], object]) -> list[Entry]:
+    """The compiled functions of the package that run() calls from Python, with their argument types, in
+    order of first call. Nothing is compiled or computed: each returns 0 and leaves its outputs as they
+    were, so run() must not depend on what they compute beyond that."""
+    calls: dict[Entry, None] = {}
+
+    def stub(f: Dispatcher) -> Callable[..., int]:
+        def note(*args: object) -> int:
+            calls[(f.py_func.__module__, f.py_func.__name__, tuple(f.typeof_pyval(a) for a in args))] = None
+            return 0
+        return note
+
+    swapped = [(m, name, f) for m in list(sys.modules.values()) if m.__name__.startswith(f"{__package__}.")
+               for name, f in list(vars(m).items()) if isinstance(f, Dispatcher)]
+    try:
+        for m, name, f in swapped:
+            setattr(m, name, stub(f))
+        run()
+    finally:
+        for m, name, f in swapped:
+            setattr(m, name, f)
+    return list(calls)
+
+
+def _kernel(e: Entry) -> Dispatcher:
+    return getattr(importlib.import_module(e[0]), e[1])
+
+
+def _cost(e: Entry) -> int:
+    """A kernel's source length: the larger ones take longer to compile, and go first."""
+    return len(inspect.getsource(_kernel(e).py_func))
+
+
+def compile_claimed(plan: list[Entry], claims: Path) -> None:
+    """Compile (or load from the cache) each kernel of the plan that no other process has claimed."""
+    for i, e in enumerate(plan):
+        try:
+            os.close(os.open(claims / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            continue
+        _kernel(e).compile(e[2])
+
+
+class Job:
+    """Workers compiling a plan into the cache; `join` compiles the rest here and waits for them."""
+
+    def __init__(self, plan: list[Entry], workers: int):
+        self.plan = sorted(plan, key=_cost, reverse=True)
+        self.claims = Path(tempfile.mkdtemp(prefix="nn-numba-claims-"))
+        payload = pickle.dumps((self.plan, self.claims))
+        self.procs = []
+        for _ in range(workers):
+            p = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            p.stdin.write(payload)
+            p.stdin.close()
+            self.procs.append(p)
+
+    def join(self) -> None:
+        """Compile the kernels no worker took yet, then wait for the workers (a worker that failed leaves
+        its kernel to be compiled when it is first called)."""
+        if self.claims.exists():
+            compile_claimed(self.plan, self.claims)
+        self.close(kill=False)
+
+    def close(self, kill: bool = True) -> None:
+        for p in self.procs:
+            if kill:
+                p.kill()
+            p.wait()
+        self.procs = []
+        shutil.rmtree(self.claims, ignore_errors=True)
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Nothing(Job):
+    """The Job when everything is in the cache already: nothing to do."""
+
+    def __init__(self) -> None:
+        self.plan, self.procs, self.claims = [], [], Path(os.devnull) / "none"
+
+
+def missing(plan: list[Entry]) -> bool:
+    """True when some kernel of the plan has no compiled version in the cache."""
+    return not os.environ.get("NUMBA_DISABLE_JIT") and any(
+        not jitcache.cached(f"{e[0].rsplit('.', 1)[-1]}.{e[1]}") for e in plan)
+
+
+def start(plan: list[Entry]) -> Job:
+    """Workers (one per core but this process's) compiling the plan, if some of it is not cached."""
+    if not missing(plan):
+        return Nothing()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return Job(plan, max(1, cores - 1))
+
+
+if __name__ == "__main__":
+    compile_claimed(*pickle.load(sys.stdin.buffer))

@@ -1,0 +1,67 @@
+"""Compiling from an empty kernel cache: `train` records its kernels and compiles them in parallel processes
+(precompile.py); the commands that do not train compile none of the training kernels."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+from conftest import ROOT
+from PIL import Image
+
+from nn_numba import kernels, precompile
+from nn_numba.checkpoint import save
+from nn_numba.config import load_config
+from nn_numba.model import MLP
+from nn_numba.train import warm_plan
+
+SHARED = {"gather", "linear_forward", "softmax_xent"}  # the kernels inference calls too
+
+
+def _training_kernels() -> set[str]:
+    """The kernels of a training step, augmented or not, that inference has no use for."""
+    plans = [warm_plan(load_config(ROOT / "configs" / f"{c}.toml")) for c in ("default", "no-augment")]
+    return {e[1] for plan in plans for e in plan} - SHARED
+
+
+def _cached(cache) -> set[str]:
+    """The functions with compiled code in a NUMBA_CACHE_DIR (their index files, module.function-line...)."""
+    return {p.name.split("-")[0].split(".")[-1] for p in cache.rglob("*.nbi")}
+
+
+def test_the_plan_is_the_step_s_kernels_and_recording_compiles_nothing():
+    before = {k: len(f.overloads) for k, f in vars(kernels).items() if hasattr(f, "overloads")}
+    plan = warm_plan(load_config(ROOT / "configs" / "no-augment.toml"))
+    names = [e[1] for e in plan]
+    assert {"gather_nonzeros", "nonzero_blocks", "sparse_forward", "linear_forward", "softmax_xent",
+            "linear_backward_input", "linear_backward_weight", "sparse_backward_weight", "move_first"} <= set(names)
+    assert names.count("linear_forward") == 1  # one specialisation for every hidden layer
+    assert before == {k: len(f.overloads) for k, f in vars(kernels).items() if hasattr(f, "overloads")}
+
+
+def test_a_worker_compiles_its_claims_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    loss = np.zeros(3, np.float32)
+    plan = precompile.record(lambda: kernels.total(loss))
+    assert [e[:2] for e in plan] == [("nn_numba.kernels", "total")]
+    job = precompile.Job(plan, workers=1)
+    job.close(kill=False)  # waits for the worker, which took everything: this process compiled nothing
+    assert _cached(tmp_path) == {"total"}
+    assert not job.claims.exists()
+
+
+def test_commands_that_do_not_train_compile_no_training_kernel(tmp_path, mnist_path):
+    cache = tmp_path / "cache"
+    ck = tmp_path / "m.ck"
+    save(ck, MLP.init([784, 32, 10], np.random.default_rng(0)).to_checkpoint({}))
+    img = tmp_path / "digit.png"
+    Image.fromarray((np.arange(28 * 28).reshape(28, 28) % 256).astype(np.uint8)).save(img)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache)}
+    for args in (["info", ck], ["evaluate", ck, "--data-dir", mnist_path], ["predict", img, "--checkpoint", ck],
+                 ["export", ck, "--to", tmp_path / "m.npz"]):
+        r = subprocess.run([sys.executable, "-m", "nn_numba.cli", *map(str, args)], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr
+    compiled = _cached(cache)
+    assert SHARED - {"gather"} <= compiled  # evaluate and predict ran their kernels
+    assert not compiled & _training_kernels()

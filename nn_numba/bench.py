@@ -444,8 +444,13 @@ from nn_numba.model import MLP
 t1 = time.perf_counter()
 from nn_numba.config import from_dict
 from nn_numba.trainer import Trainer
+from nn_numba import precompile
+from nn_numba.train import warm_plan
 m = MLP.init([784, 250, 250, 10], np.random.default_rng(0)); B = 32
-tr = Trainer(from_dict({"optim": {"name": "sgd"}}), m, B)
+cfg = from_dict({"optim": {"name": "sgd"}})
+with precompile.start(warm_plan(cfg)) as job:  # as `train` does: its kernels compiled in parallel processes
+    job.join()
+tr = Trainer(cfg, m, B)
 X = np.zeros((100, 784), np.uint8); y = np.zeros(B, np.int64); idx = np.arange(B)
 tr.train_step(tr.gather(X, idx), y, 0.01, listed=True)
 m.logits(tr.xb)

@@ -135,5 +135,5 @@ def use() -> Path:
 
 
 def cached(name: str) -> bool:
-    """True when the compiled `module.function` (e.g. "kernels.train_step") is in the cache already."""
+    """True when the compiled `module.function` (e.g. "kernels.linear_forward") is in the cache already."""
     return any(use().glob(f"*/{name}-*.nbi"))

@@ -19,8 +19,6 @@ loads that straddle cache lines slow the products down. No data-dependent branch
 ReLU signs are random.
 """
 
-from __future__ import annotations
-
 from typing import NamedTuple
 
 import numpy as np
@@ -125,7 +123,7 @@ class Buffers(NamedTuple):
     loss: np.ndarray  # (cap,) float32 per-sample loss
     pred: np.ndarray  # (cap,) int64 predicted class
     cap: int
-    views: dict  # batch size -> StepViews, made by train_step when it first sees that size
+    views: dict  # train_step's StepViews by batch size and the types of X and y, made when first needed
 
 
 @njit(parallel=True, cache=True)
@@ -819,23 +817,11 @@ def forward(P, sizes, X, acts, cap):
     return A
 
 
-class StepViews(NamedTuple):
-    """train_step's views into the parameters and buffers for one batch size (`step_views`), and its calls'
-    compiled entry points (`Calls`)."""
-
-    weights: list  # layer l's (W, b), each a Param of views into the flat Param
-    acts: list  # layer l's (B, n_l) outputs
-    dZ: np.ndarray  # the logits' gradient
-    dA: list  # layer l's input gradient (l >= 1; None at 0), in grad_a/grad_b by turns
-    loss: np.ndarray
-    pred: np.ndarray
-    call: Calls
-
-
 class Calls:
     """Kernel calls through the compiled entry point each call site found on its first call: the types of
     a site's arguments are the same at every step with the same views, and the entry point skips Numba's
-    type dispatch, which costs microseconds for every named tuple argument, a few per cent of an epoch."""
+    type dispatch, which costs microseconds for every named tuple argument, more than the rest of the
+    step's Python."""
 
     def __init__(self):
         self.entries: dict[str, object] = {}
@@ -849,9 +835,22 @@ class Calls:
         return e(*args)
 
 
+class StepViews(NamedTuple):
+    """train_step's views into the parameters and buffers for one batch size (`step_views`), and its calls'
+    compiled entry points (`Calls`)."""
+
+    weights: list  # layer l's (W, b), each a Param of views into the flat Param
+    acts: list  # layer l's (B, n_l) outputs
+    dZ: np.ndarray  # the logits' gradient
+    dA: list  # layer l's input gradient (l >= 1; None at 0), in grad_a/grad_b by turns
+    loss: np.ndarray
+    pred: np.ndarray
+    call: Calls
+
+
 def step_views(state, sizes, buf, B: int) -> StepViews:
-    """The views train_step passes to the kernels for a batch of B samples, made once per batch size
-    (kept in buf.views): slicing them anew each step would cost more Python time than the calls."""
+    """The views train_step passes to the kernels for a batch of B samples, made once (kept in buf.views):
+    slicing them anew each step would cost more Python time than the calls."""
     L = len(sizes) - 1
     cap = buf.cap
     dA = [None] + [_rows(buf.grad_b if (L - 1 - l) % 2 == 0 else buf.grad_a, 0, B, sizes[l]) for l in range(1, L)]
@@ -880,7 +879,8 @@ def train_step(state, sizes, X, y, buf, listed, h, scale) -> float:
     """
     L = len(sizes) - 1
     B = X.shape[0]
-    at = (B, X.dtype.str, X.strides, y.dtype.str, y.strides)  # what fixes the types of every call's arguments
+    # what fixes the types of every call's arguments, with the state's and the buffers' (always the same)
+    at = (B, X.dtype.str, X.strides, X.flags.writeable, y.dtype.str, y.strides, y.flags.writeable)
     v = buf.views.get(at)
     if v is None:
         v = buf.views[at] = step_views(state, sizes, buf, B)

@@ -64,13 +64,17 @@ def _cost(e: Entry) -> int:
 
 
 def compile_claimed(plan: list[Entry], claims: Path) -> None:
-    """Compile (or load from the cache) each kernel of the plan that no other process has claimed."""
+    """Compile (or load from the cache) each kernel of the plan that no other process has claimed. One that
+    fails is left to its first call, which compiles it again and reports the error where it belongs."""
     for i, e in enumerate(plan):
         try:
             os.close(os.open(claims / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             continue
-        _kernel(e).compile(e[2])
+        try:
+            _kernel(e).compile(e[2])
+        except Exception:  # noqa: BLE001, S112 -- see the docstring
+            continue
 
 
 class Job:
@@ -82,17 +86,19 @@ class Job:
         payload = pickle.dumps((self.plan, self.claims))
         self.procs = []
         for _ in range(workers):
-            p = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            p.stdin.write(payload)
-            p.stdin.close()
-            self.procs.append(p)
+            try:
+                p = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                self.procs.append(p)
+                p.stdin.write(payload)
+                p.stdin.close()
+            except OSError:  # no worker (or a dead one): this process compiles what it would have
+                pass
 
     def join(self) -> None:
         """Compile the kernels no worker took yet, then wait for the workers (a worker that failed leaves
         its kernel to be compiled when it is first called)."""
-        if self.claims.exists():
-            compile_claimed(self.plan, self.claims)
+        compile_claimed(self.plan, self.claims)
         self.close(kill=False)
 
     def close(self, kill: bool = True) -> None:
@@ -114,7 +120,13 @@ class Nothing(Job):
     """The Job when everything is in the cache already: nothing to do."""
 
     def __init__(self) -> None:
-        self.plan, self.procs, self.claims = [], [], Path(os.devnull) / "none"
+        self.plan, self.procs = [], []
+
+    def join(self) -> None:
+        pass
+
+    def close(self, kill: bool = True) -> None:
+        pass
 
 
 def missing(plan: list[Entry]) -> bool:
@@ -124,8 +136,9 @@ def missing(plan: list[Entry]) -> bool:
 
 
 def start(plan: list[Entry]) -> Job:
-    """Workers (one per core but this process's) compiling the plan, if some of it is not cached."""
-    if not missing(plan):
+    """Workers (one per core but this process's) compiling the plan, if some of it is not cached and the
+    cache is the shared folder (not this process's temporary one, which workers would not see)."""
+    if not missing(plan) or not jitcache.use().is_relative_to(jitcache.root()):
         return Nothing()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return Job(plan, max(1, cores - 1))

@@ -291,8 +291,7 @@ def train(cfg: Config, data_dir: str | None = None, resume: Resume | str | None 
                 s.write_config()
             check_space(s.run, n_params(cfg.model.sizes), SLOTS[cfg.optim.name])
             _announce(s, threads, resume, compiling=bool(job.procs))
-            job.join()
-            _warm_up(s, resume is not None)
+            _warm_up(s, resume is not None, job)
             with _SigInt(s) as sigint:
                 while s.progress.epoch < cfg.train.epochs:
                     seconds, n_new = run_epoch(s, sigint)
@@ -420,10 +419,11 @@ def running(cfg: Config) -> str:
     return "running mean, augmented" if cfg.augment.enabled else "running mean"
 
 
-def _warm_up(s: Session, resumed: bool) -> None:
-    """Compile (or load from the cache) every kernel of the loop now, so the first epoch's clock and
-    images/s measure training."""
+def _warm_up(s: Session, resumed: bool, job: precompile.Job) -> None:
+    """Compile (or load from the cache) every kernel of the loop now, with the workers of `job`, so the
+    first epoch's clock and images/s measure training."""
     try:
+        job.join()
         warm_step(s.trainer, s.cfg, s.mnist.train_x, s.y, s.tr_idx)
     except CtrlC:  # (from the command's handler) nothing was trained in this process
         what = (f"{s.run} is as it was. {s.resume_hint()}" if resumed else

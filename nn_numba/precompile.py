@@ -33,7 +33,8 @@ Entry = tuple[str, str, tuple]  # module, function, Numba argument types
 def record(run: Callable[[], object]) -> list[Entry]:
     """The compiled functions of the package that run() calls from Python, with their argument types, in
     order of first call. Nothing is compiled or computed: each returns 0 and leaves its outputs as they
-    were, so run() must not depend on what they compute beyond that."""
+    were; if run() fails for want of what they compute, the plan is the calls before that (a plan only
+    saves time: what it misses is compiled on its first call)."""
     calls: dict[Entry, None] = {}
 
     def stub(f: Dispatcher) -> Callable[..., int]:
@@ -48,6 +49,8 @@ def record(run: Callable[[], object]) -> list[Entry]:
         for m, name, f in swapped:
             setattr(m, name, stub(f))
         run()
+    except Exception:  # noqa: BLE001, S110 -- code that needed what a stub did not compute: the plan so far
+        pass
     finally:
         for m, name, f in swapped:
             setattr(m, name, f)

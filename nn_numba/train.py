@@ -22,7 +22,6 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__, jitcache, kernels
-from .augment import augment_batch
 from .checkpoint import Checkpoint, load, save
 from .config import Config, ConfigError, from_dict, load_config
 from .data import load_mnist
@@ -318,11 +317,11 @@ def run_epoch(s: Session, sigint: _SigInt) -> tuple[float, int]:
             idx = order[bi * B:(bi + 1) * B]
             nb = len(idx)
             if augment:
-                augment_batch(s.mnist.train_x, idx, tr.xb[:nb], cfg.augment, cfg.train.seed, p.epoch, bi * B)
+                xb = tr.augment(s.mnist.train_x, idx, cfg.augment, cfg.train.seed, p.epoch, bi * B)
             else:
-                tr.gather(s.mnist.train_x, idx)
+                xb = tr.gather(s.mnist.train_x, idx)
             yb = s.y[idx]
-            loss = tr.train_step(tr.xb[:nb], yb, s.lr(), listed=not augment)
+            loss = tr.train_step(xb, yb, s.lr(), listed=True)
             if not loss / nb <= EXPLODED:  # also NaN
                 raise s.diverged(f"at epoch {p.epoch + 1}, step {bi + 1}", f"the mean loss is {loss / nb:.4g}")
             p.run_loss += loss
@@ -424,7 +423,7 @@ def _warm_up(s: Session, resumed: bool) -> None:
     tr, X, idx = s.trainer, s.mnist.train_x, s.tr_idx[:1]
     try:
         if s.cfg.augment.enabled:
-            augment_batch(X, idx, tr.xb[:1], s.cfg.augment, s.cfg.train.seed, 0, 0)
+            tr.augment(X, idx, s.cfg.augment, s.cfg.train.seed, 0, 0)
         kernels.gather(X, idx, kernels.PIXEL, tr.xb[:1])  # compiled for evaluate()
         tr.train_step(tr.gather(X, idx), s.y[idx], 0.0, update=False, listed=True)
     except CtrlC:  # (from the command's handler) nothing was trained in this process

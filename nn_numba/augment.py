@@ -9,6 +9,9 @@ bit-identical for the same seed whatever the number of threads, and a resumed ru
 like every kernel they are compiled without fastmath (kernels.py, `_exact`, says why), so also whether
 they were compiled now or loaded from the cache.
 
+Training calls augment_listed: one parallel pass (warp_listed) that also draws each sample's elastic field
+and lists the batch's non-zero pixels for the first layer, writing exactly what draws() + apply() write.
+
 Geometry: pixel (x, y) has its centre at integer coordinates, x to the right, y down, the image centre is
 (13.5, 13.5). Every kernel maps each *output* pixel back to a source position (inverse mapping) and reads
 the source there; outside the image is zero.

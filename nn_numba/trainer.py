@@ -69,7 +69,8 @@ class Trainer:
 
         update=False computes loss and gradients only (into state.flat.grad, after `sync`): weights and
         optimiser state stay as they are. An update step fuses the gradient into the optimiser step and
-        leaves the gradient stale. listed=True: X is the batch `gather` just wrote, whose non-zeros it listed.
+        leaves the gradient stale. listed=True: X is the batch `gather` or `augment` just wrote, whose
+        non-zeros it listed.
         """
         o, B = self.cfg.optim, len(y)
         self.step += update

@@ -9,6 +9,9 @@ bit-identical for the same seed whatever the number of threads, and a resumed ru
 like every kernel they are compiled without fastmath (kernels.py, `_exact`, says why), so also whether
 they were compiled now or loaded from the cache.
 
+Training calls augment_listed: one parallel pass (warp_listed) that also draws each sample's elastic field
+and lists the batch's non-zero pixels for the first layer, writing exactly what draws() + apply() write.
+
 Geometry: pixel (x, y) has its centre at integer coordinates, x to the right, y down, the image centre is
 (13.5, 13.5). Every kernel maps each *output* pixel back to a source position (inverse mapping) and reads
 the source there; outside the image is zero.
@@ -24,8 +27,9 @@ from nn_numba import jitcache, rng
 from nn_numba.config import Augment
 from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255
 from nn_numba.kernels import gather
+from nn_numba.simd import prefetch
 
-__all__ = ["Augment", "augment_batch", "augment_grid"]
+__all__ = ["Augment", "augment_batch", "augment_grid", "augment_listed"]
 
 jitcache.use()  # before the first @njit(cache=True), as in kernels.py
 
@@ -121,8 +125,26 @@ def elastic_gather(X_u8, idx, mats, field, out):
     # into a smooth (C2) per-pixel field that is added to the affine source position, so affine + elastic
     # cost one sampling pass. prange over samples: one writer per output row; the rest is per-sample scratch.
     G = field.shape[2] - 2
-    # The B-spline is separable and the same for both axes and all samples: pixel x (or row y) uses nodes
-    # gi[x] .. gi[x] + 3 of the ringed grid with weights gw[x, 0..3].
+    gi, gw = _spline(G)
+    for b in prange(idx.shape[0]):
+        pad = np.zeros(W * W, dtype=np.float32)
+        _pad(X_u8[idx[b]], pad)
+        T = np.empty((2, G + 2, S), dtype=np.float32)
+        _spline_x(field[b], gi, gw, T)
+        ex = np.empty(S, dtype=np.float32)  # the displacement along image row y
+        ey = np.empty(S, dtype=np.float32)
+        kk = np.empty(S, dtype=np.int32)
+        wx = np.empty(S, dtype=np.float32)
+        wy = np.empty(S, dtype=np.float32)
+        for y in range(S):
+            _spline_y(T, gi, gw, y, ex, ey)
+            _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
+
+
+@njit(inline="always")
+def _spline(G):
+    # The cubic B-spline over G inner nodes is separable and the same for both axes and all samples: pixel
+    # x (or row y) uses nodes gi[x] .. gi[x] + 3 of the ringed grid with weights gw[x, 0..3].
     gi = np.empty(S, dtype=np.int64)
     gw = np.empty((S, 4), dtype=np.float32)
     h = np.float32(G - 1) / np.float32(S - 1)  # grid cells per pixel
@@ -136,30 +158,84 @@ def elastic_gather(X_u8, idx, mats, field, out):
         gw[x, 1] = (np.float32(3) * t * t * (t - np.float32(2)) + np.float32(4)) * sixth
         gw[x, 2] = (np.float32(3) * t * (np.float32(1) + t - t * t) + np.float32(1)) * sixth
         gw[x, 3] = t * t * t * sixth
-    for b in prange(idx.shape[0]):
-        pad = np.zeros(W * W, dtype=np.float32)
-        _pad(X_u8[idx[b]], pad)
-        f = field[b]
-        # T: every node row interpolated along x to all 28 columns (4 taps, indexed loads)
-        T = np.empty((2, G + 2, S), dtype=np.float32)
-        for c in range(2):
-            for j in range(G + 2):
-                for x in range(S):
-                    i = gi[x]
-                    T[c, j, x] = (gw[x, 0] * f[c, j, i] + gw[x, 1] * f[c, j, i + 1]
-                                  + gw[x, 2] * f[c, j, i + 2] + gw[x, 3] * f[c, j, i + 3])
-        ex = np.empty(S, dtype=np.float32)  # the displacement along image row y
-        ey = np.empty(S, dtype=np.float32)
+    return gi, gw
+
+
+@njit(inline="always")
+def _spline_x(f, gi, gw, T):
+    # f (2, G + 2, G + 2) one sample's nodes -> T (2, G + 2, 28): every node row interpolated along x to
+    # all 28 columns (4 taps, indexed loads).
+    for c in range(2):
+        for j in range(f.shape[1]):
+            for x in range(S):
+                i = gi[x]
+                T[c, j, x] = (gw[x, 0] * f[c, j, i] + gw[x, 1] * f[c, j, i + 1]
+                              + gw[x, 2] * f[c, j, i + 2] + gw[x, 3] * f[c, j, i + 3])
+
+
+@njit(inline="always")
+def _spline_y(T, gi, gw, y, ex, ey):
+    # ... and along y for image row y: ex, ey (28,) its x and y displacements (contiguous rows, vectorises).
+    j = gi[y]
+    w0, w1, w2, w3 = gw[y, 0], gw[y, 1], gw[y, 2], gw[y, 3]
+    for x in range(S):
+        ex[x] = w0 * T[0, j, x] + w1 * T[0, j + 1, x] + w2 * T[0, j + 2, x] + w3 * T[0, j + 3, x]
+        ey[x] = w0 * T[1, j, x] + w1 * T[1, j + 1, x] + w2 * T[1, j + 2, x] + w3 * T[1, j + 3, x]
+
+
+@njit(inline="always")
+def _list_row(o, r, cols, vals, n):
+    # Append the non-zeros of o[r : r + 28] to cols, vals (n of them so far); the new count. Branch-free as
+    # kernels.nonzeros: a zero is written, then overwritten.
+    for k in range(r, r + S):
+        v = o[k]
+        cols[n] = k
+        vals[n] = v
+        n += v != 0
+    return n
+
+
+CHUNK = 8  # samples per prange task of warp_listed: its scratch is allocated once per task
+
+
+@njit(parallel=True, cache=True)
+def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals):
+    # affine_gather or elastic_gather and kernels.nonzeros in one pass, each sample's elastic field drawn
+    # in it: out (B, 784) f32 as those write it, and its non-zeros cnt (B,) i32, cols (B, 784) i32,
+    # vals (B, 784) f32 as kernels.nonzeros lists them. X_u8 C-contiguous, mats (B, 2, 3) f32 as in
+    # affine_gather (an integer shift is an exact affine map), G the ringed elastic grid's side
+    # (grid_size + 2, 0 without elastic): the field of the sample at position q0 + b is _draw_field's with
+    # rng.sample_key(key(seed, AUGMENT, epoch), q0 + b), as draws() makes it, and the float ops are
+    # elastic_gather's, so a batch equals draws() + apply() bit for bit.
+    # prange over chunks of samples: one writer per output row, scratch per chunk; the next sample's
+    # pixels are prefetched (random rows: DRAM latency otherwise).
+    gi, gw = _spline(max(G - 2, 2))
+    akey = rng.key(seed, rng.AUGMENT, epoch)
+    B = idx.shape[0]
+    for t in prange((B + CHUNK - 1) // CHUNK):
+        pad = np.zeros(W * W, dtype=np.float32)  # the border stays zero, _pad rewrites the image
+        f = np.empty((2, G, G), dtype=np.float32)
+        T = np.empty((2, G, S), dtype=np.float32)
+        ex = np.zeros(S, dtype=np.float32)  # stays zero without elastic, as affine_gather's
+        ey = np.zeros(S, dtype=np.float32)
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
-        for y in range(S):
-            j = gi[y]
-            w0, w1, w2, w3 = gw[y, 0], gw[y, 1], gw[y, 2], gw[y, 3]
-            for x in range(S):  # ... and along y: contiguous rows, vectorises
-                ex[x] = w0 * T[0, j, x] + w1 * T[0, j + 1, x] + w2 * T[0, j + 2, x] + w3 * T[0, j + 3, x]
-                ey[x] = w0 * T[1, j, x] + w1 * T[1, j + 1, x] + w2 * T[1, j + 2, x] + w3 * T[1, j + 3, x]
-            _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
+        for b in range(t * CHUNK, min(B, t * CHUNK + CHUNK)):
+            if b + 1 < B:
+                for k in range(0, P, 64):
+                    prefetch(X_u8, idx[b + 1], k)
+            _pad(X_u8[idx[b]], pad)
+            if G > 0:
+                _draw_field(rng.sample_key(akey, q0 + b), alpha, f)
+                _spline_x(f, gi, gw, T)
+            n = 0
+            for y in range(S):
+                if G > 0:
+                    _spline_y(T, gi, gw, y, ex, ey)
+                _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
+                n = _list_row(out[b], y * S, cols[b], vals[b], n)
+            cnt[b] = n
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,7 +286,6 @@ def _draw_into(seed, epoch, q0, shift, rotate, scale, alpha, dx, dy, angle, fact
     # 2 angle, 3 scale, 4 + (c * G + y) * G + x the elastic node; a part that is off keeps its k unread.
     # float64 throughout, no fastmath: 1 + scale * (2u - 1) must not become a fused multiply-add.
     a = rng.key(seed, rng.AUGMENT, epoch)
-    G = field.shape[2]
     width = np.float64(2 * shift + 1)
     for r in range(dx.shape[0]):
         b = rng.sample_key(a, q0 + r)
@@ -221,11 +296,18 @@ def _draw_into(seed, epoch, q0, shift, rotate, scale, alpha, dx, dy, angle, fact
             angle[r] = rotate * (2.0 * rng.draw(b, 2) - 1.0)
         if scale > 0:
             factor[r] = 1.0 + scale * (2.0 * rng.draw(b, 3) - 1.0)
-        for c in range(2):
-            for y in range(G):
-                for x in range(G):
-                    u = rng.draw(b, 4 + (c * G + y) * G + x)
-                    field[r, c, y, x] = np.float32(alpha * (2.0 * u - 1.0))
+        _draw_field(b, alpha, field[r])
+
+
+@njit(inline="always")
+def _draw_field(b, alpha, f):
+    # f (2, G, G) f32: one sample's elastic nodes, draws k = 4 .. 4 + 2 G G - 1 of its sample key b.
+    G = f.shape[1]
+    for c in range(2):
+        for y in range(G):
+            for x in range(G):
+                u = rng.draw(b, 4 + (c * G + y) * G + x)
+                f[c, y, x] = np.float32(alpha * (2.0 * u - 1.0))
 
 
 def draws(aug: Augment, seed: int, epoch: int, q0: int, nb: int) -> Draws:
@@ -235,7 +317,16 @@ def draws(aug: Augment, seed: int, epoch: int, q0: int, nb: int) -> Draws:
     [1 - scale, 1 + scale], the elastic nodes float32 in [-alpha, alpha]; a part that is off is 0 (1 for
     the scale). Only the enabled parts are drawn; which k each part reads never depends on the others.
     """
-    G = grid_size(aug.elastic_sigma) + 2 if aug.elastic_alpha > 0 else 0
+    return _draws(aug, seed, epoch, q0, nb, _ringed(aug))
+
+
+def _ringed(aug: Augment) -> int:
+    # the side of the elastic control grid with its ring, 0 without elastic
+    return grid_size(aug.elastic_sigma) + 2 if aug.elastic_alpha > 0 else 0
+
+
+def _draws(aug: Augment, seed: int, epoch: int, q0: int, nb: int, G: int) -> Draws:
+    # draws() with a G x G field: G = 0 leaves the elastic nodes undrawn (warp_listed draws them itself)
     d = Draws(np.zeros(nb, np.int64), np.zeros(nb, np.int64), np.zeros(nb), np.ones(nb),
               np.zeros((nb, 2, G, G), np.float32))
     _draw_into(seed, epoch, q0, int(aug.shift), float(aug.rotate), float(aug.scale), float(aug.elastic_alpha),
@@ -282,6 +373,19 @@ def apply(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, aug: Augment, d: D
         affine_gather(X_u8, idx, mats, out)
     else:
         elastic_gather(X_u8, idx, mats, d.field, out)
+
+
+def augment_listed(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, cnt: np.ndarray, cols: np.ndarray,
+                   vals: np.ndarray, aug: Augment, seed: int, epoch: int, q0: int) -> None:
+    """augment_batch for an enabled `aug`, and the batch's non-zero pixels listed as kernels.nonzeros lists
+    them (cnt (>= B,) int32, cols (>= B, 784) int32, vals (>= B, 784) float32: train_step's
+    buf.nonzeros), in one parallel pass that also draws the elastic fields. X_u8 must be C-contiguous."""
+    _check(X_u8, idx, out)
+    if not aug.enabled or not X_u8.flags.c_contiguous:
+        raise ValueError("augment_listed needs augmentation enabled and C-contiguous X_u8")
+    d = _draws(aug, seed, epoch, q0, len(idx), 0)
+    warp_listed(X_u8, idx, affine_mats(d.angle, d.scale, d.dx, d.dy), seed, epoch, q0, float(aug.elastic_alpha),
+                _ringed(aug), out, cnt, cols, vals)
 
 
 def augment_grid(X_u8: np.ndarray, aug: Augment, gen: np.random.Generator, n: int = 64) -> np.ndarray:

@@ -22,7 +22,6 @@ import numpy as np
 from tqdm import tqdm
 
 from . import __version__, jitcache, kernels, precompile
-from .augment import augment_batch
 from .checkpoint import Checkpoint, load, save
 from .config import Config, ConfigError, from_dict, load_config
 from .data import load_mnist
@@ -319,11 +318,11 @@ def run_epoch(s: Session, sigint: _SigInt) -> tuple[float, int]:
             idx = order[bi * B:(bi + 1) * B]
             nb = len(idx)
             if augment:
-                augment_batch(s.mnist.train_x, idx, tr.xb[:nb], cfg.augment, cfg.train.seed, p.epoch, bi * B)
+                xb = tr.augment(s.mnist.train_x, idx, cfg.augment, cfg.train.seed, p.epoch, bi * B)
             else:
-                tr.gather(s.mnist.train_x, idx)
+                xb = tr.gather(s.mnist.train_x, idx)
             yb = s.y[idx]
-            loss = tr.train_step(tr.xb[:nb], yb, s.lr(), listed=not augment)
+            loss = tr.train_step(xb, yb, s.lr(), listed=True)
             if not loss / nb <= EXPLODED:  # also NaN
                 raise s.diverged(f"at epoch {p.epoch + 1}, step {bi + 1}", f"the mean loss is {loss / nb:.4g}")
             p.run_loss += loss
@@ -436,13 +435,9 @@ def warm_step(tr: Trainer, cfg: Config, X: np.ndarray, y: np.ndarray, idx: np.nd
     kernels of the loop (the batch path of run_epoch) and evaluate()'s gather. 8 and not 1: the loop's
     batches and a batch of 8 give their kernels arrays of one layout, a single sample another."""
     idx = idx[:8]
-    xb = tr.xb[:len(idx)]
-    kernels.gather(X, idx, kernels.PIXEL, xb)  # evaluate()'s
-    if cfg.augment.enabled:
-        augment_batch(X, idx, xb, cfg.augment, cfg.train.seed, 0, 0)
-    else:
-        tr.gather(X, idx)
-    tr.train_step(xb, y[idx], 0.0, update=False, listed=not cfg.augment.enabled)
+    kernels.gather(X, idx, kernels.PIXEL, tr.xb[:len(idx)])  # evaluate()'s
+    xb = tr.augment(X, idx, cfg.augment, cfg.train.seed, 0, 0) if cfg.augment.enabled else tr.gather(X, idx)
+    tr.train_step(xb, y[idx], 0.0, update=False, listed=True)
 
 
 def warm_plan(cfg: Config) -> list[precompile.Entry]:

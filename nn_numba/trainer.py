@@ -1,6 +1,6 @@
 """One run's optimiser state and work buffers, and the one call per mini-batch into compiled code.
 
-All arithmetic happens in kernels.py. Per mini-batch the Python work is one `gather` (or augmentation)
+All arithmetic happens in kernels.py. Per mini-batch the Python work is one `gather` (or `augment`)
 call and one `train_step` call.
 """
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from . import kernels
+from .augment import augment_listed
 from .checkpoint import OptimState
-from .config import Config
+from .config import Augment, Config
 from .model import MLP
 from .optim import SLOTS, settings
 
@@ -54,12 +55,22 @@ class Trainer:
             kernels.gather_nonzeros(X_u8, X_u8.view(np.uint64), idx, kernels.PIXEL, xb, nz.count, nz.cols, nz.vals)
         return xb
 
+    def augment(self, X_u8: np.ndarray, idx: np.ndarray, aug: Augment, seed: int, epoch: int, q0: int) -> np.ndarray:
+        """The mini-batch X_u8[idx] / 255 distorted as augment.augment_batch distorts the samples at positions
+        q0 .. of epoch `epoch`, into self.xb (returned), with its non-zero pixels listed for the next
+        train_step(..., listed=True) in the same pass (augment.augment_listed). X_u8 C-contiguous."""
+        xb = self.xb[:len(idx)]
+        nz = self.buf.nonzeros
+        augment_listed(X_u8, idx, xb, nz.count, nz.cols, nz.vals, aug, seed, epoch, q0)
+        return xb
+
     def train_step(self, X: np.ndarray, y: np.ndarray, lr: float, update: bool = True, listed: bool = False) -> float:
         """One optimiser step on float32 inputs X (B, n_0) and int64 labels y (B,); the summed loss.
 
         update=False computes loss and gradients only (into state.flat.grad, after `sync`): weights and
         optimiser state stay as they are. An update step fuses the gradient into the optimiser step and
-        leaves the gradient stale. listed=True: X is the batch `gather` just wrote, whose non-zeros it listed.
+        leaves the gradient stale. listed=True: X is the batch `gather` or `augment` just wrote, whose
+        non-zeros it listed.
         """
         o, B = self.cfg.optim, len(y)
         self.step += update

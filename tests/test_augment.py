@@ -6,20 +6,24 @@ import numba
 import numpy as np
 import pytest
 import reference as ref
+from conftest import ROOT
 
 from nn_numba.augment import (
     Augment,
     affine_gather,
     affine_mats,
+    apply,
     augment_batch,
     augment_grid,
+    augment_listed,
     draws,
     elastic_gather,
     grid_size,
     shift_gather,
 )
-from nn_numba.config import from_dict
+from nn_numba.config import from_dict, load_config
 from nn_numba.errors import NNError
+from nn_numba.kernels import nonzeros, nonzeros_bufs
 
 S = 28
 
@@ -251,6 +255,36 @@ def test_deterministic_for_seed_and_thread_count(X, mode):
         numba.set_num_threads(before)
     np.testing.assert_array_equal(results[0], a)
     np.testing.assert_array_equal(results[1], a)
+
+
+LISTED = {**MODES, "default": load_config(ROOT / "configs" / "default.toml").augment}
+
+
+@pytest.mark.parametrize("mode", list(LISTED))
+def test_listed_pass_is_draws_apply_and_nonzeros(X, digits, mode):
+    """Training's one pass (augment_listed) writes draws() + apply()'s batch bit for bit, and its non-zero
+    lists are kernels.nonzeros' of that batch: real digits and the random images, a chunk-and-a-bit and a
+    full batch at odd positions, 1 and 2 threads."""
+    aug = LISTED[mode]
+    nz, want = nonzeros_bufs(128, S * S), nonzeros_bufs(128, S * S)
+    before = numba.get_num_threads()
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(n)
+            for data, B, q0 in ((digits, 128, 54_001), (X, 13, 7), (digits, 37, 3 * 128)):
+                idx = np.random.default_rng(q0).integers(0, len(data), B)
+                out, ref_out = np.full((B, S * S), np.nan, np.float32), np.empty((B, S * S), np.float32)
+                augment_listed(data, idx, out, nz.count, nz.cols, nz.vals, aug, 21, 4, q0)
+                apply(data, idx, ref_out, aug, draws(aug, 21, 4, q0, B))
+                assert out.tobytes() == ref_out.tobytes(), f"{mode}, {n} threads, batch at {q0}"
+                nonzeros(ref_out, want.count, want.cols, want.vals)
+                np.testing.assert_array_equal(nz.count[:B], want.count[:B])
+                for b in range(B):
+                    c = want.count[b]
+                    np.testing.assert_array_equal(nz.cols[b, :c], want.cols[b, :c])
+                    assert nz.vals[b, :c].tobytes() == want.vals[b, :c].tobytes()
+    finally:
+        numba.set_num_threads(before)
 
 
 def test_all_zero_config_is_plain_gather(X):

@@ -928,29 +928,16 @@ def total(loss):
     return s
 
 
-@njit(cache=True)
-def move_first(state, sizes, to_t):
-    """Copy the first layer's weights, gradient and moments into the transposed arrays (to_t) or back."""
-    flat, t = state.flat, state.first_t
-    _move(layer_views(flat.value, sizes, 0)[0], t.value, to_t)
-    _move(layer_views(flat.grad, sizes, 0)[0], t.grad, to_t)
-    _move(layer_views(flat.m, sizes, 0)[0], t.m, to_t)
-    _move(layer_views(flat.v, sizes, 0)[0], t.v, to_t)
-
-
-@njit(cache=True)
-def _move(W, WT, to_t):
-    """WT[:, :N] = Wᵀ (to_t) or W = WT[:, :N]ᵀ, W (N, K). Serial: it runs when the path changes (once per
-    run on real data) and before each evaluation, and a parallel loop here would lengthen the first
-    compile for nothing."""
-    N, K = W.shape
-    for k in range(K):
+def move_first(state, sizes, to_t: bool) -> None:
+    """Copy the first layer's weights, gradient and moments into the transposed arrays (to_t) or back.
+    NumPy's copies: it runs when the path changes (once per run on real data) and before each
+    evaluation, and compiled code here would only lengthen the first compile."""
+    for a, at in zip(state.flat, state.first_t):  # value, grad, m, v
+        W = layer_views(a, sizes, 0)[0]
         if to_t:
-            for n in range(N):
-                WT[k, n] = W[n, k]
+            at[:, :W.shape[0]] = W.T
         else:
-            for n in range(N):
-                W[n, k] = WT[k, n]
+            W[:] = at[:, :W.shape[0]].T
 
 
 def nonzeros_bufs(cap: int, n_in: int) -> Nonzeros:

@@ -34,7 +34,7 @@ def test_the_plan_is_the_step_s_kernels_and_recording_compiles_nothing():
     plan = warm_plan(load_config(ROOT / "configs" / "no-augment.toml"))
     names = [e[1] for e in plan]
     assert {"gather_nonzeros", "nonzero_blocks", "sparse_forward", "linear_forward", "softmax_xent",
-            "linear_backward_input", "linear_backward_weight", "sparse_backward_weight", "move_first"} <= set(names)
+            "linear_backward_input", "linear_backward_weight", "sparse_backward_weight"} <= set(names)
     assert names.count("linear_forward") == 1  # one specialisation for every hidden layer
     assert before == {k: len(f.overloads) for k, f in vars(kernels).items() if hasattr(f, "overloads")}
 

@@ -25,6 +25,18 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
 
+
+def host_lanes() -> int:
+    """The widest float32 vector this CPU has, in lanes: 16 with AVX-512 (avx512f), else 8. Numba's
+    NUMBA_CPU_FEATURES, when set, stands for the CPU (code compiled for another host)."""
+    from llvmlite import binding
+    from numba.core import config
+
+    if config.CPU_FEATURES is not None:
+        return 16 if "+avx512f" in config.CPU_FEATURES.split(",") else 8
+    return 16 if binding.get_host_cpu_features().get("avx512f") else 8
+
+
 W = 8  # lanes
 _f32, _i32 = ir.FloatType(), ir.IntType(32)
 _vec, _ivec = ir.VectorType(_f32, W), ir.VectorType(_i32, W)

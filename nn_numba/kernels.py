@@ -3,19 +3,20 @@
 Layout (the PyTorch one): a layer's weights W are (out, in) row-major and it computes Y = X Wᵀ + b.
 With that layout no product needs a transpose:
   forward      Y  = X Wᵀ     dot form, contiguous rows of X and W            -> 6x2 register tiles
-  backward dX  dX = dY W     axpy form over contiguous rows of W             -> 6x16 register tiles
-  backward dW  dW = dYᵀ X    axpy form over contiguous rows of X, dYᵀ packed -> 6x16 register tiles
+  backward dX  dX = dY W     axpy form over contiguous rows of W             -> 6x2L register tiles
+  backward dW  dW = dYᵀ X    axpy form over contiguous rows of X, dYᵀ packed -> 6x2L register tiles
 The first layer is the exception in training: 81 % of MNIST's pixels are 0, and skipping them needs its
 weights transposed, WT = W1ᵀ (see "The first layer" below):
-  forward      Y  = X WT     the ~150 lit rows of WT per sample              -> 64-column chunks
-  backward dW  gWT = Xᵀ dY   the samples that light a block of 6 pixels      -> 6x16 register tiles
-The tiles' sums live in 8-lane vector registers (`simd.f32x8`) for a whole reduction. Every output
-element is written by exactly one prange task with a summation order the code spells out, so results
-are bit-identical run after run, for any thread count, and whether a kernel was compiled now or loaded
-from the cache (that is why no kernel is compiled with `fastmath`: see `_exact`). Float32 scalars are
-spelled np.float32(0): a bare 0.0 is float64 in Numba.
-Callers hand in 64-byte aligned arrays (`aligned_zeros`; activation rows padded to 16 floats): 32-byte
-loads that straddle cache lines slow the products down. No data-dependent branches in hot loops:
+  forward      Y  = X WT     the ~150 lit rows of WT per sample              -> 8L-column chunks
+  backward dW  gWT = Xᵀ dY   the samples that light a block of 6 pixels      -> 6x2L register tiles
+The tiles' sums live in vector registers of L = LANES float32 lanes (`simd.f32v`: 16 with AVX-512, 8
+without, chosen at import; `simd.lanes`) for a whole reduction. Every output element is written by
+exactly one prange task with a summation order the code spells out, so for a given L (the two widths sum
+in different orders) results are bit-identical run after run, for any thread count, and whether a
+kernel was compiled now or loaded from the cache (that is why no kernel is compiled with `fastmath`: see
+`_exact`). Float32 scalars are spelled np.float32(0): a bare 0.0 is float64 in Numba.
+Callers hand in 64-byte aligned arrays (`aligned_zeros`; activation rows padded, `pad`): vector loads
+that straddle cache lines slow the products down. No data-dependent branches in hot loops:
 ReLU signs are random.
 """
 
@@ -195,11 +196,11 @@ def linear_forward(X, W, b, Y, relu):
     """Y = X Wᵀ + b, then ReLU when `relu`.
 
     X (B, K), W (N, K), b (N,), Y (B, N), all float32.
-    Dot form: each task owns a 6x2 tile of Y and keeps its 12 sums in 12 vector registers (8 lanes of k
-    each), so every vector loaded from W feeds six FMAs and every vector of X two; the K % 8 tail is one
-    more masked step; then one horizontal sum per output, bias and ReLU while the tile is in registers,
-    no branch (`_clip`). 6x2 and not 4x4: 16 sums + 8 operands spill AVX2's 16 vector registers; 12 + 3
-    fit.
+    Dot form: each task owns a 6x2 tile of Y and keeps its 12 sums in 12 vector registers (LANES lanes
+    of k each), so every vector loaded from W feeds six FMAs and every vector of X two; the K % LANES
+    tail is one more masked step; then one horizontal sum per output, bias and ReLU while the tile is in
+    registers, no branch (`_clip`). 6x2 and not 4x4: 16 sums + 8 operands spill AVX2's 16 vector
+    registers; 12 + 3 fit.
     prange over tiles, row-major, so consecutive tiles of one thread share their X rows in L1. The last
     tile of a ragged edge is moved back to overlap its neighbour and stores only its own outputs.
     """
@@ -211,7 +212,7 @@ def linear_forward(X, W, b, Y, relu):
     for t in prange(((B + 5) // 6) * tn):
         i = (t // tn) * 6
         j = (t % tn) * 2
-        if B < 6 or N < 2:  # too small for a tile (e.g. one sample): one output at a time, 4 x 8 lanes
+        if B < 6 or N < 2:  # too small for a tile (e.g. one sample): one output at a time, 4 vectors
             for ii in range(i, min(i + 6, B)):
                 for jj in range(j, min(j + 2, N)):
                     s0 = s1 = s2 = s3 = vzero()
@@ -280,10 +281,11 @@ def _clip(v, lo):
 
 @njit(**_exact)
 def _tile(C, r, D, k):
-    """The axpy micro-kernel of both backward products: a 6x16 block of C·D in 12 vector registers.
+    """The axpy micro-kernel of both backward products: a 6 x 2L block of C·D in 12 vector registers
+    (L = LANES).
 
-    Returns acc[2q + h] = Σ_p C[r + q, p] · D[p, k + 8h : k + 8h + 8] for q < 6, h < 2 (rows r..r+5 of C
-    and columns k..k+15 of D must exist). Per p: two vectors of D, six broadcasts of C, 12 FMAs; the sums
+    Returns acc[2q + h] = Σ_p C[r + q, p] · D[p, k + Lh : k + Lh + L] for q < 6, h < 2 (rows r..r+5 of C
+    and columns k..k+2L-1 of D must exist). Per p: two vectors of D, six broadcasts of C, 12 FMAs; the sums
     never leave registers until the whole reduction is done (what LLVM would not do for scalar code).
     """
     a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = vzero()
@@ -306,8 +308,9 @@ def _tile(C, r, D, k):
 
 @njit(**_exact)
 def _tile_n(C, r, D, k, n):
-    """_tile for the last n < 8 + 1 columns of D: acc[q] = Σ_p C[r + q, p] · D[p, k : k + n], zeros past n.
-    A separate 6x8 kernel because the masked loads need registers the 6x16 tile has no room for."""
+    """_tile for the last n <= LANES columns of D: acc[q] = Σ_p C[r + q, p] · D[p, k : k + n], zeros past
+    n. A separate 6 x LANES kernel because the masked loads need registers the 6 x 2LANES tile has no
+    room for."""
     a0 = a1 = a2 = a3 = a4 = a5 = vzero()
     for p in range(C.shape[1]):
         x = vloadn(D, p, k, n)
@@ -325,11 +328,11 @@ def linear_backward_input(dY, W, A, dX):  # noqa: C901 -- each branch is one edg
     """dX = (dY W) ⊙ [A > 0]: the gradient at the layer's input, through the previous layer's ReLU.
 
     dY (B, N), W (N, K), A (B, K) the layer's input (a ReLU output, so A > 0 exactly where its
-    pre-activation was > 0), dX (B, K). Axpy form over contiguous rows of W: each task owns a 6x16 tile
+    pre-activation was > 0), dX (B, K). Axpy form over contiguous rows of W: each task owns a 6 x 2LANES tile
     of dX (`_tile` with C = dY, D = W, summing over the N outputs), masks it and stores it once. prange
-    over tiles, batch blocks fastest, so the 16 columns of W a run of tasks reads stay in L1. The last
+    over tiles, batch blocks fastest, so the 2LANES columns of W a run of tasks reads stay in L1. The last
     tile of a ragged edge overlaps its neighbour and stores only its own rows, or its own columns (the
-    K % 16 last ones: one full tile, cheaper than two masked 6x8 passes).
+    K % 2LANES last ones: one full tile, cheaper than two masked 6 x LANES passes).
     """
     B, N = dY.shape
     K = W.shape[1]
@@ -377,10 +380,10 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
     """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step `h` on W and b, fused.
 
     dY (B, N), A (B, K) the layer's input, Wp a Param of (N, K) arrays, bp a Param of (N,) arrays, work a
-    float32 workspace of work_size(N, B). Axpy form over contiguous rows of A: each task owns a 6x16 tile
+    float32 workspace of work_size(N, B). Axpy form over contiguous rows of A: each task owns a 6 x 2LANES tile
     of gW (`_tile` with C = dYᵀ, D = A, summing over the batch), stores it once and takes the optimiser
     step on the same block of W with the gradient still in registers (`_step`); the tasks of the first
-    column block also own gb and b. prange over tiles, row blocks fastest, so the 16 columns of A a run
+    column block also own gb and b. prange over tiles, row blocks fastest, so the 2LANES columns of A a run
     of tasks reads stay in L1. Tiles are disjoint, so no races, and one parallel region per call
     (two with the packing). Must run
     after linear_backward_input, which reads the old W. h.kind NO_UPDATE only computes the gradients, and
@@ -445,12 +448,12 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
             _bias_step(dY, b, gb, mb, vb, j, min(j + 6, N), h)
 
 
-# a call per 8 lanes would cost more than the step; the arrays come one by one, not as a Param: taking an
+# a call per vector would cost more than the step; the arrays come one by one, not as a Param: taking an
 # array out of a tuple inside a loop makes Numba update its reference count, atomically, every time
 @njit(**_exact, inline="always")
 def _step(P, M, V, r, k, g, n, h, wd):  # noqa: PLR0913
-    """The optimiser step `h`, the only one: P[r, k : k + n] (n <= 8) with its moments M, V (2-D, P's
-    shape), the gradient g (8 lanes) and weight decay wd (h.weight_decay on weights, 0 on biases),
+    """The optimiser step `h`, the only one: P[r, k : k + n] (n <= LANES) with its moments M, V (2-D, P's
+    shape), the gradient g (one vector) and weight decay wd (h.weight_decay on weights, 0 on biases),
     PyTorch semantics (docs/training.md). Explicit FMAs: one rounding each, the same in every compile.
 
     Weight tiles call it with g still in a register, in the task that computed g while the block of W is
@@ -516,9 +519,9 @@ def update(p, h):
 # that skips them does a fifth of the FLOPs of a dense one. Skipping needs the weights the other way
 # round, so during training the first layer keeps them transposed, WT (K, pad(N)) (train_step moves
 # them between the layouts; checkpoints and inference keep (out, in)): row k of WT is what pixel k adds
-# to every output. Forward: a sample's outputs are the sum of its ~150 lit rows, in 64-column chunks
-# with eight vector sums in registers (a chunk of WT, 784 rows x 256 bytes, stays in L2). Weight
-# gradient: the dense 6x16 tile, summed only over the samples that light each block of 6 pixels.
+# to every output. Forward: a sample's outputs are the sum of its ~150 lit rows, in chunks of 8 vectors
+# with eight vector sums in registers (a chunk of WT, 784 rows x 8 vectors, stays in L2). Weight
+# gradient: the dense 6 x 2LANES tile, summed only over the samples that light each block of 6 pixels.
 
 
 @njit(cache=True)
@@ -591,9 +594,9 @@ def sparse_forward(cnt, cols, vals, WT, b, Y, relu):
     """Y = X W + b (then ReLU when `relu`) from X's non-zeros (`nonzeros`), W kept transposed.
 
     cnt/cols/vals as `nonzeros` makes them for B samples, WT (K, pad(N)) with zeros past
-    column N, b (N,), Y (B, N). Each task owns 64 outputs of one sample: eight vector sums, to which each
+    column N, b (N,), Y (B, N). Each task owns 8 LANES outputs of one sample: eight vector sums, to which each
     lit pixel k adds vals · WT[k, chunk] (eight FMAs, their operands straight from L1/L2). prange over
-    (chunk, sample), chunk slowest, so a thread works through one 200 KB chunk of WT at a time.
+    (chunk, sample), chunk slowest, so a thread works through one chunk of WT (200 KB with 8 lanes) at a time.
     """
     B = cnt.shape[0]
     N = Y.shape[1]
@@ -649,15 +652,15 @@ def sparse_backward_weight(nz, dY, WTp, bp, h):
     optimiser step `h` on WT, fused.
 
     nz the Nonzeros whose block lists `nonzero_blocks` made for K pixels, dY (B, N) with rows at least
-    pad(N) floats apart (the last tile reads 16 columns; lanes past N are never stored), WTp a Param of
-    (K, pad(N)) arrays, bp a Param of (N,) arrays. Each task owns a 6x16 tile of gWᵀ (6 pixels x 16
-    outputs): `_tile_rows` with C = the block's packed pixels and D = the rows of dY of its samples, then
+    pad(N) floats apart (the last tile reads 2LANES columns; lanes past N are never stored), WTp a Param of
+    (K, pad(N)) arrays, bp a Param of (N,) arrays. Each task owns a 6 x 2LANES tile of gWᵀ (6 pixels x
+    2LANES outputs): `_tile_rows` with C = the block's packed pixels and D = the rows of dY of its samples, then
     `_step` with the gradient still in registers. The sums run over the samples that light the block
     instead of the whole batch, with the register blocking of the dense product (12 FMAs per 2 loads and
     6 broadcasts); a sample with the block lit but this pixel 0 adds an exact 0. Tiles are disjoint and
     sum in sample order: no races, the same bits for any thread count. With plain SGD and no weight decay
     a block no sample lit has a zero gradient, and its step would change nothing: it is skipped. The
-    tasks of block 0 (the image's corner, never lit) also own gb and b, 16 columns each (`_bias_step`;
+    tasks of block 0 (the image's corner, never lit) also own gb and b, 2LANES columns each (`_bias_step`;
     one parallel region fewer than a kernel of their own, which counts at two threads and small batches).
     prange over (block, column tile), blocks slowest: the two threads take the top and the bottom half of
     the image.
@@ -690,7 +693,7 @@ def sparse_backward_weight(nz, dY, WTp, bp, h):
 
 @njit(**_exact)
 def _step_tile(acc, W, gW, mW, vW, k, j, nq, N, h):  # noqa: PLR0913 -- arrays one by one, as _step
-    """The general epilogue of a 6x16 gradient tile at (k, j) of W: rows k..k+nq-1, columns below N (the
+    """The general epilogue of a 6 x 2LANES gradient tile at (k, j) of W: rows k..k+nq-1, columns below N (the
     gradient stored in gW when NO_UPDATE), then `_step`. A function of its own, so that its registers do
     not crowd the tile's."""
     for q in range(nq):
@@ -704,7 +707,7 @@ def _step_tile(acc, W, gW, mW, vW, k, j, nq, N, h):  # noqa: PLR0913 -- arrays o
 
 @njit(**_exact)
 def _bias_step(dY, b, gb, mb, vb, j0, j1, h):
-    """gb[j0:j1] = Σ_batch dY[:, j0:j1], 8 columns at a time in sample order, and the optimiser step on
+    """gb[j0:j1] = Σ_batch dY[:, j0:j1], one vector at a time in sample order, and the optimiser step on
     b[j0:j1] (no weight decay on biases): the bias part of both weight-gradient kernels, done by the tasks
     of their first block. dY (B, N), b/gb/mb/vb (N,), viewed as rows for `_step`."""
     B, N = dY.shape
@@ -780,9 +783,9 @@ def _layer(flat, sizes, l):
 @njit(cache=True)
 def pad(n):
     """Row length, in floats, of the activation and gradient buffers and of the transposed first layer:
-    n rounded up to 64 floats, so that every row starts 64-byte aligned (otherwise most 32-byte loads of
-    the products straddle two cache lines), and the first layer's sparse products may read whole
-    64-column chunks."""
+    n rounded up to 8 vectors (64 floats with 8 lanes), so that every row starts 64-byte aligned
+    (otherwise most vector loads of the products straddle two cache lines), and the first layer's sparse
+    products may read whole chunks of 8 vectors."""
     return (n + 8 * LANES - 1) // (8 * LANES) * (8 * LANES)
 
 

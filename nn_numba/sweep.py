@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import Config, ConfigError, load_config, with_values
+from .config import Config, ConfigError, load_config, shipped_names, with_values
+from .data import load_mnist
 from .errors import NNError
 from .runs import write_text_atomic
 
@@ -75,7 +76,10 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     if not isinstance(raw.get("base"), str):
         raise ConfigError(f"{src}: 'base' must name the config to start from, e.g. base = \"no-augment.toml\"")
     base = Path(raw["base"])
-    base = path.parent / base if not base.is_absolute() and (path.parent / base).exists() else base
+    if not base.is_absolute() and (path.parent / base).exists():
+        base = path.parent / base
+    elif not base.exists() and base.suffix == ".toml" and base.stem in shipped_names():
+        base = Path(base.stem)  # the shipped config the file names, also from a copy kept elsewhere
     cfg = with_values(load_config(base), flatten(raw.get("set", {}), f"{src} [set]"), f"{src} [set]")
     space = {k: check_range(k, v, cfg, src) for k, v in flatten(raw.get("space", {}), f"{src} [space]").items()}
     if not space:
@@ -262,7 +266,7 @@ def objective(trial, sweep: Sweep, folder: Path, threads: int, data_dir: str | N
             write_text_atomic(run / "trial.json", json.dumps(record, indent=1) + "\n")
 
 
-def worker(sweep_file: str, name: str, folder: str, url: str, threads: int, data_dir: str | None, total: int,
+def worker(sweep: Sweep, folder: str, url: str, threads: int, data_dir: str | None, total: int,
            stream: int) -> None:
     """Run trials until the study has `total` of them; a process of its own when there are several workers."""
     import sys
@@ -271,15 +275,15 @@ def worker(sweep_file: str, name: str, folder: str, url: str, threads: int, data
     if own_group:
         os.setpgrp()  # Ctrl-C reaches the parent only, which passes one SIGINT on to each worker
     try:
-        sweep = load_sweep(sweep_file)
-        sweep.name = name
         earlier = len(open_study(sweep, url).get_trials(deepcopy=False))
         study = open_study(sweep, url, stream + 7 * earlier)  # a re-run does not repeat the first proposals
         while counted(study) < total:
             study.optimize(lambda t: objective(t, sweep, Path(folder), threads, data_dir), n_trials=1,
                            callbacks=[say])
     except NNError as e:  # Ctrl-C in a trial (Interrupted, 130) or a problem every trial would meet
-        if own_group and e.exit_code != 130:  # the parent says why it stopped, once
+        if e.exit_code != 130 and not own_group:
+            raise  # the one worker runs in the command's process: its reason is the command's
+        if e.exit_code != 130:
             print(f"nn-numba: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(e.exit_code) from None
 
@@ -309,13 +313,14 @@ def sweep(sweep_file: str, trials: int | None = None, workers: int = 1, storage_
     url = storage_url or f"sqlite:///{(folder / 'study.db').resolve()}"
     total = trials or sw.trials
     study = open_study(sw, url)  # creates it, once, before the workers race to
+    load_mnist(data_dir, sw.base.data.dir or None)  # present and intact (or downloaded) once, not by each worker
     done = counted(study)
     import numba
 
     threads = max(1, numba.config.NUMBA_NUM_THREADS // workers)
     print(f"sweep {sw.name}: {done} of {total} trials done; {workers} worker(s) x {threads} thread(s); "
           f"storage {redact(url)}", flush=True)
-    code = run_workers(str(folder / "sweep.toml"), sw.name, folder, url, threads, data_dir, total, workers)
+    code = run_workers(sw, folder, url, threads, data_dir, total, workers)
     study = open_study(sw, url)
     print(table(study))
     write_results(study, sw, folder)
@@ -344,17 +349,18 @@ def keep_sweep_file(folder: Path, sw: Sweep, source: str) -> None:
     write_text_atomic(kept, sw.text)
 
 
-def run_workers(sweep_file: str, name: str, folder: Path, url: str, threads: int, data_dir: str | None,
-                total: int, workers: int) -> int:
-    """Run the workers (in this process when there is one); the first bad exit code, 0 if none."""
+def run_workers(sw: Sweep, folder: Path, url: str, threads: int, data_dir: str | None, total: int,
+                workers: int) -> int:
+    """Run the workers (in this process when there is one) on the sweep as the command read it; the first bad
+    exit code, 0 if none."""
     if workers == 1:
         try:
-            worker(sweep_file, name, str(folder), url, threads, data_dir, total, 0)
+            worker(sw, str(folder), url, threads, data_dir, total, 0)
         except SystemExit as e:
             return int(e.code or 0)
         return 0
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(sweep_file, name, str(folder), url, threads, data_dir, total, k + 1))
+    procs = [ctx.Process(target=worker, args=(sw, str(folder), url, threads, data_dir, total, k + 1))
              for k in range(workers)]
     for p in procs:
         p.start()

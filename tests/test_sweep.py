@@ -204,3 +204,35 @@ def test_train_name_names_the_run_folder(tmp_path, mnist_path):
     for bad in ("a/b", ".hidden", "latest", ""):
         r = nn("train", cfg, "--name", bad, "--data-dir", mnist_path, cwd=tmp_path)
         assert r.returncode == 1 and "a run name is one folder name" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_relative_base_resolves_from_the_sweep_file_in_every_worker(tmp_path, mnist_path):
+    """A base named relative to the sweep file (as the shipped examples do) is found by the workers too,
+    which read the copy kept in the sweep folder, whatever the working directory."""
+    files, work = tmp_path / "files", tmp_path / "work"
+    files.mkdir(), work.mkdir()
+    (files / "mine.toml").write_text((ROOT / "configs" / "no-augment.toml").read_text())
+    p = files / "rel.sweep.toml"
+    p.write_text(TINY.format(epochs=1).replace(f'"{ROOT / "configs" / "no-augment.toml"}"', '"mine.toml"')
+                 .replace("trials = 3", "trials = 1"))
+    r = nn("sweep", p, "--out", work / "sweeps", "--data-dir", mnist_path, cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert [t["state"] for t in json.loads((work / "sweeps" / "rel" / "trials.json").read_text())["trials"]] == [
+        "complete"]
+
+
+@pytest.mark.parametrize("example", sorted((ROOT / "configs").glob("*.sweep.toml")), ids=lambda p: p.name)
+def test_shipped_sweep_files_load_from_their_kept_copy(example, tmp_path):
+    """The shipped sweep files name their base relative to themselves; the copy kept in a sweep folder (what
+    the workers read) must reach the same base."""
+    kept = tmp_path / "sweep.toml"
+    kept.write_text(example.read_text())
+    assert load_sweep(kept).base == load_sweep(example).base
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_problem_every_trial_meets_is_said_once_with_its_reason(workers, tmp_path):
+    """No data (say): the command prints the reason, not only that a worker stopped."""
+    r = nn("sweep", sweep_file(tmp_path), "--workers", workers, "--data-dir", tmp_path / "nothing", cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "nothing" in r.stderr and r.stderr.count("nn-numba: error:") == 1, r.stderr

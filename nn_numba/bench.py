@@ -7,14 +7,18 @@ alternates A and B, so the two sides see the same machine state; it imports neit
 Data are MNIST's training images when they are on this machine (`--data mnist`, the default): speed
 does depend on the pixels, because the first layer skips the 81 % of them that are 0. `--data random`
 (uniform pixels, none 0) times the dense path. The network is 784-250-250-10, float32, softmax
-cross-entropy with mean loss, plain SGD.
+cross-entropy with mean loss, plain SGD. Beside each epoch: its share of the time the GEMM rate needs for
+the dense FLOPs and for the FLOPs it actually performs (`actual_flop`); per thread count the vector width
+the kernels use, and the default recipe's epoch beside the same epoch without augmentation (`recipe`).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +34,9 @@ _PRODUCTS = [SIZES[l] * SIZES[l + 1] for l in range(len(SIZES) - 1)]  # multiply
 # One training step, per sample: forward and weight gradient of every layer, input gradient of every layer
 # but the first (nothing needs the gradient at the pixels); 2 FLOP per multiply-add.
 FLOP_PER_SAMPLE = 2 * (2 * sum(_PRODUCTS) + sum(_PRODUCTS[1:]))
+# The FLOPs a step on real data performs: the first layer's forward and weight-gradient products skip the
+# zero pixels, so per sample they cost 2 multiply-adds per lit pixel and output; the other layers are dense.
+DENSE_FLOP_AFTER_FIRST = 2 * 3 * sum(_PRODUCTS[1:])
 INFER_FLOP = 2 * sum(_PRODUCTS)
 LR = 0.01
 CPP = Path(__file__).resolve().parent.parent / "cpp" / "build" / "nn-cpp"
@@ -77,6 +84,15 @@ def timed_passes(rng, B: int, samples: int, reps: int, warmup: int, step) -> dic
     return {"times": times, "loss": loss}
 
 
+def actual_flop(X_u8) -> float:
+    """FLOPs of one training pass over the images X_u8 (n, 784), counting the first layer's forward and
+    weight-gradient multiply-adds over lit pixels only (what the sparse kernels compute) and every other
+    product dense. All pixels lit gives FLOP_PER_SAMPLE per image."""
+    import numpy as np
+
+    return float(2 * 2 * SIZES[1] * np.count_nonzero(X_u8) + len(X_u8) * DENSE_FLOP_AFTER_FIRST)
+
+
 def load_data(data: str):
     """(uint8 images (60000, 784), int64 labels, description): MNIST's training set, found where `nn-numba
     train` finds it but never downloaded here, or random pixels and labels (`data` "random", or MNIST is
@@ -112,15 +128,19 @@ class NumbaSide:
         self.np, self.K, self.numba = np, K, numba
         self.X, self.y, self.data = load_data(data)
         self.rng = np.random.default_rng(0)
+        self.sessions = {}
 
     def info(self) -> dict:
         self.kernels(64, 1)  # a parallel kernel must have run before the threading layer is known
+        from . import simd
         from .data import resolve_data_dir
 
         mnist = self.data.startswith("MNIST")  # the C++ epoch then trains on the same files
         return {"numba": self.numba.__version__, "threading_layer": self.numba.threading_layer(),
                 "numba_threads": self.numba.get_num_threads(), "data": self.data,
-                "data_dir": str(resolve_data_dir()[0]) if mnist else None}
+                "data_dir": str(resolve_data_dir()[0]) if mnist else None,
+                "vector_lanes": simd.W, "host_lanes": simd.host_lanes(),
+                "actual_flop_per_epoch": actual_flop(self.X[:N_TRAIN])}
 
     def _model(self):
         from .model import MLP
@@ -143,6 +163,37 @@ class NumbaSide:
             return tr.train_step(tr.gather(self.X, idx), self.y[idx], LR, listed=True)
 
         return timed_passes(self.rng, B, samples, reps, warmup, step)
+
+    def recipe(self, augment: bool, reps: int, warmup: int = 0) -> dict:
+        """Seconds of each of `reps` epochs of the default recipe (configs/default.toml: augmentation, Adam
+        on the mean loss, batch 128, 54,000 images), or of the same recipe with augmentation off, through
+        train.run_epoch, the loop `nn-numba train` runs; `warmup` untimed tails of 20 mini-batches first.
+        One session per kind for the worker's life, its run folder in a temporary folder."""
+        from types import SimpleNamespace
+
+        from .train import run_epoch
+
+        s = self._session(augment)
+        times = []
+        for r in range(warmup + reps):
+            s.progress.batch = s.steps_per_epoch - 20 if r < warmup else 0
+            seconds, n = run_epoch(s, SimpleNamespace(hit=False))
+            s.progress.epoch += 1
+            if r >= warmup:
+                times.append(seconds)
+        return {"times": times, "samples": len(s.tr_idx)}
+
+    def _session(self, augment: bool):
+        from .config import load_config, with_values
+        from .train import Session
+
+        if augment not in self.sessions:
+            out = tempfile.mkdtemp(prefix="nn-numba-bench-")
+            atexit.register(shutil.rmtree, out, True)
+            off = {} if augment else {f"augment.{k}": 0 for k in ("shift", "rotate", "scale", "elastic_alpha")}
+            cfg = with_values(load_config("default"), {**off, "train.out": out})
+            self.sessions[augment] = Session(cfg, None, None, True, "recipe")
+        return self.sessions[augment]
 
     def kernels(self, B: int, reps: int) -> dict:
         """Seconds per call of every kernel of one training step at batch B."""
@@ -578,8 +629,10 @@ def run(threads: list[int], batches: list[int], quick: bool = False, kernel_batc
             # the limit is the machine's best moment in this run, as each epoch time is its fastest pass
             r["gemm2048_gflops"], r["gemm2048_gflops_min"], r["gemm_samples"] = max(gemm[T]), min(gemm[T]), len(gemm[T])
             r["gemm_limited_epoch_s"] = N_TRAIN * FLOP_PER_SAMPLE / (max(gemm[T]) * 1e9)
+            r["actual_limited_epoch_s"] = r["info"]["actual_flop_per_epoch"] / (max(gemm[T]) * 1e9)
             for row in r["epochs"]:
                 row["gemm_fraction"] = r["gemm_limited_epoch_s"] / row["numba_s"]
+                row["actual_fraction"] = r["actual_limited_epoch_s"] / row["numba_s"]
             say(f"{T} thread(s): inference")
             inf_n, inf_p = a.ask("infer", reps=3 if quick else 5), b.ask("infer", reps=3 if quick else 5)
             r["inference"] = {
@@ -588,6 +641,7 @@ def run(threads: list[int], batches: list[int], quick: bool = False, kernel_batc
                 "batch1000_gflops": {"numba": 10_000 * INFER_FLOP / inf_n["batch1000_s_per_10k"] / 1e9,
                                      "numpy": 10_000 * INFER_FLOP / inf_p["batch1000_s_per_10k"] / 1e9},
                 "batch1_latency_us": {"numba": inf_n["batch1_s"] * 1e6, "numpy": inf_p["batch1_s"] * 1e6}}
+        recipe(kids, res, 1 if quick else reps, say)
     finally:
         for a, b in kids.values():
             a.close()
@@ -595,6 +649,34 @@ def run(threads: list[int], batches: list[int], quick: bool = False, kernel_batc
     say("JIT cost")
     res["jit"] = jit_cost(cold=not quick)
     return res
+
+
+def recipe(kids: dict, res: dict, reps: int, say) -> None:
+    """The default recipe's epoch and the same epoch without augmentation, at each thread count, into
+    res["threads"][T]["recipe"] (None without MNIST: the recipe trains on its files). One pass of each
+    kind at each thread count per round, as the plain epochs."""
+    if not res["data"].startswith("MNIST"):
+        for T in kids:
+            res["threads"][str(T)]["recipe"] = None
+        return
+    say("the default recipe's epochs" + (", thread counts alternating" if len(kids) > 1 else ""))
+    times = {(T, aug): [] for T in kids for aug in (True, False)}
+    n = 0
+    for a, _ in kids.values():
+        for aug in (True, False):
+            a.ask("recipe", augment=aug, reps=0, warmup=1)
+    for _ in range(reps):
+        for T, (a, _) in kids.items():
+            for aug in (True, False):
+                d = a.ask("recipe", augment=aug, reps=1)
+                times[T, aug] += d["times"]
+                n = d["samples"]
+    for T in kids:
+        aug, plain = times[T, True], times[T, False]
+        res["threads"][str(T)]["recipe"] = {
+            "samples": n, "augmented_s": min(aug), "augmented_median_s": statistics.median(aug),
+            "plain_s": min(plain), "plain_median_s": statistics.median(plain),
+            "augment_overhead": min(aug) / min(plain) - 1}
 
 
 def _kernel_rate(name: str, B: int, t: float) -> dict:
@@ -627,11 +709,15 @@ def table(res: dict) -> str:
     for T, r in res["threads"].items():
         i = r["info"]
         lines += ["", f"=== {T} thread(s): numba {i['numba']} ({i['threading_layer']} layer, "
-                  f"{i['numba_threads']} threads), numpy {i['numpy']}, BLAS {i['blas']}, "
+                  f"{i['numba_threads']} threads, {i['vector_lanes']}-lane vectors; the host's widest: "
+                  f"{i['host_lanes']}), numpy {i['numpy']}, BLAS {i['blas']}, "
                   f"OPENBLAS_NUM_THREADS={i['openblas_threads']} OPENBLAS_CORETYPE={i['openblas_coretype']}",
                   f"GEMM limit: numpy 2048^3 {r['gemm2048_gflops']:.1f} GFLOP/s (fastest of "
                   f"{r['gemm_samples']} samples over the run; slowest {r['gemm2048_gflops_min']:.1f}) -> "
-                  f"{r['gemm_limited_epoch_s']:.3f} s/epoch", "",
+                  f"{r['gemm_limited_epoch_s']:.3f} s/epoch at the dense {res['flop_per_sample'] / 1e6:.3f} "
+                  f"MFLOP/sample, {r['actual_limited_epoch_s']:.3f} s/epoch at the "
+                  f"{i['actual_flop_per_epoch'] / N_TRAIN / 1e6:.3f} MFLOP/sample a step actually performs "
+                  f"(first layer over lit pixels only)", "",
                   f"kernels at batch {r['kernels']['batch']}:",
                   f"  {'kernel':26} {'numba us':>9} {'rate':>12} {'numpy us':>9} {'numba/numpy':>11}"]
         for k in r["kernels"]["rows"]:
@@ -640,9 +726,10 @@ def table(res: dict) -> str:
                          f"{k['ratio']:11.2f}")
         lines.append("  (sparse rows: the first layer as training runs it on inputs with zeros, against NumPy's dense "
                      "product; their GFLOP/s count the dense product's FLOPs)")
-        lines += ["", "training epoch (60,000 samples, SGD, mean loss; GFLOP/s and the GEMM limit count dense FLOPs):",
+        lines += ["", "training epoch (60,000 samples, SGD, mean loss; GFLOP/s count dense FLOPs; the epoch's share "
+                  "of the time the GEMM rate needs for the dense FLOPs, and for the actual ones):",
                   f"  {'batch':>5} {'numba s':>15} {'samples/s':>10} {'GFLOP/s':>8} {'numpy s':>15} "
-                  f"{'numba/numpy':>11} {'of GEMM limit':>13} {'C++ s':>15} {'C++/numba':>9}"]
+                  f"{'numba/numpy':>11} {'of GEMM limit':>13} {'of actual':>9} {'C++ s':>15} {'C++/numba':>9}"]
         for e in r["epochs"]:
             c = e.get("cpp")
             ok = c and c.get("seconds_per_epoch") is not None
@@ -651,9 +738,15 @@ def table(res: dict) -> str:
             lines.append(f"  {e['batch']:5d} {e['numba_s']:6.3f} ({e['numba_median_s']:.3f}) "
                          f"{e['numba_samples_per_s']:10,.0f} {e['numba_gflops']:8.1f} "
                          f"{e['numpy_s']:6.3f} ({e['numpy_median_s']:.3f}) {e['ratio']:11.2f} "
-                         f"{100 * e['gemm_fraction']:12.0f}% {cs:>15} {cr}")
+                         f"{100 * e['gemm_fraction']:12.0f}% {100 * e['actual_fraction']:8.0f}% {cs:>15} {cr}")
         lines.append("  (C++: `nn-cpp bench --optimizer sgd --epochs 1 --data-dir DIR`, the Numba column's data, one "
                      "pass per round beside it; numpy: float32 pixels already in memory)")
+        rc = r.get("recipe")
+        if rc:
+            lines += ["", f"default recipe (configs/default.toml: augmentation, Adam, batch 128; {rc['samples']:,} "
+                      f"images, train's epoch loop): {rc['augmented_s']:.3f} s ({rc['augmented_median_s']:.3f}); "
+                      f"without augmentation {rc['plain_s']:.3f} s ({rc['plain_median_s']:.3f}): augmentation "
+                      f"{100 * rc['augment_overhead']:+.0f} %"]
         inf = r["inference"]
         lines += ["", f"inference: batch 1000 numba {inf['batch1000_samples_per_s']['numba']:,.0f}/s "
                   f"({inf['batch1000_gflops']['numba']:.0f} GFLOP/s), numpy "

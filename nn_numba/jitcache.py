@@ -31,6 +31,7 @@ import numba
 import numpy as np
 from numba.core import config
 
+from . import simd
 from .data import cache_dir
 
 PACKAGE = Path(__file__).resolve().parent
@@ -72,9 +73,10 @@ def _imports(path: Path, package: Path) -> list[Path]:
 
 
 def key(package: Path = PACKAGE) -> str:
-    """16 hex digits of SHA-256 over the kernel sources and the versions of Python, NumPy, Numba, llvmlite."""
+    """16 hex digits of SHA-256 over the kernel sources, the vector width they compile for (simd.W) and the
+    versions of Python, NumPy, Numba, llvmlite."""
     h = hashlib.sha256()
-    for v in (sys.version, np.__version__, numba.__version__, llvmlite.__version__):
+    for v in (f"{simd.W} lanes", sys.version, np.__version__, numba.__version__, llvmlite.__version__):
         h.update(v.encode() + b"\0")
     for p in sources(package):
         h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")

@@ -3,19 +3,20 @@
 Layout (the PyTorch one): a layer's weights W are (out, in) row-major and it computes Y = X Wᵀ + b.
 With that layout no product needs a transpose:
   forward      Y  = X Wᵀ     dot form, contiguous rows of X and W            -> 6x2 register tiles
-  backward dX  dX = dY W     axpy form over contiguous rows of W             -> 6x16 register tiles
-  backward dW  dW = dYᵀ X    axpy form over contiguous rows of X, dYᵀ packed -> 6x16 register tiles
+  backward dX  dX = dY W     axpy form over contiguous rows of W             -> 6x2L register tiles
+  backward dW  dW = dYᵀ X    axpy form over contiguous rows of X, dYᵀ packed -> 6x2L register tiles
 The first layer is the exception in training: 81 % of MNIST's pixels are 0, and skipping them needs its
 weights transposed, WT = W1ᵀ (see "The first layer" below):
-  forward      Y  = X WT     the ~150 lit rows of WT per sample              -> 64-column chunks
-  backward dW  gWT = Xᵀ dY   the samples that light a block of 6 pixels      -> 6x16 register tiles
-The tiles' sums live in 8-lane vector registers (`simd.f32x8`) for a whole reduction. Every output
-element is written by exactly one prange task with a summation order the code spells out, so results
-are bit-identical run after run, for any thread count, and whether a kernel was compiled now or loaded
-from the cache (that is why no kernel is compiled with `fastmath`: see `_exact`). Float32 scalars are
-spelled np.float32(0): a bare 0.0 is float64 in Numba.
-Callers hand in 64-byte aligned arrays (`aligned_zeros`; activation rows padded to 16 floats): 32-byte
-loads that straddle cache lines slow the products down. No data-dependent branches in hot loops:
+  forward      Y  = X WT     the ~150 lit rows of WT per sample              -> 8L-column chunks
+  backward dW  gWT = Xᵀ dY   the samples that light a block of 6 pixels      -> 6x2L register tiles
+The tiles' sums live in vector registers of L = LANES float32 lanes (`simd.f32v`: 16 with AVX-512, 8
+without, chosen at import; `simd.lanes`) for a whole reduction. Every output element is written by
+exactly one prange task with a summation order the code spells out, so for a given L (the two widths sum
+in different orders) results are bit-identical run after run, for any thread count, and whether a
+kernel was compiled now or loaded from the cache (that is why no kernel is compiled with `fastmath`: see
+`_exact`). Float32 scalars are spelled np.float32(0): a bare 0.0 is float64 in Numba.
+Callers hand in 64-byte aligned arrays (`aligned_zeros`; activation rows padded, `pad`): vector loads
+that straddle cache lines slow the products down. No data-dependent branches in hot loops:
 ReLU signs are random.
 """
 
@@ -27,6 +28,7 @@ from numba.extending import register_jitable
 
 from . import jitcache
 from .optim import ADAM, MOMENTUM, NO_UPDATE, SGD
+from .simd import W as LANES
 from .simd import (
     prefetch,
     vadd,
@@ -166,7 +168,7 @@ def gather_nonzeros(X_u8, X_u64, idx, lut, out, cnt, cols, vals):
         for kb in range(X_u64.shape[1]):
             k = kb * 8
             if X_u64[r, kb] == 0:
-                vstore(out, i, k, vzero())
+                _st8(out, i, k, vzero())
                 continue
             for kk in range(k, k + 8):
                 x = lut[X_u8[r, kk]]
@@ -175,6 +177,16 @@ def gather_nonzeros(X_u8, X_u64, idx, lut, out, cnt, cols, vals):
                 vals[i, c] = x
                 c += x != 0
         cnt[i] = c
+
+
+@njit(cache=True, inline="always")
+def _st8(A, r, k, v):
+    """A[r, k : k + 8] = the first 8 lanes of v: one vector store, masked when vectors are wider (AVX-512's
+    masked stores are fast). For the 8-float slots and 8-pixel blocks whose width the data sets."""
+    if LANES == 8:
+        vstore(A, r, k, v)
+    else:
+        vstoren(A, r, k, v, 8)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -186,38 +198,38 @@ def linear_forward(X, W, b, Y, relu):
     """Y = X Wᵀ + b, then ReLU when `relu`.
 
     X (B, K), W (N, K), b (N,), Y (B, N), all float32.
-    Dot form: each task owns a 6x2 tile of Y and keeps its 12 sums in 12 vector registers (8 lanes of k
-    each), so every vector loaded from W feeds six FMAs and every vector of X two; the K % 8 tail is one
-    more masked step; then one horizontal sum per output, bias and ReLU while the tile is in registers,
-    no branch (`_clip`). 6x2 and not 4x4: 16 sums + 8 operands spill AVX2's 16 vector registers; 12 + 3
-    fit.
+    Dot form: each task owns a 6x2 tile of Y and keeps its 12 sums in 12 vector registers (LANES lanes
+    of k each), so every vector loaded from W feeds six FMAs and every vector of X two; the K % LANES
+    tail is one more masked step; then one horizontal sum per output, bias and ReLU while the tile is in
+    registers, no branch (`_clip`). 6x2 and not 4x4: 16 sums + 8 operands spill AVX2's 16 vector
+    registers; 12 + 3 fit.
     prange over tiles, row-major, so consecutive tiles of one thread share their X rows in L1. The last
     tile of a ragged edge is moved back to overlap its neighbour and stores only its own outputs.
     """
     B, K = X.shape
     N = W.shape[0]
     lo = np.float32(0) if relu else np.float32(-3.4028235e38)
-    K8 = K - K % 8
+    K8 = K - K % LANES
     tn = (N + 1) // 2
     for t in prange(((B + 5) // 6) * tn):
         i = (t // tn) * 6
         j = (t % tn) * 2
-        if B < 6 or N < 2:  # too small for a tile (e.g. one sample): one output at a time, 4 x 8 lanes
+        if B < 6 or N < 2:  # too small for a tile (e.g. one sample): one output at a time, 4 vectors
             for ii in range(i, min(i + 6, B)):
                 for jj in range(j, min(j + 2, N)):
                     s0 = s1 = s2 = s3 = vzero()
-                    for k in range(0, K - K % 32, 32):
+                    for k in range(0, K - K % (4 * LANES), 4 * LANES):
                         s0 = vfma(vload(X, ii, k), vload(W, jj, k), s0)
-                        s1 = vfma(vload(X, ii, k + 8), vload(W, jj, k + 8), s1)
-                        s2 = vfma(vload(X, ii, k + 16), vload(W, jj, k + 16), s2)
-                        s3 = vfma(vload(X, ii, k + 24), vload(W, jj, k + 24), s3)
-                    for k in range(K - K % 32, K, 8):
+                        s1 = vfma(vload(X, ii, k + LANES), vload(W, jj, k + LANES), s1)
+                        s2 = vfma(vload(X, ii, k + 2 * LANES), vload(W, jj, k + 2 * LANES), s2)
+                        s3 = vfma(vload(X, ii, k + 3 * LANES), vload(W, jj, k + 3 * LANES), s3)
+                    for k in range(K - K % (4 * LANES), K, LANES):
                         s0 = vfma(_ld(X, ii, k, K - k), _ld(W, jj, k, K - k), s0)
                     Y[ii, jj] = _clip(vsum(vadd(vadd(s0, s1), vadd(s2, s3))) + b[jj], lo)
             continue
         i0, j0 = min(i, B - 6), min(j, N - 2)
         s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = s40 = s41 = s50 = s51 = vzero()
-        for k in range(0, K8, 8):
+        for k in range(0, K8, LANES):
             w0, w1 = vload(W, j0, k), vload(W, j0 + 1, k)
             x = vload(X, i0, k)
             s00, s01 = vfma(x, w0, s00), vfma(x, w1, s01)
@@ -231,7 +243,7 @@ def linear_forward(X, W, b, Y, relu):
             s40, s41 = vfma(x, w0, s40), vfma(x, w1, s41)
             x = vload(X, i0 + 5, k)
             s50, s51 = vfma(x, w0, s50), vfma(x, w1, s51)
-        if K8 < K:  # the K % 8 tail: one more step with masked loads (zeros past the row)
+        if K8 < K:  # the K % LANES tail: one more step with masked loads (zeros past the row)
             n = K - K8
             w0, w1 = vloadn(W, j0, K8, n), vloadn(W, j0 + 1, K8, n)
             x = vloadn(X, i0, K8, n)
@@ -271,15 +283,16 @@ def _clip(v, lo):
 
 @njit(**_exact)
 def _tile(C, r, D, k):
-    """The axpy micro-kernel of both backward products: a 6x16 block of C·D in 12 vector registers.
+    """The axpy micro-kernel of both backward products: a 6 x 2L block of C·D in 12 vector registers
+    (L = LANES).
 
-    Returns acc[2q + h] = Σ_p C[r + q, p] · D[p, k + 8h : k + 8h + 8] for q < 6, h < 2 (rows r..r+5 of C
-    and columns k..k+15 of D must exist). Per p: two vectors of D, six broadcasts of C, 12 FMAs; the sums
+    Returns acc[2q + h] = Σ_p C[r + q, p] · D[p, k + Lh : k + Lh + L] for q < 6, h < 2 (rows r..r+5 of C
+    and columns k..k+2L-1 of D must exist). Per p: two vectors of D, six broadcasts of C, 12 FMAs; the sums
     never leave registers until the whole reduction is done (what LLVM would not do for scalar code).
     """
     a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = vzero()
     for p in range(C.shape[1]):
-        x0, x1 = vload(D, p, k), vload(D, p, k + 8)
+        x0, x1 = vload(D, p, k), vload(D, p, k + LANES)
         c = vbload(C, r, p)
         a00, a01 = vfma(c, x0, a00), vfma(c, x1, a01)
         c = vbload(C, r + 1, p)
@@ -297,8 +310,9 @@ def _tile(C, r, D, k):
 
 @njit(**_exact)
 def _tile_n(C, r, D, k, n):
-    """_tile for the last n < 8 + 1 columns of D: acc[q] = Σ_p C[r + q, p] · D[p, k : k + n], zeros past n.
-    A separate 6x8 kernel because the masked loads need registers the 6x16 tile has no room for."""
+    """_tile for the last n <= LANES columns of D: acc[q] = Σ_p C[r + q, p] · D[p, k : k + n], zeros past
+    n. A separate 6 x LANES kernel because the masked loads need registers the 6 x 2LANES tile has no
+    room for."""
     a0 = a1 = a2 = a3 = a4 = a5 = vzero()
     for p in range(C.shape[1]):
         x = vloadn(D, p, k, n)
@@ -316,43 +330,43 @@ def linear_backward_input(dY, W, A, dX):  # noqa: C901 -- each branch is one edg
     """dX = (dY W) ⊙ [A > 0]: the gradient at the layer's input, through the previous layer's ReLU.
 
     dY (B, N), W (N, K), A (B, K) the layer's input (a ReLU output, so A > 0 exactly where its
-    pre-activation was > 0), dX (B, K). Axpy form over contiguous rows of W: each task owns a 6x16 tile
+    pre-activation was > 0), dX (B, K). Axpy form over contiguous rows of W: each task owns a 6 x 2LANES tile
     of dX (`_tile` with C = dY, D = W, summing over the N outputs), masks it and stores it once. prange
-    over tiles, batch blocks fastest, so the 16 columns of W a run of tasks reads stay in L1. The last
+    over tiles, batch blocks fastest, so the 2LANES columns of W a run of tasks reads stay in L1. The last
     tile of a ragged edge overlaps its neighbour and stores only its own rows, or its own columns (the
-    K % 16 last ones: one full tile, cheaper than two masked 6x8 passes).
+    K % 2LANES last ones: one full tile, cheaper than two masked 6 x LANES passes).
     """
     B, N = dY.shape
     K = W.shape[1]
     nb = (B + 5) // 6
-    for t in prange(nb * ((K + 15) // 16)):
+    for t in prange(nb * ((K + 2 * LANES - 1) // (2 * LANES))):
         i = (t % nb) * 6
-        k = (t // nb) * 16
-        if B < 6:  # too few samples for a tile: one row of 8 lanes at a time
+        k = (t // nb) * 2 * LANES
+        if B < 6:  # too few samples for a tile: one row of LANES lanes at a time
             for ii in range(i, min(i + 6, B)):
-                for kk in range(k, min(k + 16, K), 8):
+                for kk in range(k, min(k + 2 * LANES, K), LANES):
                     s = vzero()
                     for j in range(N):
                         s = vfma(vbload(dY, ii, j), _ld(W, j, kk, K - kk), s)
                     _st(dX, ii, kk, vmask(s, _ld(A, ii, kk, K - kk)), K - kk)
             continue
         i0 = min(i, B - 6)
-        if k + 16 <= K:
+        if k + 2 * LANES <= K:
             acc = _tile(dY, i0, W, k)
             for q in range(i - i0, 6):
                 vstore(dX, i0 + q, k, vmask(acc[2 * q], vload(A, i0 + q, k)))
-                vstore(dX, i0 + q, k + 8, vmask(acc[2 * q + 1], vload(A, i0 + q, k + 8)))
-        elif K >= 16:  # the ragged last block: the full tile moved back to K - 16 stores its own lanes only
-            k0 = K - 16
+                vstore(dX, i0 + q, k + LANES, vmask(acc[2 * q + 1], vload(A, i0 + q, k + LANES)))
+        elif K >= 2 * LANES:  # the ragged last block: the full tile moved back to K - 2 LANES stores its own lanes only
+            k0 = K - 2 * LANES
             acc = _tile(dY, i0, W, k0)
             for q in range(i - i0, 6):
                 for h in range(2):
-                    lo = k - k0 - 8 * h  # first lane of this half that is not the neighbour's
-                    if lo < 8:
-                        kk = k0 + 8 * h
-                        vstorer(dX, i0 + q, kk, vmask(acc[2 * q + h], vloadr(A, i0 + q, kk, lo, 8)), lo, 8)
+                    lo = k - k0 - LANES * h  # first lane of this half that is not the neighbour's
+                    if lo < LANES:
+                        kk = k0 + LANES * h
+                        vstorer(dX, i0 + q, kk, vmask(acc[2 * q + h], vloadr(A, i0 + q, kk, lo, LANES)), lo, LANES)
         else:
-            for kk in range(k, K, 8):
+            for kk in range(k, K, LANES):
                 acc = _tile_n(dY, i0, W, kk, K - kk)
                 for q in range(i - i0, 6):
                     vstoren(dX, i0 + q, kk, vmask(acc[q], vloadn(A, i0 + q, kk, K - kk)), K - kk)
@@ -368,10 +382,10 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
     """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step `h` on W and b, fused.
 
     dY (B, N), A (B, K) the layer's input, Wp a Param of (N, K) arrays, bp a Param of (N,) arrays, work a
-    float32 workspace of work_size(N, B). Axpy form over contiguous rows of A: each task owns a 6x16 tile
+    float32 workspace of work_size(N, B). Axpy form over contiguous rows of A: each task owns a 6 x 2LANES tile
     of gW (`_tile` with C = dYᵀ, D = A, summing over the batch), stores it once and takes the optimiser
     step on the same block of W with the gradient still in registers (`_step`); the tasks of the first
-    column block also own gb and b. prange over tiles, row blocks fastest, so the 16 columns of A a run
+    column block also own gb and b. prange over tiles, row blocks fastest, so the 2LANES columns of A a run
     of tasks reads stay in L1. Tiles are disjoint, so no races, and one parallel region per call
     (two with the packing). Must run
     after linear_backward_input, which reads the old W. h.kind NO_UPDATE only computes the gradients, and
@@ -393,13 +407,13 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
     if N >= 6:
         for t in prange(nj):
             for p in range(B):
-                vstore(pk[t], p, 0, _ld(dY, p, 6 * t, N - 6 * t))  # lanes 6, 7 are never read
-    for t in prange(nj * ((K + 15) // 16)):
+                _st8(pk[t], p, 0, _ld(dY, p, 6 * t, N - 6 * t))  # lanes 6, 7 are never read
+    for t in prange(nj * ((K + 2 * LANES - 1) // (2 * LANES))):
         j = (t % nj) * 6
-        k = (t // nj) * 16
-        if N < 6:  # too few outputs for a tile: one row of 8 lanes at a time
+        k = (t // nj) * 2 * LANES
+        if N < 6:  # too few outputs for a tile: one row of LANES lanes at a time
             for jj in range(j, N):
-                for kk in range(k, min(k + 16, K), 8):
+                for kk in range(k, min(k + 2 * LANES, K), LANES):
                     s = vzero()
                     for i in range(B):
                         s = vfma(vbload(dY, i, jj), _ld(A, i, kk, K - kk), s)
@@ -407,7 +421,7 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
                         _st(gW, jj, kk, s, K - kk)
                     _step_call(W, mW, vW, jj, kk, s, K - kk, h, h.weight_decay)
         else:
-            C = pk[j // 6].T  # (8, B): C[q, p] = dY[p, j + q]
+            C = pk[j // 6].T  # (LANES, B): C[q, p] = dY[p, j + q]
             nq = min(6, N - j)  # rows of W this tile owns; the rest is padding
             if kind == MOMENTUM or kind == ADAM:  # 2-3 blocks from L3 after the reduction: ask for them now
                 for q in range(nq):
@@ -418,15 +432,15 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
                     if kind == ADAM:
                         prefetch(vW, j + q, k)
                         prefetch(vW, j + q, min(k + 15, K - 1))
-            if k + 16 <= K:
+            if k + 2 * LANES <= K:
                 acc = _tile(C, 0, A, k)
                 for q in range(nq):
                     for half in range(2):
                         if kind == NO_UPDATE:
-                            vstore(gW, j + q, k + 8 * half, acc[2 * q + half])
-                        _step(W, mW, vW, j + q, k + 8 * half, acc[2 * q + half], 8, h, h.weight_decay)
+                            vstore(gW, j + q, k + LANES * half, acc[2 * q + half])
+                        _step(W, mW, vW, j + q, k + LANES * half, acc[2 * q + half], LANES, h, h.weight_decay)
             else:
-                for kk in range(k, K, 8):
+                for kk in range(k, K, LANES):
                     acc = _tile_n(C, 0, A, kk, K - kk)
                     for q in range(nq):
                         if kind == NO_UPDATE:
@@ -436,12 +450,12 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
             _bias_step(dY, b, gb, mb, vb, j, min(j + 6, N), h)
 
 
-# a call per 8 lanes would cost more than the step; the arrays come one by one, not as a Param: taking an
+# a call per vector would cost more than the step; the arrays come one by one, not as a Param: taking an
 # array out of a tuple inside a loop makes Numba update its reference count, atomically, every time
 @njit(**_exact, inline="always")
 def _step(P, M, V, r, k, g, n, h, wd):  # noqa: PLR0913
-    """The optimiser step `h`, the only one: P[r, k : k + n] (n <= 8) with its moments M, V (2-D, P's
-    shape), the gradient g (8 lanes) and weight decay wd (h.weight_decay on weights, 0 on biases),
+    """The optimiser step `h`, the only one: P[r, k : k + n] (n <= LANES) with its moments M, V (2-D, P's
+    shape), the gradient g (one vector) and weight decay wd (h.weight_decay on weights, 0 on biases),
     PyTorch semantics (docs/training.md). Explicit FMAs: one rounding each, the same in every compile.
 
     Weight tiles call it with g still in a register, in the task that computed g while the block of W is
@@ -482,12 +496,12 @@ _step_call = njit(**_exact)(_step.py_func)
 
 @njit(**_exact, inline="always")
 def _ld(A, r, k, n):
-    return vload(A, r, k) if n >= 8 else vloadn(A, r, k, n)
+    return vload(A, r, k) if n >= LANES else vloadn(A, r, k, n)
 
 
 @njit(**_exact, inline="always")
 def _st(A, r, k, x, n):
-    if n >= 8:
+    if n >= LANES:
         vstore(A, r, k, x)
     else:
         vstoren(A, r, k, x, n)
@@ -498,8 +512,8 @@ def update(p, h):
     """One optimiser step `h` on a Param of 1-D float32 arrays (n,): `_step` along its only row."""
     n = p.value.shape[0]
     P, G, M, V = p.value.reshape((1, n)), p.grad.reshape((1, n)), p.m.reshape((1, n)), p.v.reshape((1, n))
-    for k in range(0, n, 8):
-        _step(P, M, V, 0, k, _ld(G, 0, k, n - k), min(n - k, 8), h, h.weight_decay)
+    for k in range(0, n, LANES):
+        _step(P, M, V, 0, k, _ld(G, 0, k, n - k), min(n - k, LANES), h, h.weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -507,9 +521,9 @@ def update(p, h):
 # that skips them does a fifth of the FLOPs of a dense one. Skipping needs the weights the other way
 # round, so during training the first layer keeps them transposed, WT (K, pad(N)) (train_step moves
 # them between the layouts; checkpoints and inference keep (out, in)): row k of WT is what pixel k adds
-# to every output. Forward: a sample's outputs are the sum of its ~150 lit rows, in 64-column chunks
-# with eight vector sums in registers (a chunk of WT, 784 rows x 256 bytes, stays in L2). Weight
-# gradient: the dense 6x16 tile, summed only over the samples that light each block of 6 pixels.
+# to every output. Forward: a sample's outputs are the sum of its ~150 lit rows, in chunks of 8 vectors
+# with eight vector sums in registers (a chunk of WT, 784 rows x 8 vectors, stays in L2). Weight
+# gradient: the dense 6 x 2LANES tile, summed only over the samples that light each block of 6 pixels.
 
 
 @njit(cache=True)
@@ -538,7 +552,7 @@ def nonzeros(X, cnt, cols, vals):
     for i in prange(B):
         c = 0
         for k in range(0, K8, 8):
-            if vany(vload(X, i, k)):
+            if vany(_ld(X, i, k, 8)):
                 for kk in range(k, k + 8):
                     x = X[i, kk]
                     cols[i, c] = kk
@@ -571,7 +585,7 @@ def nonzero_blocks(X, count, samples, pixels):
         c = 0
         for i in range(B):
             v = vloadn(X, i, k, n)
-            vstore(pixels[kb], c, 0, v)
+            _st8(pixels[kb], c, 0, v)
             samples[kb, c] = i
             c += vany(v)
         count[kb] = c
@@ -582,34 +596,34 @@ def sparse_forward(cnt, cols, vals, WT, b, Y, relu):
     """Y = X W + b (then ReLU when `relu`) from X's non-zeros (`nonzeros`), W kept transposed.
 
     cnt/cols/vals as `nonzeros` makes them for B samples, WT (K, pad(N)) with zeros past
-    column N, b (N,), Y (B, N). Each task owns 64 outputs of one sample: eight vector sums, to which each
+    column N, b (N,), Y (B, N). Each task owns 8 LANES outputs of one sample: eight vector sums, to which each
     lit pixel k adds vals · WT[k, chunk] (eight FMAs, their operands straight from L1/L2). prange over
-    (chunk, sample), chunk slowest, so a thread works through one 200 KB chunk of WT at a time.
+    (chunk, sample), chunk slowest, so a thread works through one chunk of WT (200 KB with 8 lanes) at a time.
     """
     B = cnt.shape[0]
     N = Y.shape[1]
     br = b.reshape((1, N))
-    for t in prange(((N + 63) // 64) * B):
-        c = (t // B) * 64
+    for t in prange(((N + 8 * LANES - 1) // (8 * LANES)) * B):
+        c = (t // B) * 8 * LANES
         i = t % B
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
         for e in range(cnt[i]):
             k = cols[i, e]
             x = vbload(vals, i, e)
             a0 = vfma(x, vload(WT, k, c), a0)
-            a1 = vfma(x, vload(WT, k, c + 8), a1)
-            a2 = vfma(x, vload(WT, k, c + 16), a2)
-            a3 = vfma(x, vload(WT, k, c + 24), a3)
-            a4 = vfma(x, vload(WT, k, c + 32), a4)
-            a5 = vfma(x, vload(WT, k, c + 40), a5)
-            a6 = vfma(x, vload(WT, k, c + 48), a6)
-            a7 = vfma(x, vload(WT, k, c + 56), a7)
+            a1 = vfma(x, vload(WT, k, c + LANES), a1)
+            a2 = vfma(x, vload(WT, k, c + 2 * LANES), a2)
+            a3 = vfma(x, vload(WT, k, c + 3 * LANES), a3)
+            a4 = vfma(x, vload(WT, k, c + 4 * LANES), a4)
+            a5 = vfma(x, vload(WT, k, c + 5 * LANES), a5)
+            a6 = vfma(x, vload(WT, k, c + 6 * LANES), a6)
+            a7 = vfma(x, vload(WT, k, c + 7 * LANES), a7)
         acc = (a0, a1, a2, a3, a4, a5, a6, a7)
         for h in range(8):
-            n = N - c - 8 * h
+            n = N - c - LANES * h
             if n > 0:
-                v = vadd(acc[h], _ld(br, 0, c + 8 * h, n))
-                _st(Y, i, c + 8 * h, vmask(v, v) if relu else v, n)
+                v = vadd(acc[h], _ld(br, 0, c + LANES * h, n))
+                _st(Y, i, c + LANES * h, vmask(v, v) if relu else v, n)
 
 
 @njit(**_exact)
@@ -618,7 +632,7 @@ def _tile_rows(C, D, rows, k):
     a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = vzero()
     for p in range(C.shape[1]):
         r = rows[p]
-        x0, x1 = vload(D, r, k), vload(D, r, k + 8)
+        x0, x1 = vload(D, r, k), vload(D, r, k + LANES)
         c = vbload(C, 0, p)
         a00, a01 = vfma(c, x0, a00), vfma(c, x1, a01)
         c = vbload(C, 1, p)
@@ -640,15 +654,15 @@ def sparse_backward_weight(nz, dY, WTp, bp, h):
     optimiser step `h` on WT, fused.
 
     nz the Nonzeros whose block lists `nonzero_blocks` made for K pixels, dY (B, N) with rows at least
-    pad(N) floats apart (the last tile reads 16 columns; lanes past N are never stored), WTp a Param of
-    (K, pad(N)) arrays, bp a Param of (N,) arrays. Each task owns a 6x16 tile of gWᵀ (6 pixels x 16
-    outputs): `_tile_rows` with C = the block's packed pixels and D = the rows of dY of its samples, then
+    pad(N) floats apart (the last tile reads 2LANES columns; lanes past N are never stored), WTp a Param of
+    (K, pad(N)) arrays, bp a Param of (N,) arrays. Each task owns a 6 x 2LANES tile of gWᵀ (6 pixels x
+    2LANES outputs): `_tile_rows` with C = the block's packed pixels and D = the rows of dY of its samples, then
     `_step` with the gradient still in registers. The sums run over the samples that light the block
     instead of the whole batch, with the register blocking of the dense product (12 FMAs per 2 loads and
     6 broadcasts); a sample with the block lit but this pixel 0 adds an exact 0. Tiles are disjoint and
     sum in sample order: no races, the same bits for any thread count. With plain SGD and no weight decay
     a block no sample lit has a zero gradient, and its step would change nothing: it is skipped. The
-    tasks of block 0 (the image's corner, never lit) also own gb and b, 16 columns each (`_bias_step`;
+    tasks of block 0 (the image's corner, never lit) also own gb and b, 2LANES columns each (`_bias_step`;
     one parallel region fewer than a kernel of their own, which counts at two threads and small batches).
     prange over (block, column tile), blocks slowest: the two threads take the top and the bottom half of
     the image.
@@ -659,21 +673,21 @@ def sparse_backward_weight(nz, dY, WTp, bp, h):
     nb = cnt.shape[0]
     K = WT.shape[0]
     N = dY.shape[1]
-    nt = (N + 15) // 16
+    nt = (N + 2 * LANES - 1) // (2 * LANES)
     skip_unlit = h.kind == SGD and h.weight_decay == 0
     for t in prange(nb * nt):
         kb = t // nt
-        j = (t % nt) * 16
+        j = (t % nt) * 2 * LANES
         if kb == 0:
-            _bias_step(dY, b, gb, mb, vb, j, min(j + 16, N), h)
+            _bias_step(dY, b, gb, mb, vb, j, min(j + 2 * LANES, N), h)
         m = cnt[kb]
         if m == 0 and skip_unlit:
             continue
         acc = _tile_rows(pixels[kb, :m].T, dY, samples[kb], j)
         k = kb * 6
-        if skip_unlit and j + 16 <= N and k + 6 <= K:  # the common case: `_step` for plain SGD, whole tile
+        if skip_unlit and j + 2 * LANES <= N and k + 6 <= K:  # the common case: `_step` for plain SGD, whole tile
             for r in range(12):
-                c = j + 8 * (r % 2)
+                c = j + LANES * (r % 2)
                 vstore(WT, k + r // 2, c, _sgd(vload(WT, k + r // 2, c), acc[r], h.lr))
             continue
         _step_tile(acc, WT, GT, MT, VT, k, j, min(6, K - k), N, h)
@@ -681,31 +695,31 @@ def sparse_backward_weight(nz, dY, WTp, bp, h):
 
 @njit(**_exact)
 def _step_tile(acc, W, gW, mW, vW, k, j, nq, N, h):  # noqa: PLR0913 -- arrays one by one, as _step
-    """The general epilogue of a 6x16 gradient tile at (k, j) of W: rows k..k+nq-1, columns below N (the
+    """The general epilogue of a 6 x 2LANES gradient tile at (k, j) of W: rows k..k+nq-1, columns below N (the
     gradient stored in gW when NO_UPDATE), then `_step`. A function of its own, so that its registers do
     not crowd the tile's."""
     for q in range(nq):
         for half in range(2):
-            n = N - j - 8 * half
+            n = N - j - LANES * half
             if n > 0:
                 if h.kind == NO_UPDATE:
-                    _st(gW, k + q, j + 8 * half, acc[2 * q + half], n)
-                _step(W, mW, vW, k + q, j + 8 * half, acc[2 * q + half], min(n, 8), h, h.weight_decay)
+                    _st(gW, k + q, j + LANES * half, acc[2 * q + half], n)
+                _step(W, mW, vW, k + q, j + LANES * half, acc[2 * q + half], min(n, LANES), h, h.weight_decay)
 
 
 @njit(**_exact)
 def _bias_step(dY, b, gb, mb, vb, j0, j1, h):
-    """gb[j0:j1] = Σ_batch dY[:, j0:j1], 8 columns at a time in sample order, and the optimiser step on
+    """gb[j0:j1] = Σ_batch dY[:, j0:j1], one vector at a time in sample order, and the optimiser step on
     b[j0:j1] (no weight decay on biases): the bias part of both weight-gradient kernels, done by the tasks
     of their first block. dY (B, N), b/gb/mb/vb (N,), viewed as rows for `_step`."""
     B, N = dY.shape
     br, gbr, mbr, vbr = b.reshape((1, N)), gb.reshape((1, N)), mb.reshape((1, N)), vb.reshape((1, N))
-    for j in range(j0, j1, 8):
+    for j in range(j0, j1, LANES):
         s = vzero()
         for i in range(B):
             s = vadd(s, vloadn(dY, i, j, j1 - j))
         vstoren(gbr, 0, j, s, j1 - j)
-        _step_call(br, mbr, vbr, 0, j, s, min(j1 - j, 8), h, 0.0)
+        _step_call(br, mbr, vbr, 0, j, s, min(j1 - j, LANES), h, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -771,10 +785,10 @@ def _layer(flat, sizes, l):
 @register_jitable
 def pad(n):
     """Row length, in floats, of the activation and gradient buffers and of the transposed first layer:
-    n rounded up to 64 floats, so that every row starts 64-byte aligned (otherwise most 32-byte loads of
-    the products straddle two cache lines), and the first layer's sparse products may read whole
-    64-column chunks."""
-    return (n + 63) // 64 * 64
+    n rounded up to 8 vectors (64 floats with 8 lanes), so that every row starts 64-byte aligned
+    (otherwise most vector loads of the products straddle two cache lines), and the first layer's sparse
+    products may read whole chunks of 8 vectors."""
+    return (n + 8 * LANES - 1) // (8 * LANES) * (8 * LANES)
 
 
 def acts_size(sizes, cap: int) -> int:

@@ -1,23 +1,30 @@
-"""Eight float32 lanes as one Numba value: the vector registers a GEMM micro-kernel needs.
+"""W float32 lanes as one Numba value: the vector registers a GEMM micro-kernel needs.
 
 LLVM keeps the sums of a *dot-form* tile in registers by itself (`fastmath` lets it vectorise the
 reduction), but not the sums of an *axpy-form* tile: there the accumulators are rows of the output,
 and it reloads and re-stores them every few FMAs (docs/performance.md). Numba also turns
-LLVM's SLP vectoriser off, so scalar accumulators are never packed into vectors. `f32x8` closes that
-gap: a value of this type *is* an LLVM `<8 x float>`, which lives in one ymm register (AVX2; also on
-AVX-512, where 256-bit FMAs reach the same FLOP rate on Zen 4), and each function below is one or a
-few LLVM instructions. Kernels stay explicit loops inside `@njit`; there is no BLAS and no x86
-intrinsic here, so LLVM still schedules and allocates registers and the code compiles for any CPU.
+LLVM's SLP vectoriser off, so scalar accumulators are never packed into vectors. `f32v` closes that
+gap: a value of this type *is* an LLVM `<W x float>`, which lives in one vector register, and each
+function below is one or a few LLVM instructions. Kernels stay explicit loops inside `@njit`; there is
+no BLAS and no x86 intrinsic here, so LLVM still schedules and allocates registers and the code compiles
+for any CPU.
+
+W is 16 (a zmm register) on CPUs with AVX-512 and 8 (a ymm register) on the others, chosen once at
+import (`lanes`: NN_NUMBA_LANES=8 or 16 overrides it); kernels write their offsets in terms of W.
+Results are deterministic for a given W; the two widths sum in different orders, so their last bits
+differ.
 
     acc = vzero()
     for i in range(B):
-        acc = vfma(vbload(C, i, j), vload(A, i, k), acc)   # acc[l] += C[i, j] * A[i, k + l], l < 8
+        acc = vfma(vbload(C, i, j), vload(A, i, k), acc)   # acc[l] += C[i, j] * A[i, k + l], l < W
     vstore(Y, j, k, acc)
 
 Arrays are 2-D float32. Vector loads and stores need contiguous rows (C layout, or a view such as
-buf[:, :250]); they are unaligned and unchecked, so callers keep k + 8 <= the row length, or use the
-masked `vloadn`/`vstoren` for the last n < 8 columns. No index wraps around.
+buf[:, :250]); they are unaligned and unchecked, so callers keep k + W <= the row length, or use the
+masked `vloadn`/`vstoren` for the last n < W columns. No index wraps around.
 """
+
+import os
 
 from llvmlite import ir
 from numba import types
@@ -25,22 +32,46 @@ from numba.core import cgutils
 from numba.core.errors import TypingError
 from numba.extending import intrinsic, models, register_model
 
-W = 8  # lanes
+from .errors import NNError
+
+
+def host_lanes() -> int:
+    """The widest float32 vector this CPU has, in lanes: 16 with AVX-512 (avx512f), else 8. Numba's
+    NUMBA_CPU_FEATURES, when set, stands for the CPU (code compiled for another host)."""
+    from llvmlite import binding
+    from numba.core import config
+
+    if config.CPU_FEATURES is not None:
+        return 16 if "+avx512f" in config.CPU_FEATURES.split(",") else 8
+    return 16 if binding.get_host_cpu_features().get("avx512f") else 8
+
+
+def lanes() -> int:
+    """The vector width the kernels compile for: NN_NUMBA_LANES (8 or 16) when set, else `host_lanes()`."""
+    want = os.environ.get("NN_NUMBA_LANES", "").strip()
+    if not want:
+        return host_lanes()
+    if want not in ("8", "16"):
+        raise NNError(f"NN_NUMBA_LANES={want!r}: give 8 or 16 (float32 lanes per vector), or unset it")
+    return int(want)
+
+
+W = lanes()  # lanes: fixed for the process; the kernel cache keeps the code of each width apart (jitcache.key)
 _f32, _i32 = ir.FloatType(), ir.IntType(32)
 _vec, _ivec = ir.VectorType(_f32, W), ir.VectorType(_i32, W)
 _ZERO = ir.Constant(_vec, [0.0] * W)
 
 
-class F32x8(types.Type):
+class F32v(types.Type):
     def __init__(self) -> None:
-        super().__init__(name="f32x8")
+        super().__init__(name=f"f32x{W}")
 
 
-f32x8 = F32x8()
+f32v = F32v()
 
 
-@register_model(F32x8)
-class _F32x8Model(models.PrimitiveModel):
+@register_model(F32v)
+class _F32vModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
         super().__init__(dmm, fe_type, _vec)
 
@@ -59,7 +90,7 @@ def _check(ary, rows_contiguous=True):
 
 
 def _addr(context, builder, sig, args, vector=True):
-    """Address of ary[i, k] (args = ary, i, k, ...): a `<8 x float>*`, or a `float*` when not `vector`.
+    """Address of ary[i, k] (args = ary, i, k, ...): a `<W x float>*`, or a `float*` when not `vector`.
     The row stride comes from the array; the column stride is 4 bytes for vectors (contiguous rows) and
     read from the array for scalars (so a transposed view works)."""
     aryty, ity, kty = sig.args[:3]
@@ -75,7 +106,7 @@ def _addr(context, builder, sig, args, vector=True):
 
 
 def _lanes(builder, n, lo=None):
-    """<8 x i1>: lane l < n (n <= 0: none, n >= 8: all), and l >= lo when lo is given."""
+    """<W x i1>: lane l < n (n <= 0: none, n >= W: all), and l >= lo when lo is given."""
     def lanes(cmp, x):
         x = builder.trunc(x, _i32) if x.type.width > 32 else x
         return builder.icmp_signed(cmp, ir.Constant(_ivec, list(range(W))), _splat(builder, x))
@@ -89,8 +120,8 @@ def _call(builder, name, ret, args):
 
 @intrinsic
 def vzero(typingctx):
-    """Eight zeros."""
-    return f32x8(), lambda context, builder, sig, args: _ZERO
+    """W zeros."""
+    return f32v(), lambda context, builder, sig, args: _ZERO
 
 
 @intrinsic
@@ -98,7 +129,7 @@ def vbcast(typingctx, x):
     """The scalar x (cast to float32) in every lane."""
     def codegen(context, builder, sig, args):
         return _splat(builder, context.cast(builder, args[0], sig.args[0], types.float32))
-    return f32x8(types.float32), codegen
+    return f32v(types.float32), codegen
 
 
 @intrinsic
@@ -108,28 +139,28 @@ def vbload(typingctx, ary, i, k):
 
     def codegen(context, builder, sig, args):
         return _splat(builder, builder.load(_addr(context, builder, sig, args, vector=False), align=4))
-    return f32x8(ary, i, k), codegen
+    return f32v(ary, i, k), codegen
 
 
 @intrinsic
 def vload(typingctx, ary, i, k):
-    """ary[i, k : k + 8]."""
+    """ary[i, k : k + W]."""
     _check(ary)
 
     def codegen(context, builder, sig, args):
         return builder.load(_addr(context, builder, sig, args), align=4)
-    return f32x8(ary, i, k), codegen
+    return f32v(ary, i, k), codegen
 
 
 @intrinsic
 def vstore(typingctx, ary, i, k, v):
-    """ary[i, k : k + 8] = v."""
+    """ary[i, k : k + W] = v."""
     _check(ary)
 
     def codegen(context, builder, sig, args):
         builder.store(args[3], _addr(context, builder, sig, args), align=4)
         return context.get_dummy_value()
-    return types.none(ary, i, k, f32x8), codegen
+    return types.none(ary, i, k, f32v), codegen
 
 
 @intrinsic
@@ -139,9 +170,9 @@ def vloadn(typingctx, ary, i, k, n):
 
     def codegen(context, builder, sig, args):
         p = _addr(context, builder, sig, args)
-        return _call(builder, "llvm.masked.load.v8f32.p0", _vec, [p, ir.Constant(_i32, 4), _lanes(builder, args[3]),
+        return _call(builder, f"llvm.masked.load.v{W}f32.p0", _vec, [p, ir.Constant(_i32, 4), _lanes(builder, args[3]),
                                                                   _ZERO])
-    return f32x8(ary, i, k, n), codegen
+    return f32v(ary, i, k, n), codegen
 
 
 @intrinsic
@@ -151,10 +182,10 @@ def vstoren(typingctx, ary, i, k, v, n):
 
     def codegen(context, builder, sig, args):
         p = _addr(context, builder, sig, args)
-        _call(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), [args[3], p, ir.Constant(_i32, 4),
+        _call(builder, f"llvm.masked.store.v{W}f32.p0", ir.VoidType(), [args[3], p, ir.Constant(_i32, 4),
                                                                      _lanes(builder, args[4])])
         return context.get_dummy_value()
-    return types.none(ary, i, k, f32x8, n), codegen
+    return types.none(ary, i, k, f32v, n), codegen
 
 
 @intrinsic
@@ -164,9 +195,9 @@ def vloadr(typingctx, ary, i, k, lo, hi):
 
     def codegen(context, builder, sig, args):
         p = _addr(context, builder, sig, args)
-        return _call(builder, "llvm.masked.load.v8f32.p0", _vec, [p, ir.Constant(_i32, 4),
+        return _call(builder, f"llvm.masked.load.v{W}f32.p0", _vec, [p, ir.Constant(_i32, 4),
                                                                   _lanes(builder, args[4], args[3]), _ZERO])
-    return f32x8(ary, i, k, lo, hi), codegen
+    return f32v(ary, i, k, lo, hi), codegen
 
 
 @intrinsic
@@ -177,22 +208,22 @@ def vstorer(typingctx, ary, i, k, v, lo, hi):
 
     def codegen(context, builder, sig, args):
         p = _addr(context, builder, sig, args)
-        _call(builder, "llvm.masked.store.v8f32.p0", ir.VoidType(), [args[3], p, ir.Constant(_i32, 4),
+        _call(builder, f"llvm.masked.store.v{W}f32.p0", ir.VoidType(), [args[3], p, ir.Constant(_i32, 4),
                                                                      _lanes(builder, args[5], args[4])])
         return context.get_dummy_value()
-    return types.none(ary, i, k, f32x8, lo, hi), codegen
+    return types.none(ary, i, k, f32v, lo, hi), codegen
 
 
 @intrinsic
 def vfma(typingctx, a, b, c):
     """a * b + c lane by lane, rounded once (one FMA instruction)."""
-    return f32x8(f32x8, f32x8, f32x8), lambda context, builder, sig, args: _call(builder, "llvm.fma.v8f32", _vec, args)
+    return f32v(f32v, f32v, f32v), lambda context, builder, sig, args: _call(builder, f"llvm.fma.v{W}f32", _vec, args)
 
 
 def _binary(op):
     @intrinsic
     def f(typingctx, a, b):
-        return f32x8(f32x8, f32x8), lambda context, builder, sig, args: getattr(builder, op)(*args)
+        return f32v(f32v, f32v), lambda context, builder, sig, args: getattr(builder, op)(*args)
     return f
 
 
@@ -203,7 +234,7 @@ vadd.__doc__, vsub.__doc__, vmul.__doc__, vdiv.__doc__ = "a + b", "a - b", "a * 
 @intrinsic
 def vsqrt(typingctx, a):
     """The square root of each lane (correctly rounded, as np.sqrt)."""
-    return f32x8(f32x8), lambda context, builder, sig, args: _call(builder, "llvm.sqrt.v8f32", _vec, args)
+    return f32v(f32v), lambda context, builder, sig, args: _call(builder, f"llvm.sqrt.v{W}f32", _vec, args)
 
 
 @intrinsic
@@ -211,7 +242,7 @@ def vmask(typingctx, v, a):
     """v where a > 0, else 0: the ReLU mask of a backward product (a is the ReLU's output)."""
     def codegen(context, builder, sig, args):
         return builder.select(builder.fcmp_ordered(">", args[1], _ZERO), args[0], _ZERO)
-    return f32x8(f32x8, f32x8), codegen
+    return f32v(f32v, f32v), codegen
 
 
 @intrinsic
@@ -220,22 +251,25 @@ def vany(typingctx, v):
     def codegen(context, builder, sig, args):
         bits = builder.bitcast(builder.fcmp_unordered("!=", args[0], _ZERO), ir.IntType(W))
         return builder.icmp_unsigned("!=", bits, ir.Constant(ir.IntType(W), 0))
-    return types.boolean(f32x8), codegen
+    return types.boolean(f32v), codegen
 
 
 @intrinsic
 def vsum(typingctx, v):
-    """The sum of the eight lanes, always in the same order: ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7)),
-    halving the width at each step (256 -> 128 -> 64 -> 32 bits, the cheap instructions)."""
+    """The sum of the W lanes, always in the same order: the upper half added to the lower half until two
+    lanes are left, then those two (for 8 lanes ((l0+l4)+(l2+l6)) + ((l1+l5)+(l3+l7))); each step halves
+    the width, the cheap instructions."""
     def codegen(context, builder, sig, args):
         v, u = args[0], ir.Constant(_vec, ir.Undefined)
-        for w in (4, 2):
+        w = W // 2
+        while w > 1:
             lo = builder.shuffle_vector(v, u, ir.Constant(ir.VectorType(_i32, w), list(range(w))))
             hi = builder.shuffle_vector(v, u, ir.Constant(ir.VectorType(_i32, w), list(range(w, 2 * w))))
             v, u = builder.fadd(lo, hi), ir.Constant(ir.VectorType(_f32, w), ir.Undefined)
+            w //= 2
         return builder.fadd(builder.extract_element(v, ir.Constant(_i32, 0)),
                             builder.extract_element(v, ir.Constant(_i32, 1)))
-    return types.float32(f32x8), codegen
+    return types.float32(f32v), codegen
 
 
 @intrinsic

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT, mnist_dir
 from test_cpp import nn_cpp  # noqa: F401  (the fixture that builds cpp/build/nn-cpp)
@@ -70,6 +71,56 @@ def test_epoch_rows(report):
     assert 0 < e["numba_loss"] < 4 and 0 < e["numpy_loss"] < 4
 
 
+def test_actual_flop_limit_counts_the_lit_pixels_of_the_data(report):
+    """The actual-FLOP limit of the epoch rows: the lit pixels of the 60,000 images the bench trains on,
+    counted here again, at the same GEMM rate as the dense limit."""
+    t = report["threads"]["1"]
+    X, _, what = bench.load_data("mnist")
+    assert report["data"] == what
+    lit = int(np.count_nonzero(X))
+    # per image: forward and dW of layer 1 over its lit pixels, forward, dW and dX of 250x250 and 250x10
+    want = 2 * (2 * 250 * lit + 60_000 * 3 * (250 * 250 + 250 * 10))
+    assert t["info"]["actual_flop_per_epoch"] == pytest.approx(want, rel=1e-12)
+    assert t["actual_limited_epoch_s"] == pytest.approx(want / (t["gemm2048_gflops"] * 1e9))
+    (e,) = t["epochs"]
+    assert e["actual_fraction"] == pytest.approx(t["actual_limited_epoch_s"] / e["numba_s"])
+    if what.startswith("MNIST"):  # 19 % of the pixels lit: less than half the dense FLOPs
+        assert 0.3 < t["actual_limited_epoch_s"] / t["gemm_limited_epoch_s"] < 0.6
+        assert e["actual_fraction"] < e["gemm_fraction"]
+
+
+def test_actual_flop_of_a_small_known_batch():
+    X = np.zeros((3, 784), np.uint8)
+    X[0, [0, 5, 783]] = 255  # 3 lit pixels
+    X[1, 100:110] = 1  # 10
+    lit = [3, 10, 0]
+    macs = 0  # multiply-adds, product by product
+    for n in lit:
+        macs += n * 250 + n * 250  # layer 1: forward and weight gradient over lit pixels only
+        macs += 3 * 250 * 250 + 3 * 250 * 10  # layers 2 and 3: forward, input and weight gradient
+    assert bench.actual_flop(X) == 2 * macs
+    assert bench.actual_flop(np.ones((7, 784), np.uint8)) == 7 * bench.FLOP_PER_SAMPLE  # all lit: dense
+
+
+def test_vector_width_is_named(report):
+    i = report["threads"]["1"]["info"]
+    assert i["vector_lanes"] in (8, 16) and i["host_lanes"] in (8, 16)
+    assert i["vector_lanes"] <= i["host_lanes"]
+    assert f"{i['vector_lanes']}-lane vectors" in bench.table(report)
+
+
+def test_default_recipe_epoch_beside_its_plain_epoch(report):
+    rc = report["threads"]["1"]["recipe"]
+    if not report["data"].startswith("MNIST"):
+        assert rc is None  # the recipe trains on MNIST's files
+        return
+    assert rc["samples"] == 54_000  # default.toml holds 10 % out for validation
+    for key in ("augmented_s", "augmented_median_s", "plain_s", "plain_median_s"):
+        assert positive(rc[key]), key
+    assert rc["augment_overhead"] == pytest.approx(rc["augmented_s"] / rc["plain_s"] - 1)
+    assert "default recipe" in bench.table(report)
+
+
 def test_inference_and_jit(report):
     inf = report["threads"]["1"]["inference"]
     for key in ("batch1000_samples_per_s", "batch1000_gflops", "batch1_latency_us"):
@@ -112,12 +163,16 @@ def test_epoch_passes_alternate_sides_and_thread_counts(monkeypatch):
     log = []
     fake_children(monkeypatch, log)
     res = bench.run([1, 2], [64], cpp=False, passes=2)
-    assert log == [("numba", 1), ("numpy", 1), ("numba", 2), ("numpy", 2)] * 2
+    epochs = [("numba", 1), ("numpy", 1), ("numba", 2), ("numpy", 2)] * 2
+    recipe = [("recipe", T, aug) for T in (1, 2) for aug in (True, False)] * 2
+    assert log == epochs + [("warm-up", 1)] * 2 + [("warm-up", 2)] * 2 + recipe
     for T in ("1", "2"):
         (row,) = res["threads"][T]["epochs"]
         assert row["numba_s"] == pytest.approx(0.5 + 0.1 * int(T))
         assert row["ratio"] == pytest.approx((0.5 + 0.1 * int(T)) / (1.5 + 0.1 * int(T)))
         assert res["threads"][T]["gemm_samples"] == 2
+        rc = res["threads"][T]["recipe"]
+        assert rc["augmented_s"] == 2.0 and rc["plain_s"] == 1.0 and rc["augment_overhead"] == pytest.approx(1.0)
 
 
 def fake_children(monkeypatch, log):
@@ -133,7 +188,11 @@ def fake_children(monkeypatch, log):
                 return {"times": [0.5 + 0.1 * self.threads + (self.kind == "numpy")], "loss": 1.0}
             info = {"data": "MNIST training images (fake)", "data_dir": "/mnist", "numba": "0", "numpy": "0",
                     "threading_layer": "omp", "numba_threads": self.threads, "blas": "fake",
-                    "openblas_threads": "1", "openblas_coretype": None}
+                    "openblas_threads": "1", "openblas_coretype": None, "vector_lanes": 8, "host_lanes": 8,
+                    "actual_flop_per_epoch": 30e9}
+            if op == "recipe":
+                log.append(("recipe", self.threads, args["augment"]) if args["reps"] else ("warm-up", self.threads))
+                return {"times": [1.0 + args["augment"]] * args["reps"], "samples": 54_000}
             return {"info": info,
                     "gemm": {"gflops": 100.0 * self.threads}, "kernels": {"fwd2 lin+bias+relu": 1e-3},
                     "epoch": {"times": [], "loss": 1.0},
@@ -161,7 +220,8 @@ def test_cpp_column_runs_beside_numba_on_the_same_data(monkeypatch):
 
     monkeypatch.setattr(bench, "cpp_epoch", fake_cpp)
     res = bench.run([1, 2], [64], passes=2)
-    assert log == [("numba", 1), ("numpy", 1), ("cpp", 1), ("numba", 2), ("numpy", 2), ("cpp", 2)] * 2
+    epochs = [e for e in log if e[0] in ("numba", "numpy", "cpp")]
+    assert epochs == [("numba", 1), ("numpy", 1), ("cpp", 1), ("numba", 2), ("numpy", 2), ("cpp", 2)] * 2
     assert calls == [(64, "/mnist")] * 4
     for T, first in (("1", 0.4), ("2", 0.5)):  # passes 1 and 3 for one thread, 2 and 4 for two
         (row,) = res["threads"][T]["epochs"]

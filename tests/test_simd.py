@@ -1,4 +1,5 @@
-"""The 8-lane vector functions of simd.py against NumPy, lane by lane, on the layouts the kernels use."""
+"""The vector functions of simd.py against NumPy, lane by lane, on the layouts the kernels use, at the width
+this process compiles for (simd.W; tests/test_lanes.py runs them at the other width)."""
 
 import numpy as np
 import pytest
@@ -6,6 +7,7 @@ from numba import njit
 from numba.core.errors import TypingError
 
 from nn_numba.simd import (
+    W,
     prefetch,
     vadd,
     vany,
@@ -84,60 +86,61 @@ def _data(shape, seed=0):
 def test_load_store_any_offset_and_view():
     a = _data((5, 250))
     view = np.zeros((5, 256), np.float32)[:, :250]  # a row stride that is not the row length
-    for i, k in [(0, 0), (3, 1), (4, 242)]:
+    for i, k in [(0, 0), (3, 1), (4, 250 - W)]:
         view[:] = 0
-        _copy_row(a, i, k, view, 4 - i, 250 - 8 - k % 3)
+        _copy_row(a, i, k, view, 4 - i, 250 - W - k % 3)
         want = np.zeros_like(view)
-        want[4 - i, 250 - 8 - k % 3:250 - k % 3] = a[i, k:k + 8]
+        want[4 - i, 250 - W - k % 3:250 - k % 3] = a[i, k:k + W]
         np.testing.assert_array_equal(view, want)
 
 
-@pytest.mark.parametrize("n", [-1, 0, 1, 2, 7, 8, 9])
+@pytest.mark.parametrize("n", sorted({-1, 0, 1, 2, 7, 8, 9, W - 1, W, W + 1}))
 def test_masked_load_store_touch_only_n_lanes(n):
-    a = _data((2, 20))
-    out = np.full((2, 20), 7.0, np.float32)
+    a = _data((2, 40))
+    out = np.full((2, 40), 7.0, np.float32)
     _copy_n(a, 1, 9, out, 0, 10, n)
-    want = np.full((2, 20), 7.0, np.float32)
-    m = max(0, min(n, 8))
+    want = np.full((2, 40), 7.0, np.float32)
+    m = max(0, min(n, W))
     want[0, 10:10 + m] = a[1, 9:9 + m]
     np.testing.assert_array_equal(out, want)
 
 
 def test_masked_load_reads_nothing_past_the_row():
-    # The last element of an exactly sized buffer: an unmasked load of 8 lanes would read past its end.
+    # The last element of an exactly sized buffer: an unmasked load of W lanes would read past its end.
     a = _data((1, 3))
-    out = np.zeros((1, 8), np.float32)
+    out = np.zeros((1, W), np.float32)
     _copy_n(a, 0, 2, out, 0, 0, 1)
-    np.testing.assert_array_equal(out[0], [a[0, 2]] + [0] * 7)
+    np.testing.assert_array_equal(out[0], [a[0, 2]] + [0] * (W - 1))
 
 
-@pytest.mark.parametrize("lo,hi", [(0, 8), (6, 8), (3, 5), (2, 2), (5, 3), (-1, 9), (7, 12)])
+@pytest.mark.parametrize("lo,hi", [(0, 8), (6, 8), (3, 5), (2, 2), (5, 3), (-1, 9), (7, 12), (0, W), (W - 2, W),
+                                   (W - 1, W + 4)])
 def test_range_load_store_touch_only_lanes_lo_to_hi(lo, hi):
-    a = _data((2, 20))
-    out = np.full((2, 20), 7.0, np.float32)
+    a = _data((2, 40))
+    out = np.full((2, 40), 7.0, np.float32)
     _copy_range(a, 1, 9, out, 0, 10, lo, hi)
-    want = np.full((2, 20), 7.0, np.float32)
-    a_, b_ = max(lo, 0), min(hi, 8)
+    want = np.full((2, 40), 7.0, np.float32)
+    a_, b_ = max(lo, 0), min(hi, W)
     want[0, 10 + a_:10 + max(a_, b_)] = a[1, 9 + a_:9 + max(a_, b_)]
     np.testing.assert_array_equal(out, want)
-    vec = np.full((1, 8), 7.0, np.float32)
+    vec = np.full((1, W), 7.0, np.float32)
     _load_range(a, 1, 9, vec, lo, hi)
-    np.testing.assert_array_equal(vec[0], [a[1, 9 + l] if a_ <= l < b_ else 0 for l in range(8)])
+    np.testing.assert_array_equal(vec[0], [a[1, 9 + l] if a_ <= l < b_ else 0 for l in range(W)])
 
 
 def test_broadcast_load_any_layout():
     a = _data((6, 9))
-    out = np.zeros((2, 8), np.float32)
+    out = np.zeros((2, W), np.float32)
     _bcast(a.T, 7, 2, out)  # a transposed view: element [7, 2] of aᵀ is a[2, 7]
-    np.testing.assert_array_equal(out[0], np.full(8, a[2, 7]))
-    np.testing.assert_array_equal(out[1], np.full(8, a[2, 7] * 2))
+    np.testing.assert_array_equal(out[0], np.full(W, a[2, 7]))
+    np.testing.assert_array_equal(out[1], np.full(W, a[2, 7] * 2))
 
 
 def test_arithmetic_lane_by_lane():
-    a = _data((3, 8), seed=1)
+    a = _data((3, W), seed=1)
     a[1] = np.where(np.abs(a[1]) < 0.1, 0.5, a[1])  # no division by ~0
     x, y, z = a.astype(np.float64)
-    out = np.zeros((8, 8), np.float32)
+    out = np.zeros((8, W), np.float32)
     _arith(a, out)
     np.testing.assert_allclose(out[0], x * y + z, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(out[1], a[0] + a[1])
@@ -146,16 +149,23 @@ def test_arithmetic_lane_by_lane():
     np.testing.assert_array_equal(out[4], a[0] / a[1])
     np.testing.assert_array_equal(out[5], np.sqrt(a[0] * a[0]))
     np.testing.assert_array_equal(out[6], np.where(a[1] > 0, a[0], 0))
-    np.testing.assert_array_equal(out[7], np.zeros(8))
+    np.testing.assert_array_equal(out[7], np.zeros(W))
+
+
+def halving_sum(l: np.ndarray) -> np.float32:
+    """The upper half added to the lower half until two lanes are left, then those two; float32."""
+    while len(l) > 2:
+        l = l[:len(l) // 2] + l[len(l) // 2:]
+    return l[0] + l[1]
 
 
 def test_sum_fixed_order():
-    a = _data((4, 8), seed=2)
+    a = _data((4, W), seed=2)
     for i in range(4):
-        l = a[i]
-        want = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))  # float32 throughout
-        assert _sum(a, i) == want
+        assert _sum(a, i) == halving_sum(a[i])
         assert abs(float(_sum(a, i)) - a[i].astype(np.float64).sum()) < 1e-5
+    l = a[0, :8]  # the order written out for 8 lanes
+    assert halving_sum(l) == ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
 
 
 def test_rejects_arrays_it_cannot_load_rows_from():
@@ -180,10 +190,10 @@ def test_prefetch_is_only_a_hint():
 
 
 def test_any_is_true_when_one_lane_is_non_zero():
-    a = np.zeros((10, 8), np.float32)
-    for lane in range(8):
+    a = np.zeros((W + 2, W), np.float32)
+    for lane in range(W):
         a[lane, lane] = 1e-45 if lane % 2 else -3.0  # a denormal and a negative count too
-    a[8, 3] = np.nan
-    assert [_any(a, i) for i in range(10)] == [True] * 9 + [False]
-    a[9, 0] = -0.0  # equal to zero
-    assert not _any(a, 9)
+    a[W, 3] = np.nan
+    assert [_any(a, i) for i in range(W + 2)] == [True] * (W + 1) + [False]
+    a[W + 1, 0] = -0.0  # equal to zero
+    assert not _any(a, W + 1)

@@ -68,16 +68,23 @@ def _cost(e: Entry) -> int:
 
 def compile_claimed(plan: list[Entry], claims: Path) -> None:
     """Compile (or load from the cache) each kernel of the plan that no other process has claimed. One that
-    fails is left to its first call, which compiles it again and reports the error where it belongs."""
-    for i, e in enumerate(plan):
+    fails is left to its first call, which compiles it again and reports the error where it belongs.
+
+    A claim covers every specialisation of one kernel: Numba's cache index numbers a function's compiled
+    files as they are saved, so two processes saving different specialisations of one function at once
+    could both take the same number, and one index entry would then name the other's code."""
+    kernels = list(dict.fromkeys(e[:2] for e in plan))  # (module, function), in the plan's order
+    for i, k in enumerate(kernels):
         try:
             os.close(os.open(claims / str(i), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             continue
-        try:
-            _kernel(e).compile(e[2])
-        except Exception:  # noqa: BLE001, S112 -- see the docstring
-            continue
+        for e in plan:
+            if e[:2] == k:
+                try:
+                    _kernel(e).compile(e[2])
+                except Exception:  # noqa: BLE001, S112 -- see the docstring
+                    continue
 
 
 class Job:

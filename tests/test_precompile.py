@@ -65,3 +65,21 @@ def test_commands_that_do_not_train_compile_no_training_kernel(tmp_path, mnist_p
     compiled = _cached(cache)
     assert SHARED - {"gather"} <= compiled  # evaluate and predict ran their kernels
     assert not compiled & _training_kernels()
+
+
+def test_a_claim_covers_every_specialisation_of_a_kernel(tmp_path):
+    """Two specialisations of one kernel are compiled by the process that claims it, never one each by two
+    processes (Numba's cache index could then name one's compiled file for the other's types)."""
+    from numba import typeof
+
+    sigs = [(typeof(np.zeros(3, np.float32)),), (typeof(np.zeros(3, np.float64)),)]
+    plan = [("nn_numba.kernels", "total", s) for s in sigs]
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    mine.mkdir(), theirs.mkdir()
+    (theirs / "0").touch()  # another process holds the kernel: this one compiles neither specialisation
+    before = set(kernels.total.overloads)
+    precompile.compile_claimed(plan, theirs)
+    assert set(kernels.total.overloads) == before
+    precompile.compile_claimed(plan, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["0"] and {s for (s,) in sigs} <= {
+        a for (a,) in kernels.total.overloads}

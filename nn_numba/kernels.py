@@ -816,13 +816,14 @@ def _act(acts, sizes, cap, l, B):
     return _rows(acts, off, B, sizes[l + 1])
 
 
-@njit(cache=True)
-def forward(P, sizes, X, acts, cap):
+def forward(P, sizes, X, acts, cap: int) -> np.ndarray:
     """Logits (B, n_L) of the batch X (B, n_0); acts holds every layer's output for `cap` samples
-    (acts_size(sizes, cap) floats)."""
-    L = sizes.shape[0] - 1
-    B = X.shape[0]
-    A = X[:, :X.shape[1]]  # typed as a strided view like the activations: one compiled linear_forward, not two
+    (acts_size(sizes, cap) floats). Python over `linear_forward`, as train_step is: a compiled function that
+    calls a parallel kernel loaded from the cache is itself broken when loaded from the cache next time."""
+    L = len(sizes) - 1
+    B, K = X.shape
+    A = aligned_zeros((B, pad(K)))[:, :K]  # a strided view like the activations: one compiled linear_forward
+    A[:] = X
     for l in range(L):
         W, b = layer_views(P, sizes, l)
         Y = _act(acts, sizes, cap, l, B)

@@ -121,3 +121,31 @@ def test_a_changed_callee_recompiles_its_caller(tmp_path):
     assert np.array_equal(after["shifted"], before["shifted"] / 2)  # the new table, not the frozen old one
     assert (after["gathered"][:, :96] == 7).all()  # all-zero blocks now store the new vzero()
     assert folder2 != folder and folder2.parent == folder.parent
+
+
+PRODUCT = """
+import numpy as np
+from nn_numba import kernels
+X = kernels.aligned_zeros((3, 1024))[:, :784]  # a strided batch, as the activations are
+Y = kernels.aligned_zeros((3, 256))[:, :250]
+kernels.linear_forward(X, np.zeros((250, 784), np.float32), np.zeros(250, np.float32), Y, True)
+"""
+LOGITS = """
+import numpy as np
+from nn_numba.model import MLP
+m = MLP.init([784, 250, 250, 10], np.random.default_rng(0))
+X = np.random.default_rng(1).random((5, 784), dtype=np.float32)
+np.save({out!r}, m.logits(X))
+"""
+
+
+def test_inference_after_a_product_compiled_elsewhere_loads_from_the_cache(tmp_path):
+    """One process compiles a product (as training does), the next compiles inference around it from the
+    cache, a third loads that: all three run, and the third's logits are the second's (a compiled caller of a
+    cache-loaded parallel kernel once crashed when it was itself loaded from the cache)."""
+    env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    outs = [tmp_path / "a.npy", tmp_path / "b.npy"]
+    for code in (PRODUCT, LOGITS.format(out=str(outs[0])), LOGITS.format(out=str(outs[1]))):
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    np.testing.assert_array_equal(np.load(outs[0]), np.load(outs[1]))

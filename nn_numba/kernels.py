@@ -792,8 +792,9 @@ def pad(n):
 
 
 def acts_size(sizes, cap: int) -> int:
-    """Floats of the activation buffer of `forward` and `train_step` for up to `cap` samples."""
-    return cap * sum(pad(n) for n in sizes[1:])
+    """Floats of the activation buffer of `forward` and `train_step` for up to `cap` samples: every layer's
+    outputs, then room for `forward`'s copy of its input."""
+    return cap * sum(pad(n) for n in sizes)
 
 
 def grad_size(sizes, cap: int) -> int:
@@ -822,7 +823,9 @@ def forward(P, sizes, X, acts, cap: int) -> np.ndarray:
     calls a parallel kernel loaded from the cache is itself broken when loaded from the cache next time."""
     L = len(sizes) - 1
     B, K = X.shape
-    A = aligned_zeros((B, pad(K)))[:, :K]  # a strided view like the activations: one compiled linear_forward
+    # the input area after the outputs: a strided view like the activations, so that one compiled
+    # linear_forward serves every layer
+    A = _rows(acts, cap * sum(pad(n) for n in sizes[1:]), B, K)
     A[:] = X
     for l in range(L):
         W, b = layer_views(P, sizes, l)

@@ -8,9 +8,10 @@ import sys
 from conftest import ROOT
 
 from nn_numba.checkpoint import load
+from nn_numba.config import load_config
 
 # `nn-numba train configs/default.toml --epochs 1` (augmentation on) on the first 4,000 training images:
-# 3,600 to train (29 steps of 128), 400 to validate, and 500 test images. Everything else is the command.
+# 3,600 to train, 400 to validate, and 500 test images. Everything else is the command.
 TRAIN = """
 import sys
 import nn_numba.data as data
@@ -35,7 +36,7 @@ def _train(tmp_path, name, threads, mnist_path):
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     ck = load(next(out.glob("*/last.ck")))
-    assert ck.meta["step"] == 29
+    assert ck.meta["step"] == -(-3600 // load_config(ROOT / "configs" / "default.toml").train.batch_size)
     return [*ck.weights, *ck.biases, *(a for slot in ck.optim.slots for a in slot)]
 
 

@@ -22,7 +22,7 @@ def test_names_load_from_any_folder(tmp_path, monkeypatch):
     assert shipped_names() == NAMES
     for name in NAMES:
         assert load_config(name) == load_config(ROOT / "configs" / f"{name}.toml")
-    assert load_config("seed").optim.name == "sgd" and load_config("default").augment.shift == 2
+    assert load_config("seed").optim.name == "sgd" and load_config("default").augment.enabled
 
 
 def test_a_file_of_that_name_wins(tmp_path, monkeypatch):

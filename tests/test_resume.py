@@ -42,6 +42,14 @@ def files(folder: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(folder.iterdir())}
 
 
+def refused(run: Path, mnist_path, match: str, **opts) -> None:
+    """Resuming `run` fails with `match` and leaves every file of the run as it was."""
+    before = files(run)
+    with pytest.raises(NNError, match=match):
+        resume(run, mnist_path, **opts)
+    assert files(run) == before
+
+
 def rows(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -138,10 +146,7 @@ def test_a_damaged_history_is_refused_before_training(run, mnist_path):
     ck = load(run / "last.ck")
     ck.meta["history"] = [{}]
     save(run / "last.ck", ck)
-    before = files(run)
-    with pytest.raises(NNError, match="training state is damaged"):
-        resume(run, mnist_path, epochs=2)
-    assert files(run) == before
+    refused(run, mnist_path, "training state is damaged", epochs=2)
 
 
 def test_exploding_loss_stops_and_keeps_the_checkpoints(mnist_path, tmp_path):
@@ -163,10 +168,7 @@ def test_exploding_loss_stops_and_keeps_the_checkpoints(mnist_path, tmp_path):
     ck = load(good / "last.ck")
     ck.meta["config"] = c.to_dict()
     save(good / "last.ck", ck)
-    before = files(good)
-    with pytest.raises(NNError, match="diverged at epoch 2.*are the last good ones"):
-        resume(good, mnist_path, epochs=2)
-    assert files(good) == before
+    refused(good, mnist_path, "diverged at epoch 2.*are the last good ones", epochs=2)
 
 
 def test_a_run_folder_is_accepted_wherever_a_checkpoint_is(one_epoch, capsys):

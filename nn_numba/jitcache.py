@@ -9,14 +9,19 @@ or llvmlite, gives a new folder, so compiled code is never older than its Python
     $NUMBA_CACHE_DIR/nn-numba/<key>/          when NUMBA_CACHE_DIR is set
 
 `use()` points numba.config.CACHE_DIR there; Numba reads it when an @njit(cache=True) decorator runs, so
-every module with cached kernels calls `use()` before its first one. Folders of other keys that no process
-has opened for KEEP_SECONDS are removed (one is a few MB), and so are Numba's files in the package's own
-__pycache__, where it caches by default.
+every module with cached kernels calls `use()` before its first one. It also locks each kernel's cache
+entry while a process reads or writes it: Numba numbers a kernel's files as it reads its index, so two
+processes saving different specialisations at once (train and predict on an empty cache) would each write
+an index without the other's entry, and one could name the other's machine code (numba #4807, #10128).
+
+Folders of other keys that no process has opened for KEEP_SECONDS are removed (one is a few MB), and so
+are Numba's files in the package's own __pycache__, where it caches by default.
 """
 
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import os
 import re
@@ -29,7 +34,7 @@ from pathlib import Path
 import llvmlite
 import numba
 import numpy as np
-from numba.core import config
+from numba.core import caching, config
 
 from . import simd
 from .data import cache_dir
@@ -127,11 +132,36 @@ def folder() -> Path:
     return path
 
 
+def _locked(method, mode: int):
+    """Numba's IndexDataCacheFile `method` under `flock(mode)` of a file beside the kernel's index: a
+    reader (LOCK_SH) sees an index and the files it names as one writer (LOCK_EX) left them."""
+    def call(self, *args):
+        try:
+            lock = open(self._index_path + ".lock", "ab")
+        except OSError:  # a folder this process cannot write: it saves nothing there either
+            return method(self, *args)
+        with lock:
+            fcntl.flock(lock, mode)
+            return method(self, *args)
+    call.locked = True
+    return call
+
+
+def _lock_entries() -> None:
+    """Make Numba's cache entries' reads and writes atomic between processes (once per process)."""
+    entry = caching.IndexDataCacheFile
+    if not getattr(entry.save, "locked", False):
+        entry.save = _locked(entry.save, fcntl.LOCK_EX)
+        entry.load = _locked(entry.load, fcntl.LOCK_SH)
+
+
 def use() -> Path:
-    """Point Numba's cache at this package's folder (found once per process); returns it."""
+    """Point Numba's cache at this package's folder (found once per process), with its entries locked
+    (_lock_entries); returns it."""
     global _dir
     if _dir is None:
         _dir = folder()
+        _lock_entries()
     config.CACHE_DIR = str(_dir)
     return _dir
 

@@ -149,3 +149,62 @@ def test_inference_after_a_product_compiled_elsewhere_loads_from_the_cache(tmp_p
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
     np.testing.assert_array_equal(np.load(outs[0]), np.load(outs[1]))
+
+
+TWICE = """
+from numba import njit
+
+
+@njit(cache=True)
+def f(x):
+    return x + 1
+"""
+SAVER = """
+import sys, time
+from pathlib import Path
+from numba.core import caching
+from nn_numba import jitcache
+jitcache.use()
+save_index = caching.IndexDataCacheFile._save_index
+def slow(self, overloads):  # a wide window between reading a kernel's index and writing it back
+    time.sleep(1.5)
+    save_index(self, overloads)
+caching.IndexDataCacheFile._save_index = slow
+sys.path.insert(0, {dir!r})
+import twice
+x = {arg}
+Path({dir!r}, type(x).__name__).touch()
+while not Path({dir!r}, "go").exists():
+    time.sleep(0.01)
+assert twice.f(x) == x + 1
+"""
+LOADER = """
+import sys
+from nn_numba import jitcache
+jitcache.use()
+sys.path.insert(0, {dir!r})
+import twice
+assert twice.f(1) == 2 and twice.f(1.5) == 2.5
+print(len(twice.f.stats.cache_hits), len(twice.f.stats.cache_misses))
+"""
+
+
+def test_two_processes_saving_specialisations_of_one_kernel_at_once_keep_both(tmp_path):
+    """Two commands that compile different specialisations of one kernel at the same time (train and predict
+    on an empty cache) both keep theirs: Numba numbers a kernel's cache files as it reads its index, so
+    unguarded the second writer's index drops the first's entry and can name the other's machine code."""
+    (tmp_path / "twice.py").write_text(TWICE)
+    env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    run = [sys.executable, "-c"]
+    savers = [subprocess.Popen(run + [SAVER.format(dir=str(tmp_path), arg=a)], env=env, stderr=subprocess.PIPE,
+                               text=True) for a in ("1", "1.5")]
+    deadline = time.monotonic() + 300
+    while not all((tmp_path / n).exists() for n in ("int", "float")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
+    for p in savers:
+        assert p.wait(timeout=300) == 0, p.stderr.read()[-2000:]
+    r = subprocess.run(run + [LOADER.format(dir=str(tmp_path))], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["2", "0"]  # both loaded from the cache, none compiled again

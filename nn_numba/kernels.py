@@ -817,22 +817,44 @@ def _act(acts, sizes, cap, l, B):
     return _rows(acts, off, B, sizes[l + 1])
 
 
-def forward(P, sizes, X, acts, cap: int) -> np.ndarray:
-    """Logits (B, n_L) of the batch X (B, n_0); acts holds every layer's output for `cap` samples
-    (acts_size(sizes, cap) floats). Python over `linear_forward`, as train_step is: a compiled function that
-    calls a parallel kernel loaded from the cache is itself broken when loaded from the cache next time."""
-    L = len(sizes) - 1
-    B, K = X.shape
-    # the input area after the outputs: a strided view like the activations, so that one compiled
-    # linear_forward serves every layer
-    A = _rows(acts, cap * sum(pad(n) for n in sizes[1:]), B, K)
-    A[:] = X
-    for l in range(L):
-        W, b = layer_views(P, sizes, l)
-        Y = _act(acts, sizes, cap, l, B)
-        linear_forward(A, W, b, Y, l < L - 1)
+class ForwardViews(NamedTuple):
+    """`forward`'s views for batches of B samples: the input area x (B, n_0) of the activation buffer (a
+    strided view like the activations, so that one compiled linear_forward serves every layer) and each
+    layer's (W, b, Y), Y (B, n_l) its output in the buffer."""
+
+    x: np.ndarray
+    layers: list
+
+
+def forward_views(P, sizes, acts, cap: int, B: int) -> ForwardViews:
+    """The views of `forward` into the flat parameters P and the activations `acts` (acts_size(sizes, cap)
+    floats) for B <= cap samples."""
+    x = _rows(acts, cap * sum(pad(n) for n in sizes[1:]), B, sizes[0])
+    return ForwardViews(x, [(*layer_views(P, sizes, l), _act(acts, sizes, cap, l, B)) for l in range(len(sizes) - 1)])
+
+
+def forward_with(v: ForwardViews, calls: "Calls | None", X) -> np.ndarray:
+    """Logits (B, n_L) of the batch X (B, n_0) through the views v; with `calls` (made for these views
+    only), each layer's product goes through its compiled entry point (no type dispatch: microseconds that
+    count at batch 1). Python over
+    `linear_forward`, as train_step is: a compiled function that calls a parallel kernel loaded from the
+    cache is itself broken when loaded from the cache next time."""
+    v.x[:] = X
+    A = v.x
+    last = len(v.layers) - 1
+    for l, (W, b, Y) in enumerate(v.layers):
+        if calls is None:
+            linear_forward(A, W, b, Y, l < last)
+        else:
+            calls(f"forward {l}", linear_forward, A, W, b, Y, l < last)
         A = Y
     return A
+
+
+def forward(P, sizes, X, acts, cap: int) -> np.ndarray:
+    """Logits (B, n_L) of the batch X (B, n_0) with the flat parameters P; acts holds every layer's output
+    for `cap` samples (acts_size(sizes, cap) floats)."""
+    return forward_with(forward_views(P, sizes, acts, cap, X.shape[0]), None, X)
 
 
 class Calls:

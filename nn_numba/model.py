@@ -33,6 +33,7 @@ class MLP:
         if params is not None:
             self.params[:] = params
         self._acts = np.empty(0, np.float32)
+        self._views: dict = {}  # (id of params, cap, B) -> (kernels.ForwardViews, their kernels.Calls)
 
     @classmethod
     def init(cls, sizes: list[int], rng: np.random.Generator) -> MLP:
@@ -76,13 +77,26 @@ class MLP:
         if X.ndim != 2 or X.shape[1] != self.sizes[0]:
             raise ValueError(f"expected inputs of shape (N, {self.sizes[0]}), got {X.shape}")
         cap = min(chunk, max(len(X), 1))
-        need = kernels.acts_size(self.sizes, cap)
-        if self._acts.size < need:
-            self._acts = kernels.aligned_zeros(need)
         out = np.empty((len(X), self.sizes[-1]), np.float32)
         for i in range(0, len(X), cap):
-            out[i:i + cap] = kernels.forward(self.params, self.sizes_arr, X[i:i + cap], self._acts, cap)
+            out[i:i + cap] = kernels.forward_with(*self._forward_views(cap, len(X[i:i + cap])), X[i:i + cap])
         return out
+
+    def _forward_views(self, cap: int, B: int) -> tuple[kernels.ForwardViews, kernels.Calls]:
+        """The views of a forward pass of B of `cap` samples and their compiled calls, made once (at batch 1
+        making them costs more than the products). The calls are the views' own: a view's layout is part of
+        its compiled entry point (one row is C-contiguous, more are strided). The views keep the arrays they
+        view alive, so a key's params cannot be another's."""
+        if self._acts.size < kernels.acts_size(self.sizes, cap):
+            self._acts = kernels.aligned_zeros(kernels.acts_size(self.sizes, cap))
+            self._views.clear()
+        key = (id(self.params), cap, B)
+        if key not in self._views:
+            if len(self._views) >= 8:  # callers with ever new batch sizes: keep the memory bounded
+                self._views.clear()
+            self._views[key] = (kernels.forward_views(self.params, self.sizes_arr, self._acts, cap, B),
+                                kernels.Calls())
+        return self._views[key]
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """Softmax probabilities (N, n_L)."""

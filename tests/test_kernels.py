@@ -301,6 +301,27 @@ def test_forward_logits_match_reference():
     assert np.allclose(p.sum(axis=1), 1, atol=1e-5)
 
 
+def test_logits_follow_the_weights_through_reused_buffers():
+    """logits keeps its views into the weights and buffers between calls: after the weights change in place
+    or are replaced, and across batch sizes and chunkings (more than it keeps at once), they are still the
+    reference's logits of the weights of the moment."""
+    model, X, _ = _setup([784, 250, 250, 10], 40)
+    rng = np.random.default_rng(5)
+
+    def check():
+        want = ref.forward([W.astype(np.float64) for W in model.weights], model.biases, X)[-1]
+        sizes = [(1, 1000), (40, 1000), (40, 16), (7, 3), (3, 1000), (1, 1000)] + [(n, 1000) for n in range(9, 20)]
+        for n, chunk in sizes:
+            assert rel(model.logits(X[:n], chunk=chunk), want[:n]) < 1e-5, (n, chunk)
+
+    check()
+    model.params *= np.float32(0.5)  # in place
+    model.params[-10:] = rng.standard_normal(10)
+    check()
+    model.params = model.params + np.float32(0.01) * rng.standard_normal(model.params.size).astype(np.float32)
+    check()
+
+
 @pytest.mark.parametrize("K_in", [784, 787, 5])
 def test_nonzeros_rows_and_blocks_match_numpy(K_in):
     """The compressed rows and the lit blocks of the first layer's sparse path list exactly X's non-zeros,

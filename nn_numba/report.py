@@ -310,18 +310,26 @@ def plot_augment(X_u8: np.ndarray, run: Run, path: Path) -> None:
     plt.close(fig)
 
 
+def compared(run: Run) -> str:
+    """The accuracy a comparison draws for a run: validation, or for a run trained without a validation
+    split (on all 60,000 images) test, the held-out figure it has (its training accuracy is a running mean
+    over distorted digits, not comparable)."""
+    return "val_acc" if run.has_val else "test_acc"
+
+
 def plot_compare(runs: list[Run], path: Path) -> None:
-    """Several runs overlaid: validation accuracy and training loss per epoch."""
+    """Several runs overlaid: validation accuracy (compared) and training loss per epoch."""
     plt = _plt()
     fig, (ax_a, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2))
     for k, run in enumerate(runs):
         ep = [r["epoch"] for r in run.hist]
-        key = "val_acc" if run.has_val else "train_acc"
-        label = f"{run.name} ({_short(run.cfg)})" + ("" if run.has_val else " [train acc: no val split]")
+        key = compared(run)
+        label = f"{run.name} ({_short(run.cfg)})" + ("" if run.has_val else " [test acc: no val split]")
         ax_a.plot(ep, [100 * r[key] for r in run.hist], "-o" if run.has_val else "--o", ms=3,
                   color=f"C{k % 10}", label=label)
         ax_l.plot(ep, [r["train_loss"] for r in run.hist], "-o", ms=3, color=f"C{k % 10}", label=label)
-    ax_a.set_title("validation accuracy")
+    ax_a.set_title("validation accuracy" if all(r.has_val for r in runs) else
+                   "validation accuracy (dashed: test, runs without a validation split)")
     ax_a.set_ylabel("accuracy (%)")
     ax_l.set_title("training loss")
     ax_l.set_ylabel("mean cross-entropy loss")

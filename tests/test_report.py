@@ -290,3 +290,14 @@ def test_the_package_never_imports_matplotlib():
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'matplotlib'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "report" in " ".join(mods) and out.strip() == "[]"
+
+
+def test_a_comparison_draws_held_out_accuracy_never_the_augmented_training_figure(tmp_path):
+    """compare.png draws validation accuracy, and for a run trained without a validation split (the shipped
+    default) its test accuracy: its training accuracy is a running mean over distorted digits."""
+    row = {"epoch": 1, "train_loss": 0.5, "train_acc": 0.7, "test_acc": 0.8}
+    with_val = R.Run(tmp_path, load_config("no-augment"), [row | {"val_acc": 0.9}], None)
+    without = R.Run(tmp_path, load_config("default"), [row], None)
+    assert (R.compared(with_val), R.compared(without)) == ("val_acc", "test_acc")
+    R.plot_compare([with_val, without], tmp_path / "compare.png")
+    check_png(tmp_path / "compare.png")

@@ -166,7 +166,7 @@ class NumbaSide:
 
     def recipe(self, augment: bool, reps: int, warmup: int = 0) -> dict:
         """Seconds of each of `reps` epochs of the default recipe (configs/default.toml: augmentation, Adam
-        on the mean loss, batch 128, 54,000 images), or of the same recipe with augmentation off, through
+        on the mean loss, its batch size and training images), or of the same recipe with augmentation off, through
         train.run_epoch, the loop `nn-numba train` runs; `warmup` untimed tails of 20 mini-batches first.
         One session per kind for the worker's life, its run folder in a temporary folder."""
         from types import SimpleNamespace
@@ -181,7 +181,7 @@ class NumbaSide:
             s.progress.epoch += 1
             if r >= warmup:
                 times.append(seconds)
-        return {"times": times, "samples": len(s.tr_idx)}
+        return {"times": times, "samples": len(s.tr_idx), "batch": s.cfg.train.batch_size}
 
     def _session(self, augment: bool):
         from .config import load_config, with_values
@@ -486,17 +486,19 @@ import numpy as np
 from nn_numba import kernels as K
 from nn_numba.model import MLP
 t1 = time.perf_counter()
-from nn_numba.config import from_dict
+from nn_numba.config import load_config
 from nn_numba.trainer import Trainer
 from nn_numba import precompile
-from nn_numba.train import warm_plan
-m = MLP.init([784, 250, 250, 10], np.random.default_rng(0)); B = 32
-cfg = from_dict({"optim": {"name": "sgd"}})
-with precompile.start(warm_plan(cfg)) as job:  # as `train` does: its kernels compiled in parallel processes
+from nn_numba.train import warm_plan, warm_step
+cfg = load_config("default")  # as `train configs/default.toml` starts: Adam, augmentation, its batch size
+B = cfg.train.batch_size
+m = MLP.init(cfg.model.sizes, np.random.default_rng(0))
+with precompile.start(warm_plan(cfg)) as job:  # its kernels compiled in parallel processes
     job.join()
 tr = Trainer(cfg, m, B)
-X = np.zeros((100, 784), np.uint8); y = np.zeros(B, np.int64); idx = np.arange(B)
-tr.train_step(tr.gather(X, idx), y, 0.01, listed=True)
+X = np.zeros((2 * B, 784), np.uint8); y = np.zeros(2 * B, np.int64); idx = np.arange(B)
+warm_step(tr, cfg, X, y, idx)
+tr.train_step(tr.augment(X, idx, cfg.augment, 0, 0, 0), y[:B], 1e-3, listed=True)
 m.logits(tr.xb)
 t2 = time.perf_counter()
 print(t1 - t0, t2 - t1)
@@ -504,7 +506,8 @@ print(t1 - t0, t2 - t1)
 
 
 def jit_cost(cold: bool) -> dict:
-    """Process start to one trained step and one inference: compiling into an empty cache, then from it."""
+    """Process start to the default recipe's first trained step (as `train configs/default.toml` gets
+    there) and one inference: compiling into an empty cache, then from it."""
     out = {}
     with tempfile.TemporaryDirectory(prefix="nn-numba-jit-") as cache:
         env = dict(os.environ, NUMBA_CACHE_DIR=cache, OPENBLAS_NUM_THREADS="1")
@@ -663,11 +666,11 @@ def recipe(kids: dict, res: dict, reps: int, say) -> None:
             for aug in (True, False):
                 d = a.ask("recipe", augment=aug, reps=1)
                 times[T, aug] += d["times"]
-                n = d["samples"]
+                n, B = d["samples"], d["batch"]
     for T in kids:
         aug, plain = times[T, True], times[T, False]
         res["threads"][str(T)]["recipe"] = {
-            "samples": n, "augmented_s": min(aug), "augmented_median_s": statistics.median(aug),
+            "samples": n, "batch": B, "augmented_s": min(aug), "augmented_median_s": statistics.median(aug),
             "plain_s": min(plain), "plain_median_s": statistics.median(plain),
             "augment_overhead": min(aug) / min(plain) - 1}
 
@@ -736,8 +739,9 @@ def table(res: dict) -> str:
                      "pass per round beside it; numpy: float32 pixels already in memory)")
         rc = r.get("recipe")
         if rc:
-            lines += ["", f"default recipe (configs/default.toml: augmentation, Adam, batch 128; {rc['samples']:,} "
-                      f"images, train's epoch loop): {rc['augmented_s']:.3f} s ({rc['augmented_median_s']:.3f}); "
+            lines += ["", f"default recipe (configs/default.toml: augmentation, Adam, batch {rc['batch']}; "
+                      f"{rc['samples']:,} images, train's epoch loop): {rc['augmented_s']:.3f} s "
+                      f"({rc['augmented_median_s']:.3f}); "
                       f"without augmentation {rc['plain_s']:.3f} s ({rc['plain_median_s']:.3f}): augmentation "
                       f"{100 * rc['augment_overhead']:+.0f} %"]
         inf = r["inference"]

@@ -12,6 +12,8 @@ from conftest import ROOT, mnist_dir
 from test_cpp import nn_cpp  # noqa: F401  (the fixture that builds cpp/build/nn-cpp)
 
 from nn_numba import bench
+from nn_numba.config import load_config
+from nn_numba.rng import n_val
 
 
 def positive(x) -> bool:
@@ -114,7 +116,9 @@ def test_default_recipe_epoch_beside_its_plain_epoch(report):
     if not report["data"].startswith("MNIST"):
         assert rc is None  # the recipe trains on MNIST's files
         return
-    assert rc["samples"] == 54_000  # default.toml holds 10 % out for validation
+    cfg = load_config("default")
+    assert rc["samples"] == 60_000 - n_val(60_000, cfg.data.val_split)  # its training images
+    assert rc["batch"] == cfg.train.batch_size and f"batch {rc['batch']};" in bench.table(report)
     for key in ("augmented_s", "augmented_median_s", "plain_s", "plain_median_s"):
         assert positive(rc[key]), key
     assert rc["augment_overhead"] == pytest.approx(rc["augmented_s"] / rc["plain_s"] - 1)
@@ -192,7 +196,7 @@ def fake_children(monkeypatch, log):
                     "actual_flop_per_epoch": 30e9}
             if op == "recipe":
                 log.append(("recipe", self.threads, args["augment"]) if args["reps"] else ("warm-up", self.threads))
-                return {"times": [1.0 + args["augment"]] * args["reps"], "samples": 54_000}
+                return {"times": [1.0 + args["augment"]] * args["reps"], "samples": 54_000, "batch": 256}
             return {"info": info,
                     "gemm": {"gflops": 100.0 * self.threads}, "kernels": {"fwd2 lin+bias+relu": 1e-3},
                     "epoch": {"times": [], "loss": 1.0},

@@ -400,4 +400,6 @@ def describe(path: str | Path) -> dict:
     }
     for k in ("epoch", "step", "val_acc", "test_acc", "best_val_acc", "producer", "created"):
         info[k] = meta.get(k)
+    if isinstance(info["best_val_acc"], int | float) and info["best_val_acc"] < 0:
+        info["best_val_acc"] = None  # -1.0: no validation epoch yet, or no validation split (not recorded)
     return info

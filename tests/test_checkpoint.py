@@ -264,6 +264,17 @@ def test_describe(tmp_path):
         describe(DATA / "tiny.json")
 
 
+def test_describe_says_nothing_of_validation_for_a_run_without_it(tmp_path):
+    """A run without a validation split (the shipped default) records best_val_acc -1.0 (docs/checkpoint-
+    format.md): describe reports it as not recorded, so `info` prints no line for it, not -1.0000."""
+    p = tmp_path / "d.ck"
+    save(p, random_ck([6, 5, 4], seed=5, kind="adam", meta={"epoch": 3, "test_acc": 0.99, "best_val_acc": -1.0}))
+    info = describe(p)
+    assert info["best_val_acc"] is None and info["val_acc"] is None and info["test_acc"] == 0.99
+    r = subprocess.run([sys.executable, "-m", "nn_numba.cli", "info", str(p)], capture_output=True, text=True)
+    assert r.returncode == 0 and "test acc: 0.9900" in r.stdout and "val acc" not in r.stdout, r.stdout
+
+
 # ----------------------------------------------------------------------------------------------------
 # every bad file has its own one-line error
 

@@ -485,9 +485,11 @@ def test_python_tools_read_a_cpp_run(nn_cpp, mnist_path, tmp_path):
     from nn_numba.config import from_dict, load_config
 
     runs = tmp_path / "runs"
-    run(nn_cpp, "train", "--config", ROOT / "configs" / "default.toml", "--limit", 1000, "--epochs", 2,
-        "--sizes", "784,32,10", "--out", runs, "--data-dir", mnist_path, "--quiet")
     d = load_config(ROOT / "configs" / "default.toml").to_dict()
+    d["data"]["val_split"] = 0.1  # the recipe with a validation split: every column of metrics.jsonl
+    (tmp_path / "recipe.toml").write_text(from_dict(d).to_toml())
+    run(nn_cpp, "train", "--config", tmp_path / "recipe.toml", "--limit", 1000, "--epochs", 2,
+        "--sizes", "784,32,10", "--out", runs, "--data-dir", mnist_path, "--quiet")
     d["train"].update(epochs=2, out=str(runs))
     d["model"]["sizes"] = [784, 32, 10]
     assert (runs / "latest" / "config.toml").read_text() == from_dict(d).to_toml()

@@ -9,9 +9,10 @@ from conftest import ROOT
 
 from nn_numba.checkpoint import load
 from nn_numba.config import load_config
+from nn_numba.rng import n_val
 
-# `nn-numba train configs/default.toml --epochs 1` (augmentation on) on the first 4,000 training images:
-# 3,600 to train, 400 to validate, and 500 test images. Everything else is the command.
+# `nn-numba train configs/default.toml --epochs 1` (augmentation on) on the first 4,000 training images
+# (less its validation split, if it has one) and 500 test images. Everything else is the command.
 TRAIN = """
 import sys
 import nn_numba.data as data
@@ -36,7 +37,8 @@ def _train(tmp_path, name, threads, mnist_path):
                        env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     ck = load(next(out.glob("*/last.ck")))
-    assert ck.meta["step"] == -(-3600 // load_config(ROOT / "configs" / "default.toml").train.batch_size)
+    cfg = load_config(ROOT / "configs" / "default.toml")
+    assert ck.meta["step"] == -(-(4000 - n_val(4000, cfg.data.val_split)) // cfg.train.batch_size)
     return [*ck.weights, *ck.biases, *(a for slot in ck.optim.slots for a in slot)]
 
 

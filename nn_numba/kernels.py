@@ -833,28 +833,18 @@ def forward_views(P, sizes, acts, cap: int, B: int) -> ForwardViews:
     return ForwardViews(x, [(*layer_views(P, sizes, l), _act(acts, sizes, cap, l, B)) for l in range(len(sizes) - 1)])
 
 
-def forward_with(v: ForwardViews, calls: "Calls | None", X) -> np.ndarray:
-    """Logits (B, n_L) of the batch X (B, n_0) through the views v; with `calls` (made for these views
-    only), each layer's product goes through its compiled entry point (no type dispatch: microseconds that
-    count at batch 1). Python over
-    `linear_forward`, as train_step is: a compiled function that calls a parallel kernel loaded from the
-    cache is itself broken when loaded from the cache next time."""
+def forward(v: ForwardViews, calls: "Calls", X) -> np.ndarray:
+    """Logits (B, n_L) of the batch X (B, n_0) through the views v (forward_views), each layer's product
+    through its compiled entry point in `calls` (a Calls made for these views only: a view's layout is part
+    of an entry point). Python over `linear_forward`, as train_step is: a compiled function that calls a
+    parallel kernel loaded from the cache is itself broken when loaded from the cache next time."""
     v.x[:] = X
     A = v.x
     last = len(v.layers) - 1
     for l, (W, b, Y) in enumerate(v.layers):
-        if calls is None:
-            linear_forward(A, W, b, Y, l < last)
-        else:
-            calls(f"forward {l}", linear_forward, A, W, b, Y, l < last)
+        calls(f"forward {l}", linear_forward, A, W, b, Y, l < last)
         A = Y
     return A
-
-
-def forward(P, sizes, X, acts, cap: int) -> np.ndarray:
-    """Logits (B, n_L) of the batch X (B, n_0) with the flat parameters P; acts holds every layer's output
-    for `cap` samples (acts_size(sizes, cap) floats)."""
-    return forward_with(forward_views(P, sizes, acts, cap, X.shape[0]), None, X)
 
 
 class Calls:

@@ -79,7 +79,7 @@ class MLP:
         cap = min(chunk, max(len(X), 1))
         out = np.empty((len(X), self.sizes[-1]), np.float32)
         for i in range(0, len(X), cap):
-            out[i:i + cap] = kernels.forward_with(*self._forward_views(cap, len(X[i:i + cap])), X[i:i + cap])
+            out[i:i + cap] = kernels.forward(*self._forward_views(cap, len(X[i:i + cap])), X[i:i + cap])
         return out
 
     def _forward_views(self, cap: int, B: int) -> tuple[kernels.ForwardViews, kernels.Calls]:

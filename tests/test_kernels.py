@@ -310,8 +310,8 @@ def test_logits_follow_the_weights_through_reused_buffers():
 
     def check():
         want = ref.forward([W.astype(np.float64) for W in model.weights], model.biases, X)[-1]
-        sizes = [(1, 1000), (40, 1000), (40, 16), (7, 3), (3, 1000), (1, 1000)] + [(n, 1000) for n in range(9, 20)]
-        for n, chunk in sizes:
+        few = [(1, 1000), (40, 1000), (40, 16), (7, 3), (3, 1000), (1, 1000)]
+        for n, chunk in few + [(n, 1000) for n in range(9, 20)] + few:  # the last views made stay for the next check
             assert rel(model.logits(X[:n], chunk=chunk), want[:n]) < 1e-5, (n, chunk)
 
     check()

@@ -141,7 +141,10 @@ def _locked(method, mode: int):
         except OSError:  # a folder this process cannot write: it saves nothing there either
             return method(self, *args)
         with lock:
-            fcntl.flock(lock, mode)
+            try:
+                fcntl.flock(lock, mode)
+            except OSError:  # a filesystem without locks (ENOLCK): unguarded, as Numba itself is
+                pass
             return method(self, *args)
     call.locked = True
     return call

@@ -208,3 +208,18 @@ def test_two_processes_saving_specialisations_of_one_kernel_at_once_keep_both(tm
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() == ["2", "0"]  # both loaded from the cache, none compiled again
+
+
+def test_a_folder_without_file_locks_still_caches(tmp_path, monkeypatch):
+    """Where flock fails (some network filesystems: ENOLCK), a kernel's cache entry is read and written
+    unlocked, as Numba does, instead of failing the command."""
+    from numba.core import caching
+
+    def no_locks(fd, op):
+        raise OSError(37, "No locks available")
+
+    jitcache.use()  # the entries are locked from here on
+    monkeypatch.setattr(jitcache.fcntl, "flock", no_locks)
+    entry = caching.IndexDataCacheFile(str(tmp_path), "f-1.py311", ("stamp", 1))
+    entry.save(("sig",), b"code")
+    assert entry.load(("sig",)) == b"code"

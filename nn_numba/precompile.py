@@ -70,9 +70,9 @@ def compile_claimed(plan: list[Entry], claims: Path) -> None:
     """Compile (or load from the cache) each kernel of the plan that no other process has claimed. One that
     fails is left to its first call, which compiles it again and reports the error where it belongs.
 
-    A claim covers every specialisation of one kernel: Numba's cache index numbers a function's compiled
-    files as they are saved, so two processes saving different specialisations of one function at once
-    could both take the same number, and one index entry would then name the other's code."""
+    A claim covers every specialisation of one kernel, so one process compiles them all and the helpers
+    they share once. (Two processes saving specialisations of one kernel at once would also be safe: the
+    kernel cache locks each entry, jitcache.py.)"""
     kernels = list(dict.fromkeys(e[:2] for e in plan))  # (module, function), in the plan's order
     for i, k in enumerate(kernels):
         try:

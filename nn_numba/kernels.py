@@ -66,6 +66,11 @@ PIXEL = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
 # so (`vfma`).
 _exact = dict(cache=True)
 
+# SERIAL: the small passes (softmax, the block lists, the packing of dYᵀ, evaluation's gather) run on one
+# thread. Each parallel loop is compiled into a function of its own with two wrappers, about half a second
+# of a first run's compile each (docs/performance.md, "Cold start"), while two threads would save a few
+# microseconds per step on so little work, and a parallel region costs a few to start.
+
 
 def aligned_zeros(shape: int | tuple[int, ...], dtype=np.float32, align: int = 64) -> np.ndarray:
     """Zeros whose first element sits on an `align`-byte boundary.
@@ -128,16 +133,16 @@ class Buffers(NamedTuple):
     views: dict  # train_step's StepViews by batch size and the types of X and y, made when first needed
 
 
-@njit(parallel=True, cache=True)
+@njit(cache=True)
 def gather(X_u8, idx, lut, out):
     """out[i] = lut[X_u8[idx[i]]]: a mini-batch as float32 pixels in [0, 1].
 
-    X_u8 (N, K) uint8, idx (B,) int64, lut (256,) float32, out (>=B, K) float32.
-    prange over samples: each writes its own row.
+    X_u8 (N, K) uint8, idx (B,) int64, lut (256,) float32, out (>=B, K) float32. One thread (see
+    SERIAL): evaluation and inference gather with it, training gathers with gather_nonzeros or augments.
     """
     K = X_u8.shape[1]
     B = idx.shape[0]
-    for i in prange(B):
+    for i in range(B):
         if i + 4 < B:  # the rows are random, so DRAM latency dominates unless the row 4 ahead is on its way
             for k in range(0, K, 64):
                 prefetch(X_u8, idx[i + 4], k)
@@ -386,9 +391,8 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
     of gW (`_tile` with C = dYᵀ, D = A, summing over the batch), stores it once and takes the optimiser
     step on the same block of W with the gradient still in registers (`_step`); the tasks of the first
     column block also own gb and b. prange over tiles, row blocks fastest, so the 2LANES columns of A a run
-    of tasks reads stay in L1. Tiles are disjoint, so no races, and one parallel region per call
-    (two with the packing). Must run
-    after linear_backward_input, which reads the old W. h.kind NO_UPDATE only computes the gradients, and
+    of tasks reads stay in L1. Tiles are disjoint, so no races, and one parallel region per call. Must
+    run after linear_backward_input, which reads the old W. h.kind NO_UPDATE only computes the gradients, and
     only then is gW stored: a training step never reads it back, and writing gW1 costs a few per cent of
     the step (gb is always stored).
 
@@ -404,8 +408,8 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
     kind = h.kind
     nj = (N + 5) // 6
     pk = work[:nj * B * 8].reshape((nj, B, 8))
-    if N >= 6:
-        for t in prange(nj):
+    if N >= 6:  # one thread (see SERIAL)
+        for t in range(nj):
             for p in range(B):
                 _st8(pk[t], p, 0, _ld(dY, p, 6 * t, N - 6 * t))  # lanes 6, 7 are never read
     for t in prange(nj * ((K + 2 * LANES - 1) // (2 * LANES))):
@@ -566,7 +570,7 @@ def nonzeros(X, cnt, cols, vals):
         cnt[i] = c
 
 
-@njit(parallel=True, **_exact)
+@njit(**_exact)
 def nonzero_blocks(X, count, samples, pixels):
     """For each block of 6 neighbouring pixels, the samples in which any of them is lit (in sample order),
     and those samples' 6 pixels packed for the weight gradient's tiles.
@@ -574,12 +578,11 @@ def nonzero_blocks(X, count, samples, pixels):
     X (B, K) float32, count (ceil(K/6),) int32, samples (ceil(K/6), >= B) int32, pixels (ceil(K/6), >= B,
     8) float32: samples[kb, :count[kb]] are the samples, pixels[kb, p, :6] = X[samples[kb, p], 6kb : 6kb + 6]
     (zeros past K). Neighbouring pixels are lit together (strokes), so a block is lit in 33 % of MNIST's samples
-    against 19 % for one pixel. prange over blocks; each sample is appended branch-free (its slot is
-    written, and kept only if the block is lit), as a branch per sample would mispredict a third of the
-    time.
+    against 19 % for one pixel. Each sample is appended branch-free (its slot is written, and kept only if
+    the block is lit), as a branch per sample would mispredict a third of the time. One thread (see SERIAL).
     """
     B, K = X.shape
-    for kb in prange((K + 5) // 6):
+    for kb in range((K + 5) // 6):
         k = kb * 6
         n = min(6, K - k)
         c = 0
@@ -726,17 +729,17 @@ def _bias_step(dY, b, gb, mb, vb, j0, j1, h):
 # Softmax + cross-entropy + its gradient, fused.
 
 
-@njit(parallel=True, **_exact)
+@njit(**_exact)
 def softmax_xent(Z, y, dZ, loss, pred, scale):
     """Per-sample loss −log softmax(Z)[y], the predicted class, and dZ = scale · (softmax(Z) − onehot(y)).
 
     Z, dZ (B, C) float32 logits and their gradient (may be the same array), y (B,) labels, loss (B,)
-    float32, pred (B,) int64. scale is 1 for a summed loss, 1/B for a mean. prange over samples: rows are
-    independent; the batch loss is summed afterwards in a fixed order by the caller.
+    float32, pred (B,) int64. scale is 1 for a summed loss, 1/B for a mean. Rows are independent; the
+    batch loss is summed afterwards in a fixed order by the caller. One thread (see SERIAL).
     """
     B, C = Z.shape
     sc = np.float32(scale)
-    for i in prange(B):
+    for i in range(B):
         zmax = Z[i, 0]
         arg = 0
         for c in range(1, C):

@@ -98,7 +98,7 @@ class Job:
         for _ in range(workers):
             try:
                 p = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
                 self.procs.append(p)
                 p.stdin.write(payload)
                 p.stdin.close()
@@ -106,16 +106,20 @@ class Job:
                 pass
 
     def join(self) -> None:
-        """Compile the kernels no worker took yet, then wait for the workers (a worker that failed leaves
-        its kernel to be compiled when it is first called)."""
+        """Compile the kernels no worker took yet, then wait until the workers have saved theirs (a worker
+        that failed leaves its kernel to be compiled when it is first called). A worker says so on its
+        stdout before it exits: its interpreter's shutdown takes a few tenths of a second nobody waits for."""
         compile_claimed(self.plan, self.claims)
-        self.close(kill=False)
+        for p in self.procs:
+            p.stdout.readline()  # "done", or nothing when it died
+        shutil.rmtree(self.claims, ignore_errors=True)
 
     def close(self, kill: bool = True) -> None:
         for p in self.procs:
             if kill:
                 p.kill()
             p.wait()
+            p.stdout.close()
         self.procs = []
         shutil.rmtree(self.claims, ignore_errors=True)
 
@@ -156,3 +160,4 @@ def start(plan: list[Entry]) -> Job:
 
 if __name__ == "__main__":
     compile_claimed(*pickle.load(sys.stdin.buffer))
+    print("done", flush=True)

@@ -50,6 +50,19 @@ def test_a_worker_compiles_its_claims_into_the_cache(tmp_path, monkeypatch):
     assert not job.claims.exists()
 
 
+def test_join_goes_on_when_a_worker_died(tmp_path, monkeypatch):
+    """join waits for each worker's word that its kernels are saved; a worker that died says nothing, and
+    this process then compiles what it had not claimed yet."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    loss = np.zeros(3, np.float32)
+    plan = precompile.record(lambda: kernels.total(loss))
+    with precompile.Job(plan, workers=1) as job:
+        job.procs[0].kill()  # before it could claim anything: it takes tenths of a second to start
+        job.join()  # returns: the dead worker's stdout is at its end
+        assert not job.claims.exists()
+    assert plan[0][2] in kernels.total.overloads  # compiled (or loaded) here
+
+
 def test_commands_that_do_not_train_compile_no_training_kernel(tmp_path, mnist_path):
     cache = tmp_path / "cache"
     ck = tmp_path / "m.ck"

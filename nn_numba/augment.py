@@ -27,7 +27,8 @@ from nn_numba import jitcache, rng
 from nn_numba.config import Augment
 from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255
 from nn_numba.kernels import gather
-from nn_numba.simd import prefetch
+from nn_numba.simd import W as LANES
+from nn_numba.simd import prefetch, vadd, vbcast, vloadn, vmul, vstoren, vzero
 
 __all__ = ["Augment", "augment_batch", "augment_grid", "augment_listed"]
 
@@ -70,17 +71,61 @@ def _pad(src, pad):
             pad[(y + 1) * W + x + 1] = LUT[src[y * S + x]]
 
 
+ALL = (0, W, 0, W)  # a box (_lit_box) that holds every sampling position: no pixel is skipped
+
+
 @njit(inline="always")
-def _warp_row(pad, o, y, m, ex, ey, kk, wx, wy):
-    # One output row y: o[y*28 + x] = bilinear sample of pad at m @ (x, y, 1) + (ex[x], ey[x]).
+def _lit_box(src, cor):
+    # The sampling positions that can read a lit pixel of src (784,) u8, a row of a C-contiguous array:
+    # (x, w, y, h) such that a bilinear sample whose top-left corner (x0, y0), in padded coordinates, has
+    # 0 <= x0 - x <= w and 0 <= y0 - y <= h touches the lit pixels' bounding box; no corner does for a blank image.
+    # cor (7,) u64 scratch. Whole 8-pixel words: the first and last lit rows from the first and last
+    # non-zero word (a digit leaves a few rows blank), the columns from an OR of the pairs of rows between
+    # (two rows are 7 words), about a hundred operations.
+    w = src.view(np.uint64)
+    i, j = 0, w.shape[0] - 1
+    while i <= j and w[i] == 0:
+        i += 1
+    if i > j:
+        return (0, 0, -1, 0)  # y0 - -1 > 0: no corner
+    while w[j] == 0:
+        j -= 1
+    first, last = 8 * i, 8 * j + 7
+    while src[first] == 0:
+        first += 1
+    while src[last] == 0:
+        last -= 1
+    y0, y1 = first // S, last // S
+    for k in range(7):
+        cor[k] = 0
+    for p in range(y0 // 2, y1 // 2 + 1):
+        for k in range(7):
+            cor[k] |= w[7 * p + k]
+    c = cor.view(np.uint8)  # the columns of the even rows, then of the odd rows
+    x0, x1 = 0, S - 1
+    while c[x0] | c[S + x0] == 0:
+        x0 += 1
+    while c[x1] | c[S + x1] == 0:
+        x1 -= 1
+    return (x0, x1 + 1 - x0, y0, y1 + 1 - y0)  # image pixel x is padded x + 1, read from corners x and x + 1
+
+
+@njit(inline="always")
+def _warp_row(pad, o, y, m, ex, ey, kk, wx, wy, lit, box):
+    # One output row y: o[y*28 + x] = bilinear sample of pad at m @ (x, y, 1) + (ex[x], ey[x]); the span
+    # [x_a, x_z) of x it sampled, outside which o is exactly +0.
     # pad (W*W,) f32 from _pad, o (784,) f32, m (2, 3) f32, ex ey (28,) f32 displacements,
-    # kk (28,) i32, wx wy (28,) f32 scratch. Two passes because the first (arithmetic) vectorises and the
-    # second (4 indexed loads per pixel) does not. Positions are clamped into [-1, 28] + 1: outside the
-    # image that lands on the zero border with weights 1 and 0, so it reads 0 without a branch.
+    # kk (28,) i32, wx wy (28,) f32 scratch, box from _lit_box (ALL: sample every pixel). Two passes because
+    # the first (arithmetic) vectorises and the second (4 indexed loads per pixel) does not. Positions are
+    # clamped into [-1, 28] + 1: outside the image that lands on the zero border with weights 1 and 0, so it
+    # reads 0 without a branch. The second pass only runs from the first to the last x whose corner lies in
+    # the box; the pixels around it sample four zeros, and four zeros (pixels >= 0, weights >= 0) give +0,
+    # which is what it writes for them.
     one = np.float32(1)
     lo = np.float32(0)
     hi = np.float32(S + 1)
     fy = np.float32(y)
+    bx, bw, by, bh = np.int32(box[0]), np.uint32(box[1]), np.int32(box[2]), np.uint32(box[3])
     a, c, e = m[0, 0], m[0, 1], m[0, 2] + one  # + 1: padded coordinates
     d, g, k = m[1, 0], m[1, 1], m[1, 2] + one
     for x in range(S):
@@ -92,13 +137,24 @@ def _warp_row(pad, o, y, m, ex, ey, kk, wx, wy):
         wx[x] = px - np.float32(x0)
         wy[x] = py - np.float32(y0)
         kk[x] = y0 * np.int32(W) + x0
+        lit[x] = np.int32((np.uint32(x0 - bx) <= bw) & (np.uint32(y0 - by) <= bh))
+    x_a, x_z = 0, S
+    while x_a < x_z and lit[x_a] == 0:
+        x_a += 1
+    while x_z > x_a and lit[x_z - 1] == 0:
+        x_z -= 1
     r = y * S
-    for x in range(S):
+    for x in range(x_a):
+        o[r + x] = np.float32(0)
+    for x in range(x_a, x_z):
         q = kk[x]
         tx = wx[x]
         top = pad[q] + tx * (pad[q + 1] - pad[q])
         bot = pad[q + W] + tx * (pad[q + W + 1] - pad[q + W])
         o[r + x] = top + wy[x] * (bot - top)
+    for x in range(x_z, S):
+        o[r + x] = np.float32(0)
+    return x_a, x_z
 
 
 @njit(parallel=True, cache=True)
@@ -113,8 +169,9 @@ def affine_gather(X_u8, idx, mats, out):
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
+        lit = np.empty(S, dtype=np.int32)
         for y in range(S):
-            _warp_row(pad, out[b], y, mats[b], zero, zero, kk, wx, wy)
+            _warp_row(pad, out[b], y, mats[b], zero, zero, kk, wx, wy, lit, ALL)
 
 
 @njit(parallel=True, cache=True)
@@ -125,28 +182,31 @@ def elastic_gather(X_u8, idx, mats, field, out):
     # into a smooth (C2) per-pixel field that is added to the affine source position, so affine + elastic
     # cost one sampling pass. prange over samples: one writer per output row; the rest is per-sample scratch.
     G = field.shape[2] - 2
-    gi, gw = _spline(G)
+    gi, gw, gd = _spline(G)
     for b in prange(idx.shape[0]):
         pad = np.zeros(W * W, dtype=np.float32)
         _pad(X_u8[idx[b]], pad)
-        T = np.empty((2, G + 2, S), dtype=np.float32)
-        _spline_x(field[b], gi, gw, T)
+        T = np.empty((2 * (G + 2), S), dtype=np.float32)
+        _spline_x(field[b], gd, T)
         ex = np.empty(S, dtype=np.float32)  # the displacement along image row y
         ey = np.empty(S, dtype=np.float32)
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
+        lit = np.empty(S, dtype=np.int32)
         for y in range(S):
             _spline_y(T, gi, gw, y, ex, ey)
-            _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
+            _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy, lit, ALL)
 
 
 @njit(inline="always")
 def _spline(G):
     # The cubic B-spline over G inner nodes is separable and the same for both axes and all samples: pixel
-    # x (or row y) uses nodes gi[x] .. gi[x] + 3 of the ringed grid with weights gw[x, 0..3].
+    # x (or row y) uses nodes gi[x] .. gi[x] + 3 of the ringed grid with weights gw[x, 0..3]; gd (G + 2,
+    # 28) holds the same weights by node, gd[gi[x] + t, x] = gw[x, t], zeros elsewhere (for _spline_x).
     gi = np.empty(S, dtype=np.int64)
     gw = np.empty((S, 4), dtype=np.float32)
+    gd = np.zeros((G + 2, S), dtype=np.float32)
     h = np.float32(G - 1) / np.float32(S - 1)  # grid cells per pixel
     sixth = np.float32(1) / np.float32(6)
     for x in range(S):
@@ -158,36 +218,43 @@ def _spline(G):
         gw[x, 1] = (np.float32(3) * t * t * (t - np.float32(2)) + np.float32(4)) * sixth
         gw[x, 2] = (np.float32(3) * t * (np.float32(1) + t - t * t) + np.float32(1)) * sixth
         gw[x, 3] = t * t * t * sixth
-    return gi, gw
+        for k in range(4):
+            gd[gi[x] + k, x] = gw[x, k]
+    return gi, gw, gd
 
 
 @njit(inline="always")
-def _spline_x(f, gi, gw, T):
-    # f (2, G + 2, G + 2) one sample's nodes -> T (2, G + 2, 28): every node row interpolated along x to
-    # all 28 columns (4 taps, indexed loads).
+def _spline_x(f, gd, T):
+    # f (2, G + 2, G + 2) one sample's nodes -> T (2 (G + 2), 28): every node row interpolated along x to
+    # all 28 columns, T[c (G + 2) + j, x]. By node, in vectors of columns (a pixel's 4 taps are indexed
+    # loads otherwise): T[., x] sums gd[i, x] f[c, j, i] over the nodes i in order, which are x's 4 taps
+    # gw[x, 0..3] in order between exact zeros: the same sum, perhaps but for the sign of a zero.
+    n = f.shape[1]
     for c in range(2):
-        for j in range(f.shape[1]):
-            for x in range(S):
-                i = gi[x]
-                T[c, j, x] = (gw[x, 0] * f[c, j, i] + gw[x, 1] * f[c, j, i + 1]
-                              + gw[x, 2] * f[c, j, i + 2] + gw[x, 3] * f[c, j, i + 3])
+        for j in range(n):
+            for k in range(0, S, LANES):
+                acc = vzero()
+                for i in range(n):
+                    acc = vadd(acc, vmul(vloadn(gd, i, k, S - k), vbcast(f[c, j, i])))
+                vstoren(T, c * n + j, k, acc, S - k)
 
 
 @njit(inline="always")
 def _spline_y(T, gi, gw, y, ex, ey):
     # ... and along y for image row y: ex, ey (28,) its x and y displacements (contiguous rows, vectorises).
+    n = T.shape[0] // 2
     j = gi[y]
     w0, w1, w2, w3 = gw[y, 0], gw[y, 1], gw[y, 2], gw[y, 3]
     for x in range(S):
-        ex[x] = w0 * T[0, j, x] + w1 * T[0, j + 1, x] + w2 * T[0, j + 2, x] + w3 * T[0, j + 3, x]
-        ey[x] = w0 * T[1, j, x] + w1 * T[1, j + 1, x] + w2 * T[1, j + 2, x] + w3 * T[1, j + 3, x]
+        ex[x] = w0 * T[j, x] + w1 * T[j + 1, x] + w2 * T[j + 2, x] + w3 * T[j + 3, x]
+        ey[x] = w0 * T[n + j, x] + w1 * T[n + j + 1, x] + w2 * T[n + j + 2, x] + w3 * T[n + j + 3, x]
 
 
 @njit(inline="always")
-def _list_row(o, r, cols, vals, n):
-    # Append the non-zeros of o[r : r + 28] to cols, vals (n of them so far); the new count. Branch-free as
+def _list_row(o, k0, k1, cols, vals, n):
+    # Append the non-zeros of o[k0 : k1] to cols, vals (n of them so far); the new count. Branch-free as
     # kernels.nonzeros: a zero is written, then overwritten.
-    for k in range(r, r + S):
+    for k in range(k0, k1):
         v = o[k]
         cols[n] = k
         vals[n] = v
@@ -206,35 +273,39 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
     # affine_gather (an integer shift is an exact affine map), G the ringed elastic grid's side
     # (grid_size + 2, 0 without elastic): the field of the sample at position q0 + b is _draw_field's with
     # rng.sample_key(key(seed, AUGMENT, epoch), q0 + b), as draws() makes it, and the float ops are
-    # elastic_gather's, so a batch equals draws() + apply() bit for bit.
+    # elastic_gather's, so a batch equals draws() + apply() bit for bit. Each row samples only the span of
+    # pixels that can read the digit (_lit_box, _warp_row), about half of them, and lists only that span.
     # prange over chunks of samples: one writer per output row, scratch per chunk; the next sample's
     # pixels are prefetched (random rows: DRAM latency otherwise).
-    gi, gw = _spline(max(G - 2, 2))
+    gi, gw, gd = _spline(max(G - 2, 2))
     akey = rng.key(seed, rng.AUGMENT, epoch)
     B = idx.shape[0]
     for t in prange((B + CHUNK - 1) // CHUNK):
         pad = np.zeros(W * W, dtype=np.float32)  # the border stays zero, _pad rewrites the image
         f = np.empty((2, G, G), dtype=np.float32)
-        T = np.empty((2, G, S), dtype=np.float32)
+        T = np.empty((2 * G, S), dtype=np.float32)
         ex = np.zeros(S, dtype=np.float32)  # stays zero without elastic, as affine_gather's
         ey = np.zeros(S, dtype=np.float32)
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
+        lit = np.empty(S, dtype=np.int32)
+        cor = np.empty(7, dtype=np.uint64)
         for b in range(t * CHUNK, min(B, t * CHUNK + CHUNK)):
             if b + 1 < B:
                 for k in range(0, P, 64):
                     prefetch(X_u8, idx[b + 1], k)
             _pad(X_u8[idx[b]], pad)
+            box = _lit_box(X_u8[idx[b]], cor)
             if G > 0:
                 _draw_field(rng.sample_key(akey, q0 + b), alpha, f)
-                _spline_x(f, gi, gw, T)
+                _spline_x(f, gd, T)
             n = 0
             for y in range(S):
                 if G > 0:
                     _spline_y(T, gi, gw, y, ex, ey)
-                _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
-                n = _list_row(out[b], y * S, cols[b], vals[b], n)
+                a, z = _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy, lit, box)
+                n = _list_row(out[b], y * S + a, y * S + z, cols[b], vals[b], n)
             cnt[b] = n
 
 

@@ -45,6 +45,19 @@ def digits(mnist_path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=16).reshape(-1, S * S)
 
 
+@pytest.fixture(scope="module")
+def edges() -> np.ndarray:
+    """Images whose lit pixels sit where a sampler that skips the blank surround could go wrong: none at all,
+    one in each corner, one in the middle, a full first row, a full last column, a 2 x 2 block."""
+    imgs = np.zeros((9, S, S), np.uint8)
+    imgs[1, 0, 0] = imgs[2, 0, S - 1] = imgs[3, S - 1, 0] = imgs[4, S - 1, S - 1] = 255
+    imgs[5, 14, 13] = 1
+    imgs[6, 0, :] = 200
+    imgs[7, :, S - 1] = 90
+    imgs[8, 20:22, 5:7] = 255
+    return imgs.reshape(-1, S * S)
+
+
 def plain(X, idx):
     return (X[idx] / 255).astype(np.float32)
 
@@ -261,18 +274,20 @@ LISTED = {**MODES, "default": load_config(ROOT / "configs" / "default.toml").aug
 
 
 @pytest.mark.parametrize("mode", list(LISTED))
-def test_listed_pass_is_draws_apply_and_nonzeros(X, digits, mode):
+def test_listed_pass_is_draws_apply_and_nonzeros(X, digits, edges, mode):
     """Training's one pass (augment_listed) writes draws() + apply()'s batch bit for bit, and its non-zero
-    lists are kernels.nonzeros' of that batch: real digits and the random images, a chunk-and-a-bit and a
-    full batch at odd positions, 1 and 2 threads."""
+    lists are kernels.nonzeros' of that batch: real digits, the random images and the edge cases (it samples
+    only around the lit pixels), a chunk-and-a-bit and a full batch at odd positions, 1 and 2 threads."""
     aug = LISTED[mode]
     nz, want = nonzeros_bufs(128, S * S), nonzeros_bufs(128, S * S)
     before = numba.get_num_threads()
     try:
         for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
             numba.set_num_threads(n)
-            for data, B, q0 in ((digits, 128, 54_001), (X, 13, 7), (digits, 37, 3 * 128)):
+            for data, B, q0 in ((digits, 128, 54_001), (X, 13, 7), (digits, 37, 3 * 128), (edges, 45, 11)):
                 idx = np.random.default_rng(q0).integers(0, len(data), B)
+                if data is edges:
+                    idx = np.arange(B) % len(edges)  # each one 5 times, with 5 different distortions
                 out, ref_out = np.full((B, S * S), np.nan, np.float32), np.empty((B, S * S), np.float32)
                 augment_listed(data, idx, out, nz.count, nz.cols, nz.vals, aug, 21, 4, q0)
                 apply(data, idx, ref_out, aug, draws(aug, 21, 4, q0, B))

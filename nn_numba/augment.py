@@ -188,15 +188,14 @@ def elastic_gather(X_u8, idx, mats, field, out):
         _pad(X_u8[idx[b]], pad)
         T = np.empty((2 * (G + 2), S), dtype=np.float32)
         _spline_x(field[b], gd, T)
-        ex = np.empty(S, dtype=np.float32)  # the displacement along image row y
-        ey = np.empty(S, dtype=np.float32)
+        E = np.empty((2, S), dtype=np.float32)  # the x and y displacements along image row y
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
         lit = np.empty(S, dtype=np.int32)
         for y in range(S):
-            _spline_y(T, gi, gw, y, ex, ey)
-            _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy, lit, ALL)
+            _spline_y(T, gi, gw, y, E)
+            _warp_row(pad, out[b], y, mats[b], E[0], E[1], kk, wx, wy, lit, ALL)
 
 
 @njit(inline="always")
@@ -240,14 +239,18 @@ def _spline_x(f, gd, T):
 
 
 @njit(inline="always")
-def _spline_y(T, gi, gw, y, ex, ey):
-    # ... and along y for image row y: ex, ey (28,) its x and y displacements (contiguous rows, vectorises).
+def _spline_y(T, gi, gw, y, E):
+    # ... and along y for image row y: E (2, 28) its x and y displacements, from 4 rows of T each, in
+    # vectors of columns (the sums in tap order, as a pixel's scalar sum).
     n = T.shape[0] // 2
     j = gi[y]
-    w0, w1, w2, w3 = gw[y, 0], gw[y, 1], gw[y, 2], gw[y, 3]
-    for x in range(S):
-        ex[x] = w0 * T[j, x] + w1 * T[j + 1, x] + w2 * T[j + 2, x] + w3 * T[j + 3, x]
-        ey[x] = w0 * T[n + j, x] + w1 * T[n + j + 1, x] + w2 * T[n + j + 2, x] + w3 * T[n + j + 3, x]
+    w0, w1, w2, w3 = vbcast(gw[y, 0]), vbcast(gw[y, 1]), vbcast(gw[y, 2]), vbcast(gw[y, 3])
+    for c in range(2):
+        r = c * n + j
+        for k in range(0, S, LANES):
+            s = vadd(vadd(vadd(vmul(w0, vloadn(T, r, k, S - k)), vmul(w1, vloadn(T, r + 1, k, S - k))),
+                          vmul(w2, vloadn(T, r + 2, k, S - k))), vmul(w3, vloadn(T, r + 3, k, S - k)))
+            vstoren(E, c, k, s, S - k)
 
 
 @njit(inline="always")
@@ -284,8 +287,7 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
         pad = np.zeros(W * W, dtype=np.float32)  # the border stays zero, _pad rewrites the image
         f = np.empty((2, G, G), dtype=np.float32)
         T = np.empty((2 * G, S), dtype=np.float32)
-        ex = np.zeros(S, dtype=np.float32)  # stays zero without elastic, as affine_gather's
-        ey = np.zeros(S, dtype=np.float32)
+        E = np.zeros((2, S), dtype=np.float32)  # stays zero without elastic, as affine_gather's
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
@@ -303,8 +305,8 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
             n = 0
             for y in range(S):
                 if G > 0:
-                    _spline_y(T, gi, gw, y, ex, ey)
-                a, z = _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy, lit, box)
+                    _spline_y(T, gi, gw, y, E)
+                a, z = _warp_row(pad, out[b], y, mats[b], E[0], E[1], kk, wx, wy, lit, box)
                 n = _list_row(out[b], y * S + a, y * S + z, cols[b], vals[b], n)
             cnt[b] = n
 

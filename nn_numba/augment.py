@@ -71,61 +71,17 @@ def _pad(src, pad):
             pad[(y + 1) * W + x + 1] = LUT[src[y * S + x]]
 
 
-ALL = (0, W, 0, W)  # a box (_lit_box) that holds every sampling position: no pixel is skipped
-
-
 @njit(inline="always")
-def _lit_box(src, cor):
-    # The sampling positions that can read a lit pixel of src (784,) u8, a row of a C-contiguous array:
-    # (x, w, y, h) such that a bilinear sample whose top-left corner (x0, y0), in padded coordinates, has
-    # 0 <= x0 - x <= w and 0 <= y0 - y <= h touches the lit pixels' bounding box; no corner does for a blank image.
-    # cor (7,) u64 scratch. Whole 8-pixel words: the first and last lit rows from the first and last
-    # non-zero word (a digit leaves a few rows blank), the columns from an OR of the pairs of rows between
-    # (two rows are 7 words), about a hundred operations.
-    w = src.view(np.uint64)
-    i, j = 0, w.shape[0] - 1
-    while i <= j and w[i] == 0:
-        i += 1
-    if i > j:
-        return (0, 0, -1, 0)  # y0 - -1 > 0: no corner
-    while w[j] == 0:
-        j -= 1
-    first, last = 8 * i, 8 * j + 7
-    while src[first] == 0:
-        first += 1
-    while src[last] == 0:
-        last -= 1
-    y0, y1 = first // S, last // S
-    for k in range(7):
-        cor[k] = 0
-    for p in range(y0 // 2, y1 // 2 + 1):
-        for k in range(7):
-            cor[k] |= w[7 * p + k]
-    c = cor.view(np.uint8)  # the columns of the even rows, then of the odd rows
-    x0, x1 = 0, S - 1
-    while c[x0] | c[S + x0] == 0:
-        x0 += 1
-    while c[x1] | c[S + x1] == 0:
-        x1 -= 1
-    return (x0, x1 + 1 - x0, y0, y1 + 1 - y0)  # image pixel x is padded x + 1, read from corners x and x + 1
-
-
-@njit(inline="always")
-def _warp_row(pad, o, y, m, ex, ey, kk, wx, wy, lit, box):
-    # One output row y: o[y*28 + x] = bilinear sample of pad at m @ (x, y, 1) + (ex[x], ey[x]); the span
-    # [x_a, x_z) of x it sampled, outside which o is exactly +0.
+def _warp_row(pad, o, y, m, ex, ey, kk, wx, wy):
+    # One output row y: o[y*28 + x] = bilinear sample of pad at m @ (x, y, 1) + (ex[x], ey[x]).
     # pad (W*W,) f32 from _pad, o (784,) f32, m (2, 3) f32, ex ey (28,) f32 displacements,
-    # kk (28,) i32, wx wy (28,) f32 scratch, box from _lit_box (ALL: sample every pixel). Two passes because
-    # the first (arithmetic) vectorises and the second (4 indexed loads per pixel) does not. Positions are
-    # clamped into [-1, 28] + 1: outside the image that lands on the zero border with weights 1 and 0, so it
-    # reads 0 without a branch. The second pass only runs from the first to the last x whose corner lies in
-    # the box; the pixels around it sample four zeros, and four zeros (pixels >= 0, weights >= 0) give +0,
-    # which is what it writes for them.
+    # kk (28,) i32, wx wy (28,) f32 scratch. Two passes because the first (arithmetic) vectorises and the
+    # second (4 indexed loads per pixel) does not. Positions are clamped into [-1, 28] + 1: outside the
+    # image that lands on the zero border with weights 1 and 0, so it reads 0 without a branch.
     one = np.float32(1)
     lo = np.float32(0)
     hi = np.float32(S + 1)
     fy = np.float32(y)
-    bx, bw, by, bh = np.int32(box[0]), np.uint32(box[1]), np.int32(box[2]), np.uint32(box[3])
     a, c, e = m[0, 0], m[0, 1], m[0, 2] + one  # + 1: padded coordinates
     d, g, k = m[1, 0], m[1, 1], m[1, 2] + one
     for x in range(S):
@@ -137,24 +93,13 @@ def _warp_row(pad, o, y, m, ex, ey, kk, wx, wy, lit, box):
         wx[x] = px - np.float32(x0)
         wy[x] = py - np.float32(y0)
         kk[x] = y0 * np.int32(W) + x0
-        lit[x] = np.int32((np.uint32(x0 - bx) <= bw) & (np.uint32(y0 - by) <= bh))
-    x_a, x_z = 0, S
-    while x_a < x_z and lit[x_a] == 0:
-        x_a += 1
-    while x_z > x_a and lit[x_z - 1] == 0:
-        x_z -= 1
     r = y * S
-    for x in range(x_a):
-        o[r + x] = np.float32(0)
-    for x in range(x_a, x_z):
+    for x in range(S):
         q = kk[x]
         tx = wx[x]
         top = pad[q] + tx * (pad[q + 1] - pad[q])
         bot = pad[q + W] + tx * (pad[q + W + 1] - pad[q + W])
         o[r + x] = top + wy[x] * (bot - top)
-    for x in range(x_z, S):
-        o[r + x] = np.float32(0)
-    return x_a, x_z
 
 
 @njit(parallel=True, cache=True)
@@ -169,9 +114,8 @@ def affine_gather(X_u8, idx, mats, out):
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
-        lit = np.empty(S, dtype=np.int32)
         for y in range(S):
-            _warp_row(pad, out[b], y, mats[b], zero, zero, kk, wx, wy, lit, ALL)
+            _warp_row(pad, out[b], y, mats[b], zero, zero, kk, wx, wy)
 
 
 @njit(parallel=True, cache=True)
@@ -188,14 +132,13 @@ def elastic_gather(X_u8, idx, mats, field, out):
         _pad(X_u8[idx[b]], pad)
         T = np.empty((2 * (G + 2), S), dtype=np.float32)
         _spline_x(field[b], gd, T)
-        E = np.empty((2, S), dtype=np.float32)  # the x and y displacements along image row y
+        E = np.empty((2, S), dtype=np.float32)
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
-        lit = np.empty(S, dtype=np.int32)
         for y in range(S):
             _spline_y(T, gi, gw, y, E)
-            _warp_row(pad, out[b], y, mats[b], E[0], E[1], kk, wx, wy, lit, ALL)
+            _warp_row(pad, out[b], y, mats[b], E[0], E[1], kk, wx, wy)
 
 
 @njit(inline="always")
@@ -254,10 +197,10 @@ def _spline_y(T, gi, gw, y, E):
 
 
 @njit(inline="always")
-def _list_row(o, k0, k1, cols, vals, n):
-    # Append the non-zeros of o[k0 : k1] to cols, vals (n of them so far); the new count. Branch-free as
+def _list_row(o, r, cols, vals, n):
+    # Append the non-zeros of o[r : r + 28] to cols, vals (n of them so far); the new count. Branch-free as
     # kernels.nonzeros: a zero is written, then overwritten.
-    for k in range(k0, k1):
+    for k in range(r, r + S):
         v = o[k]
         cols[n] = k
         vals[n] = v
@@ -276,8 +219,7 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
     # affine_gather (an integer shift is an exact affine map), G the ringed elastic grid's side
     # (grid_size + 2, 0 without elastic): the field of the sample at position q0 + b is _draw_field's with
     # rng.sample_key(key(seed, AUGMENT, epoch), q0 + b), as draws() makes it, and the float ops are
-    # elastic_gather's, so a batch equals draws() + apply() bit for bit. Each row samples only the span of
-    # pixels that can read the digit (_lit_box, _warp_row), about half of them, and lists only that span.
+    # elastic_gather's, so a batch equals draws() + apply() bit for bit.
     # prange over chunks of samples: one writer per output row, scratch per chunk; the next sample's
     # pixels are prefetched (random rows: DRAM latency otherwise).
     gi, gw, gd = _spline(max(G - 2, 2))
@@ -287,18 +229,15 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
         pad = np.zeros(W * W, dtype=np.float32)  # the border stays zero, _pad rewrites the image
         f = np.empty((2, G, G), dtype=np.float32)
         T = np.empty((2 * G, S), dtype=np.float32)
-        E = np.zeros((2, S), dtype=np.float32)  # stays zero without elastic, as affine_gather's
+        E = np.zeros((2, S), dtype=np.float32)
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
-        lit = np.empty(S, dtype=np.int32)
-        cor = np.empty(7, dtype=np.uint64)
         for b in range(t * CHUNK, min(B, t * CHUNK + CHUNK)):
             if b + 1 < B:
                 for k in range(0, P, 64):
                     prefetch(X_u8, idx[b + 1], k)
             _pad(X_u8[idx[b]], pad)
-            box = _lit_box(X_u8[idx[b]], cor)
             if G > 0:
                 _draw_field(rng.sample_key(akey, q0 + b), alpha, f)
                 _spline_x(f, gd, T)
@@ -306,8 +245,8 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
             for y in range(S):
                 if G > 0:
                     _spline_y(T, gi, gw, y, E)
-                a, z = _warp_row(pad, out[b], y, mats[b], E[0], E[1], kk, wx, wy, lit, box)
-                n = _list_row(out[b], y * S + a, y * S + z, cols[b], vals[b], n)
+                _warp_row(pad, out[b], y, mats[b], E[0], E[1], kk, wx, wy)
+                n = _list_row(out[b], y * S, cols[b], vals[b], n)
             cnt[b] = n
 
 

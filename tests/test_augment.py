@@ -47,7 +47,7 @@ def digits(mnist_path) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def edges() -> np.ndarray:
-    """Images whose lit pixels sit where a sampler that skips the blank surround could go wrong: none at all,
+    """Sparse images whose lit pixels sit at the edges of what a sampler reads: none at all,
     one in each corner, one in the middle, a full first row, a full last column, a 2 x 2 block."""
     imgs = np.zeros((9, S, S), np.uint8)
     imgs[1, 0, 0] = imgs[2, 0, S - 1] = imgs[3, S - 1, 0] = imgs[4, S - 1, S - 1] = 255
@@ -276,8 +276,8 @@ LISTED = {**MODES, "default": load_config(ROOT / "configs" / "default.toml").aug
 @pytest.mark.parametrize("mode", list(LISTED))
 def test_listed_pass_is_draws_apply_and_nonzeros(X, digits, edges, mode):
     """Training's one pass (augment_listed) writes draws() + apply()'s batch bit for bit, and its non-zero
-    lists are kernels.nonzeros' of that batch: real digits, the random images and the edge cases (it samples
-    only around the lit pixels), a chunk-and-a-bit and a full batch at odd positions, 1 and 2 threads."""
+    lists are kernels.nonzeros' of that batch: real digits, the random images and sparse edge cases, a
+    chunk-and-a-bit and a full batch at odd positions, 1 and 2 threads."""
     aug = LISTED[mode]
     nz, want = nonzeros_bufs(128, S * S), nonzeros_bufs(128, S * S)
     before = numba.get_num_threads()

@@ -67,9 +67,9 @@ PIXEL = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
 _exact = dict(cache=True)
 
 # SERIAL: the small passes (softmax, the block lists, the packing of dYᵀ, evaluation's gather) run on one
-# thread. Each parallel loop is compiled into a function of its own with two wrappers, about half a second
-# of a first run's compile each (docs/performance.md, "Cold start"), while two threads would save a few
-# microseconds per step on so little work, and a parallel region costs a few to start.
+# thread. Numba compiles each parallel loop into a function of its own with two wrappers, 0.3-2 s of a first
+# run's compile per loop (docs/performance.md, "Parallel loops only where they pay"), while two threads
+# would save a few microseconds per step on so little work.
 
 
 def aligned_zeros(shape: int | tuple[int, ...], dtype=np.float32, align: int = 64) -> np.ndarray:

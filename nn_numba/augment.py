@@ -132,13 +132,14 @@ def elastic_gather(X_u8, idx, mats, field, out):
         _pad(X_u8[idx[b]], pad)
         T = np.empty((2 * (G + 2), S), dtype=np.float32)
         _spline_x(field[b], gd, T)
-        E = np.empty((2, S), dtype=np.float32)
+        E = np.empty((2, S), dtype=np.float32)  # the x and y displacements along image row y
+        ex, ey = E[0], E[1]
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
         for y in range(S):
             _spline_y(T, gi, gw, y, E)
-            _warp_row(pad, out[b], y, mats[b], E[0], E[1], kk, wx, wy)
+            _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
 
 
 @njit(inline="always")
@@ -229,7 +230,8 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
         pad = np.zeros(W * W, dtype=np.float32)  # the border stays zero, _pad rewrites the image
         f = np.empty((2, G, G), dtype=np.float32)
         T = np.empty((2 * G, S), dtype=np.float32)
-        E = np.zeros((2, S), dtype=np.float32)
+        E = np.zeros((2, S), dtype=np.float32)  # stays zero without elastic, as affine_gather's
+        ex, ey = E[0], E[1]
         kk = np.empty(S, dtype=np.int32)
         wx = np.empty(S, dtype=np.float32)
         wy = np.empty(S, dtype=np.float32)
@@ -245,7 +247,7 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
             for y in range(S):
                 if G > 0:
                     _spline_y(T, gi, gw, y, E)
-                _warp_row(pad, out[b], y, mats[b], E[0], E[1], kk, wx, wy)
+                _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
                 n = _list_row(out[b], y * S, cols[b], vals[b], n)
             cnt[b] = n
 

@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, prange
 from numba.extending import register_jitable
 
-from . import jitcache
+from . import jitcache, parlink
 from .optim import ADAM, MOMENTUM, NO_UPDATE, SGD
 from .simd import W as LANES
 from .simd import (
@@ -52,6 +52,7 @@ from .simd import (
 )
 
 jitcache.use()  # before the first cached kernel below: compiled kernels go to a folder keyed by their sources
+parlink.install()  # parallel loops' wrappers compiled once, inside their kernel
 
 # u8 -> float32 pixel, exactly u8 / 255 as the C++ port computes it: one table load per pixel instead of a
 # division.

@@ -11,28 +11,30 @@ kernels (docs/performance.md, "What the cold start does").
 
 The kernel's IR is the same, so its code computes the same values: LLVM may optimise in another order, but
 no kernel is compiled with fastmath, and IEEE arithmetic does not depend on the order of the passes.
-Where Numba lacks the pieces patched here, `install()` leaves it as it is.
+The patch is for the Numba versions whose parfor lowering was read and tested (VERIFIED); with any other,
+`install()` leaves Numba as it is and the first compile is just slower.
 """
 
 from __future__ import annotations
 
+import numba
 from numba.core import codegen
 from numba.core.compiler_lock import require_global_compiler_lock
 from numba.np.ufunc import parallel, wrappers
 
+VERIFIED = ("0.68",)  # numba major.minor
 _installed = False
 
 
 def install() -> bool:
-    """Compile parallel loops' wrappers by linking alone, from now on in this process; False when this
-    Numba does not have what the patch needs (then nothing changes)."""
+    """Compile parallel loops' wrappers by linking alone, from now on in this process; False for a Numba
+    that is not VERIFIED (then nothing changes)."""
     global _installed
     if _installed:
         return True
-    lib = codegen.CPUCodeLibrary
-    if not (hasattr(wrappers._GufuncWrapper, "_compile_wrapper") and hasattr(parallel, "build_gufunc_wrapper")
-            and all(hasattr(lib, a) for a in ("finalize", "_raise_if_finalized", "_get_module_for_linking"))):
+    if ".".join(numba.__version__.split(".")[:2]) not in VERIFIED:
         return False
+    lib = codegen.CPUCodeLibrary
     compile_wrapper, build_wrapper, finalize = (wrappers._GufuncWrapper._compile_wrapper,
                                                 parallel.build_gufunc_wrapper, lib.finalize)
 

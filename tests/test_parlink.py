@@ -46,3 +46,12 @@ def test_a_parallel_loop_linked_alone_computes_what_numba_computes_and_caches(tm
     assert hits == 0 and compiled == stock
     loaded, hits = _run(tmp_path, "parlink", "b")
     assert hits == 1 and loaded == stock  # the kernel's machine code from the cache, and it runs
+
+
+def test_an_unverified_numba_is_left_as_it_is():
+    code = ("import numba; numba.__version__ = '0.99.0'\n"
+            "from numba.core import codegen; before = codegen.CPUCodeLibrary.finalize\n"
+            "from nn_numba import parlink\n"
+            "assert parlink.install() is False and codegen.CPUCodeLibrary.finalize is before\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr

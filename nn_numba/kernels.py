@@ -52,7 +52,7 @@ from .simd import (
 )
 
 jitcache.use()  # before the first cached kernel below: compiled kernels go to a folder keyed by their sources
-parlink.install()  # parallel loops' wrappers compiled once, inside their kernel
+parlink.install()  # a parallel loop's body and wrappers compiled once, inside their kernel
 
 # u8 -> float32 pixel, exactly u8 / 255 as the C++ port computes it: one table load per pixel instead of a
 # division.

@@ -61,9 +61,34 @@ def _kernel(e: Entry) -> Dispatcher:
     return getattr(importlib.import_module(e[0]), e[1])
 
 
-def _cost(e: Entry) -> int:
-    """A kernel's source length: the larger ones take longer to compile, and go first."""
-    return len(inspect.getsource(_kernel(e).py_func))
+def _callees(f: Dispatcher, seen: dict[Dispatcher, None]) -> dict[Dispatcher, None]:
+    """f and the compiled functions it calls, directly or not (those its module's globals name)."""
+    if f not in seen:
+        seen[f] = None
+        code = f.py_func.__code__
+        names = set(code.co_names).union(*(c.co_names for c in code.co_consts if inspect.iscode(c)))
+        for n in names:
+            g = f.py_func.__globals__.get(n)
+            if isinstance(g, Dispatcher):
+                _callees(g, seen)
+    return seen
+
+
+def _size(f: Dispatcher) -> int:
+    return len(inspect.getsource(f.py_func))
+
+
+def _largest_first(plan: list[Entry]) -> list[Entry]:
+    """The plan, the kernels that take longest to compile first. Numba compiles a kernel with the functions it
+    calls, unless they are in the cache already: a kernel costs the source length of itself and of the
+    functions it calls that no costlier kernel calls (those are compiled and saved by then)."""
+    kernels = {e[:2]: _callees(_kernel(e), {}) for e in plan}
+    counted: set[Dispatcher] = set()
+    cost = {}
+    for k, fs in sorted(kernels.items(), key=lambda kv: sum(map(_size, kv[1])), reverse=True):
+        cost[k] = sum(_size(f) for f in fs if f not in counted)
+        counted.update(fs)
+    return sorted(plan, key=lambda e: cost[e[:2]], reverse=True)
 
 
 def compile_claimed(plan: list[Entry], claims: Path) -> None:
@@ -91,7 +116,7 @@ class Job:
     """Workers compiling a plan into the cache; `join` compiles the rest here and waits for them."""
 
     def __init__(self, plan: list[Entry], workers: int):
-        self.plan = sorted(plan, key=_cost, reverse=True)
+        self.plan = _largest_first(plan)
         self.claims = Path(tempfile.mkdtemp(prefix="nn-numba-claims-"))
         payload = pickle.dumps((self.plan, self.claims))
         self.procs = []

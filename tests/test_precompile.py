@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 from conftest import ROOT
+from numba import njit
 from PIL import Image
 
 from nn_numba import kernels, precompile
@@ -96,3 +97,34 @@ def test_a_claim_covers_every_specialisation_of_a_kernel(tmp_path):
     precompile.compile_claimed(plan, mine)
     assert sorted(p.name for p in mine.iterdir()) == ["0"] and {s for (s,) in sigs} <= {
         a for (a,) in kernels.total.overloads}
+
+
+@njit
+def _shared_helper(x):
+    """A helper long enough to be the larger part of each caller's compile: this docstring stands in for
+    its body, whose length is what the plan's order reads. Numba compiles it with the first caller and
+    loads it from the kernel cache for the next one, so it is counted once, for the costliest caller."""
+    return x + 1
+
+
+@njit
+def _calls_it(x):
+    """The costliest kernel: the helper and this."""
+    return _shared_helper(x) * 2
+
+
+@njit
+def _calls_it_too(x):
+    return _shared_helper(x) - 1
+
+
+@njit
+def _alone(x):
+    """A kernel longer than either caller alone, shorter than either with the helper. It goes before the
+    second caller, whose helper is compiled and saved by then."""
+    return x * 3
+
+
+def test_the_costliest_kernels_go_first_and_a_shared_helper_counts_once():
+    plan = [(__name__, f, ()) for f in ("_alone", "_calls_it_too", "_calls_it")]
+    assert [e[1] for e in precompile._largest_first(plan)] == ["_calls_it", "_alone", "_calls_it_too"]

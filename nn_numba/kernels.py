@@ -694,6 +694,11 @@ def sparse_backward_weight(nz, dY, WTp, bp, h):
                 c = j + LANES * (r % 2)
                 vstore(WT, k + r // 2, c, _sgd(vload(WT, k + r // 2, c), acc[r], h.lr))
             continue
+        if h.kind != NO_UPDATE and j + 2 * LANES <= N and k + 6 <= K:  # any other step, whole tile: inlined, so the
+            # gradient stays in registers (passed to _step_tile, the tile would go through memory)
+            for r in range(12):
+                _step(WT, MT, VT, k + r // 2, j + LANES * (r % 2), acc[r], LANES, h, h.weight_decay)
+            continue
         _step_tile(acc, WT, GT, MT, VT, k, j, min(6, K - k), N, h)
 
 

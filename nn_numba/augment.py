@@ -26,7 +26,7 @@ from numba import njit, prange
 from nn_numba import jitcache, rng
 from nn_numba.config import Augment
 from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255
-from nn_numba.kernels import gather
+from nn_numba.kernels import gather, list_nonzeros
 from nn_numba.simd import W as LANES
 from nn_numba.simd import prefetch, vadd, vbcast, vloadn, vmul, vstoren, vzero
 
@@ -197,18 +197,6 @@ def _spline_y(T, gi, gw, y, E):
             vstoren(E, c, k, s, S - k)
 
 
-@njit(inline="always")
-def _list_row(o, r, cols, vals, n):
-    # Append the non-zeros of o[r : r + 28] to cols, vals (n of them so far); the new count. Branch-free as
-    # kernels.nonzeros: a zero is written, then overwritten.
-    for k in range(r, r + S):
-        v = o[k]
-        cols[n] = k
-        vals[n] = v
-        n += v != 0
-    return n
-
-
 CHUNK = 8  # samples per prange task of warp_listed: its scratch is allocated once per task
 
 
@@ -222,7 +210,8 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
     # rng.sample_key(key(seed, AUGMENT, epoch), q0 + b), as draws() makes it, and the float ops are
     # elastic_gather's, so a batch equals draws() + apply() bit for bit.
     # prange over chunks of samples: one writer per output row, scratch per chunk; the next sample's
-    # pixels are prefetched (random rows: DRAM latency otherwise).
+    # pixels are prefetched (random rows: DRAM latency otherwise); each sample is listed
+    # (kernels.list_nonzeros) as soon as it is written, while it is in L1.
     gi, gw, gd = _spline(max(G - 2, 2))
     akey = rng.key(seed, rng.AUGMENT, epoch)
     B = idx.shape[0]
@@ -243,13 +232,11 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
             if G > 0:
                 _draw_field(rng.sample_key(akey, q0 + b), alpha, f)
                 _spline_x(f, gd, T)
-            n = 0
             for y in range(S):
                 if G > 0:
                     _spline_y(T, gi, gw, y, E)
                 _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
-                n = _list_row(out[b], y * S, cols[b], vals[b], n)
-            cnt[b] = n
+            cnt[b] = list_nonzeros(out, b, cols, vals)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -552,23 +552,32 @@ def nonzeros(X, cnt, cols, vals):
     appended branch-free (a zero is written, then overwritten), because a branch per pixel mispredicts at
     every stroke edge.
     """
-    B, K = X.shape
+    for i in prange(X.shape[0]):
+        cnt[i] = list_nonzeros(X, i, cols, vals)
+
+
+@njit(**_exact)
+def list_nonzeros(X, i, cols, vals):
+    """Row i of X (B, K) float32 listed as `nonzeros` lists it, into cols[i], vals[i]; the count. For
+    `nonzeros` and the augmentation's pass, which lists each sample as soon as it is written. Called, not
+    inlined: one call per sample costs nothing measurable, and a larger parallel loop's body takes Numba's
+    parfor passes disproportionately longer to compile."""
+    K = X.shape[1]
     K8 = K - K % 8
-    for i in prange(B):
-        c = 0
-        for k in range(0, K8, 8):
-            if vany(_ld(X, i, k, 8)):
-                for kk in range(k, k + 8):
-                    x = X[i, kk]
-                    cols[i, c] = kk
-                    vals[i, c] = x
-                    c += x != 0
-        for kk in range(K8, K):
-            x = X[i, kk]
-            cols[i, c] = kk
-            vals[i, c] = x
-            c += x != 0
-        cnt[i] = c
+    c = 0
+    for k in range(0, K8, 8):
+        if vany(_ld(X, i, k, 8)):
+            for kk in range(k, k + 8):
+                x = X[i, kk]
+                cols[i, c] = kk
+                vals[i, c] = x
+                c += x != 0
+    for kk in range(K8, K):
+        x = X[i, kk]
+        cols[i, c] = kk
+        vals[i, c] = x
+        c += x != 0
+    return c
 
 
 @njit(**_exact)

@@ -185,7 +185,7 @@ def gather_nonzeros(X_u8, X_u64, idx, lut, out, cnt, cols, vals):
         cnt[i] = c
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _st8(A, r, k, v):
     """A[r, k : k + 8] = the first 8 lanes of v: one vector store, masked when vectors are wider (AVX-512's
     masked stores are fast). For the 8-float slots and 8-pixel blocks whose width the data sets."""
@@ -487,7 +487,7 @@ def _step(P, M, V, r, k, g, n, h, wd):  # noqa: PLR0913
     _st(P, r, k, x, n)
 
 
-@njit(**_exact, inline="always")
+@njit(**_exact)
 def _sgd(x, g, lr):
     """x - lr·g in one rounding: the update of SGD and momentum in `_step`, and of the sparse weight
     gradient's plain-SGD tiles (whose weight decay is 0, so `_step` would add nothing else)."""
@@ -499,12 +499,15 @@ def _sgd(x, g, lr):
 _step_call = njit(**_exact)(_step.py_func)
 
 
-@njit(**_exact, inline="always")
+# The one-line helpers below are functions of their own, not inlined by Numba: LLVM inlines them when it
+# optimises the kernel (its machine code stays the same size, and as fast), while Numba's inlining copies and types
+# their IR again at every call site, which lengthens the first compile.
+@njit(**_exact)
 def _ld(A, r, k, n):
     return vload(A, r, k) if n >= LANES else vloadn(A, r, k, n)
 
 
-@njit(**_exact, inline="always")
+@njit(**_exact)
 def _st(A, r, k, x, n):
     if n >= LANES:
         vstore(A, r, k, x)

@@ -500,8 +500,8 @@ _step_call = njit(**_exact)(_step.py_func)
 
 
 # The one-line helpers below are functions of their own, not inlined by Numba: LLVM inlines them when it
-# optimises the kernel (its machine code stays the same size, and as fast), while Numba's inlining copies and types
-# their IR again at every call site, which lengthens the first compile.
+# optimises the kernel (its machine code stays the same size, and as fast), while Numba's inlining copies
+# and types their IR again at every call site, which lengthens the first compile.
 @njit(**_exact)
 def _ld(A, r, k, n):
     return vload(A, r, k) if n >= LANES else vloadn(A, r, k, n)

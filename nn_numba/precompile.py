@@ -78,7 +78,7 @@ def _size(f: Dispatcher) -> int:
     return len(inspect.getsource(f.py_func))
 
 
-def _largest_first(plan: list[Entry]) -> list[Entry]:
+def largest_first(plan: list[Entry]) -> list[Entry]:
     """The plan, the kernels that take longest to compile first. Numba compiles a kernel with the functions it
     calls, unless they are in the cache already: a kernel costs the source length of itself and of the
     functions it calls that no costlier kernel calls (those are compiled and saved by then)."""
@@ -116,7 +116,7 @@ class Job:
     """Workers compiling a plan into the cache; `join` compiles the rest here and waits for them."""
 
     def __init__(self, plan: list[Entry], workers: int):
-        self.plan = _largest_first(plan)
+        self.plan = largest_first(plan)
         self.claims = Path(tempfile.mkdtemp(prefix="nn-numba-claims-"))
         payload = pickle.dumps((self.plan, self.claims))
         self.procs = []

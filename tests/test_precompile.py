@@ -127,4 +127,4 @@ def _alone(x):
 
 def test_the_costliest_kernels_go_first_and_a_shared_helper_counts_once():
     plan = [(__name__, f, ()) for f in ("_alone", "_calls_it_too", "_calls_it")]
-    assert [e[1] for e in precompile._largest_first(plan)] == ["_calls_it", "_alone", "_calls_it_too"]
+    assert [e[1] for e in precompile.largest_first(plan)] == ["_calls_it", "_alone", "_calls_it_too"]

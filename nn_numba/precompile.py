@@ -75,13 +75,16 @@ def _callees(f: Dispatcher, seen: dict[Dispatcher, None]) -> dict[Dispatcher, No
 
 
 def _size(f: Dispatcher) -> int:
-    return len(inspect.getsource(f.py_func))
+    """The length of f's bytecode, its nested functions' included: what Numba compiles (its source would
+    count the comments too, and reading it takes a millisecond per function)."""
+    code = f.py_func.__code__
+    return len(code.co_code) + sum(len(c.co_code) for c in code.co_consts if inspect.iscode(c))
 
 
 def largest_first(plan: list[Entry]) -> list[Entry]:
     """The plan, the kernels that take longest to compile first. Numba compiles a kernel with the functions it
-    calls, unless they are in the cache already: a kernel costs the source length of itself and of the
-    functions it calls that no costlier kernel calls (those are compiled and saved by then)."""
+    calls, unless they are in the cache already: a kernel costs the size of itself and of the functions it
+    calls that no costlier kernel calls (those are compiled and saved by then)."""
     kernels = {e[:2]: _callees(_kernel(e), {}) for e in plan}
     counted: set[Dispatcher] = set()
     cost = {}

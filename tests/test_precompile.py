@@ -101,16 +101,18 @@ def test_a_claim_covers_every_specialisation_of_a_kernel(tmp_path):
 
 @njit
 def _shared_helper(x):
-    """A helper long enough to be the larger part of each caller's compile: this docstring stands in for
-    its body, whose length is what the plan's order reads. Numba compiles it with the first caller and
-    loads it from the kernel cache for the next one, so it is counted once, for the costliest caller."""
-    return x + 1
+    # the larger part of each caller's compile: Numba compiles it with the first caller and loads it from
+    # the kernel cache for the next one, so the plan's order counts it once, for the costliest caller
+    y = x + 1
+    y = y * 2 - x
+    y = y * y + 3
+    y = y - x * 5
+    return y * y - y
 
 
 @njit
-def _calls_it(x):
-    """The costliest kernel: the helper and this."""
-    return _shared_helper(x) * 2
+def _calls_it(x):  # the costliest kernel: the helper and this
+    return _shared_helper(x) * 2 + 1
 
 
 @njit
@@ -119,10 +121,8 @@ def _calls_it_too(x):
 
 
 @njit
-def _alone(x):
-    """A kernel longer than either caller alone, shorter than either with the helper. It goes before the
-    second caller, whose helper is compiled and saved by then."""
-    return x * 3
+def _alone(x):  # larger than either caller alone, smaller than either with the helper: before the second
+    return x * 3 + x * 5 + x * 7 + x * 9 + x * 11
 
 
 def test_the_costliest_kernels_go_first_and_a_shared_helper_counts_once():

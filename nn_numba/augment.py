@@ -28,7 +28,24 @@ from nn_numba.config import Augment
 from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255
 from nn_numba.kernels import gather, list_nonzeros
 from nn_numba.simd import W as LANES
-from nn_numba.simd import prefetch, vadd, vbcast, vloadn, vmul, vstoren, vzero
+from nn_numba.simd import (
+    bitspan,
+    prefetch,
+    vadd,
+    vany,
+    vbcast,
+    vbits,
+    vclamp,
+    vdiv,
+    vloadbytes,
+    vloadn,
+    vmul,
+    vstoreint,
+    vstoren,
+    vsub,
+    vtrunc,
+    vzero,
+)
 
 __all__ = ["Augment", "augment_batch", "augment_grid", "augment_listed"]
 
@@ -62,60 +79,106 @@ def shift_gather(X_u8, idx, dx, dy, out):
 W = S + 3  # side of the zero-padded source: 1 zero row/column before the image, 2 after
 
 
-@njit(inline="always")
-def _pad(src, pad):
-    # src (784,) u8 -> pad (W*W,) f32 pixel values, image at rows/columns 1..28, zero border.
-    # The border makes bilinear sampling branch-free: clamped positions outside read only zeros.
+@njit(cache=True)
+def _pad(X_u8, i, padm, col):
+    # X_u8[i] (784,) u8 -> padm (W, W) f32 pixel values u8 / 255 (as kernels.PIXEL), the image at rows and
+    # columns 1..28 inside a zero border, which makes bilinear sampling branch-free: clamped positions
+    # outside read only zeros. Returns the box (x0, x1, y0, y1) f32 of the lit pixels: a position (px, py)
+    # of the padded image can read one only if x0 < px < x1 and y0 < py < y1 (one column and row past the
+    # lit ones, as a bilinear sample reads its position's floor and floor + 1); no lit pixel: an empty box.
+    # col (1, 28) f32 scratch, the column sums.
+    v255 = vbcast(np.float32(255))
+    rows = 0
+    for k in range(0, S, LANES):
+        vstoren(col, 0, k, vzero(), S - k)
     for y in range(S):
-        for x in range(S):
-            pad[(y + 1) * W + x + 1] = LUT[src[y * S + x]]
+        for k in range(0, S, LANES):
+            v = vdiv(vloadbytes(X_u8, i, y * S + k, S - k), v255)  # correctly rounded: PIXEL's bits
+            vstoren(padm, y + 1, k + 1, v, S - k)
+            rows |= np.int64(vany(v)) << y
+            vstoren(col, 0, k, vadd(vloadn(col, 0, k, S - k), v), S - k)
+    cols = 0
+    for k in range(0, S, LANES):
+        cols |= vbits(vloadn(col, 0, k, S - k), np.float32(0), np.float32(np.inf), S - k) << k
+    if rows == 0:
+        return np.float32(1e9), np.float32(-1e9), np.float32(1e9), np.float32(-1e9)
+    x0, x1 = bitspan(cols)
+    y0, y1 = bitspan(rows)
+    return np.float32(x0), np.float32(x1 + 2), np.float32(y0), np.float32(y1 + 2)
 
 
 @njit(inline="always")
-def _warp_row(pad, o, y, m, ex, ey, kk, wx, wy):
-    # One output row y: o[y*28 + x] = bilinear sample of pad at m @ (x, y, 1) + (ex[x], ey[x]).
-    # pad (W*W,) f32 from _pad, o (784,) f32, m (2, 3) f32, ex ey (28,) f32 displacements,
-    # kk (28,) i32, wx wy (28,) f32 scratch. Two passes because the first (arithmetic) vectorises and the
-    # second (4 indexed loads per pixel) does not. Positions are clamped into [-1, 28] + 1: outside the
-    # image that lands on the zero border with weights 1 and 0, so it reads 0 without a branch.
+def _warp_row(pad, out, b, y, m, E, XS, kk, wx, wy, box):
+    # One output row y of sample b: out[b, y*28 + x] = bilinear sample of pad at m @ (x, y, 1) + (E[0, r + x],
+    # E[1, r + x]), r = 28 y. pad (W*W,) f32 from _pad, out (B, 784) f32, m (2, 3) f32, E (2, 784) f32 displacements,
+    # XS (1, 28) f32 the column numbers, kk (1, 28) i32, wx wy (1, 28) f32 scratch, box (x0, x1, y0, y1)
+    # f32 from _pad. Positions are clamped into [-1, 28] + 1: outside the image that lands on the zero
+    # border with weights 1 and 0, so it reads 0 without a branch. The positions are computed in vectors
+    # (each lane the scalar expression's ops in its order); the 4 indexed loads per pixel are scalar, and
+    # only from the first to the last pixel whose position falls inside the box: the others read only
+    # zeros and are +0.
     one = np.float32(1)
-    lo = np.float32(0)
-    hi = np.float32(S + 1)
+    lo, hi = vbcast(np.float32(0)), vbcast(np.float32(S + 1))
     fy = np.float32(y)
-    a, c, e = m[0, 0], m[0, 1], m[0, 2] + one  # + 1: padded coordinates
-    d, g, k = m[1, 0], m[1, 1], m[1, 2] + one
-    for x in range(S):
-        fx = np.float32(x)
-        px = min(max(a * fx + c * fy + e + ex[x], lo), hi)
-        py = min(max(d * fx + g * fy + k + ey[x], lo), hi)
-        x0 = np.int32(px)  # px >= 0: truncation is floor
-        y0 = np.int32(py)
-        wx[x] = px - np.float32(x0)
-        wy[x] = py - np.float32(y0)
-        kk[x] = y0 * np.int32(W) + x0
+    a, cy, e = vbcast(m[0, 0]), vbcast(m[0, 1] * fy), vbcast(m[0, 2] + one)  # + 1: padded coordinates
+    d, gy, k1 = vbcast(m[1, 0]), vbcast(m[1, 1] * fy), vbcast(m[1, 2] + one)
+    side = vbcast(np.float32(W))
+    lit = 0
     r = y * S
-    for x in range(S):
-        q = kk[x]
-        tx = wx[x]
+    for k in range(0, S, LANES):
+        n = S - k
+        fx = vloadn(XS, 0, k, n)
+        px = vclamp(vadd(vadd(vadd(vmul(a, fx), cy), e), vloadn(E, 0, r + k, n)), lo, hi)
+        py = vclamp(vadd(vadd(vadd(vmul(d, fx), gy), k1), vloadn(E, 1, r + k, n)), lo, hi)
+        x0, y0 = vtrunc(px), vtrunc(py)  # px >= 0: truncation is floor
+        vstoren(wx, 0, k, vsub(px, x0), n)
+        vstoren(wy, 0, k, vsub(py, y0), n)
+        vstoreint(kk, 0, k, vadd(vmul(y0, side), x0), n)
+        lit |= (vbits(px, box[0], box[1], n) & vbits(py, box[2], box[3], n)) << k
+    for k in range(0, S, LANES):
+        vstoren(out, b, r + k, vzero(), S - k)
+    if lit == 0:
+        return
+    first, last = bitspan(lit)
+    for x in range(first, last + 1):
+        q = kk[0, x]
+        tx = wx[0, x]
         top = pad[q] + tx * (pad[q + 1] - pad[q])
         bot = pad[q + W] + tx * (pad[q + W + 1] - pad[q + W])
-        o[r + x] = top + wy[x] * (bot - top)
+        out[b, r + x] = top + wy[0, x] * (bot - top)
+
+
+@njit(cache=True)
+def _warp(pad, out, b, m, E, XS, kk, wx, wy, box):
+    # All rows of sample b (_warp_row). A function called once per sample, not inlined, so that the parallel
+    # loops that call it stay small (Numba's parfor passes take disproportionately longer on a large body).
+    for y in range(S):
+        _warp_row(pad, out, b, y, m, E, XS, kk, wx, wy, box)
+
+
+EVERYWHERE = (np.float32(-2), np.float32(W + 1), np.float32(-2), np.float32(W + 1))  # a box that holds every position
+
+
+@njit(inline="always")
+def _scratch():
+    # A task's arrays for _pad and _warp_row: the padded image (W, W) and its flat view (W*W,), XS
+    # (1, 28) the column numbers, kk (1, 28) i32, wx wy col (1, 28) f32.
+    padm = np.zeros((W, W), dtype=np.float32)  # the border stays zero, _pad rewrites the image
+    XS = np.arange(S).astype(np.float32).reshape(1, S)
+    f = np.empty((3, 1, S), dtype=np.float32)
+    return padm, padm.reshape(W * W), XS, np.empty((1, S), dtype=np.int32), f[0], f[1], f[2]
 
 
 @njit(parallel=True, cache=True)
 def affine_gather(X_u8, idx, mats, out):
     # X_u8 (N, 784) u8, idx (B,) i64, out (B, 784) f32, mats (B, 2, 3) f32: inverse affine map from output
-    # pixel (x, y) to source (sx, sy) = mats[b] @ (x, y, 1); bilinear, zero outside.
+    # pixel (x, y) to source (sx, sy) = mats[b] @ (x, y, 1); bilinear, zero outside. Every pixel is sampled
+    # (the box holds every position); warp_listed must write the same bits while it samples fewer.
     # prange over samples: each output row is written by one thread only; the rest is per-sample scratch.
     for b in prange(idx.shape[0]):
-        pad = np.zeros(W * W, dtype=np.float32)
-        _pad(X_u8[idx[b]], pad)
-        zero = np.zeros(S, dtype=np.float32)
-        kk = np.empty(S, dtype=np.int32)
-        wx = np.empty(S, dtype=np.float32)
-        wy = np.empty(S, dtype=np.float32)
-        for y in range(S):
-            _warp_row(pad, out[b], y, mats[b], zero, zero, kk, wx, wy)
+        padm, pad, XS, kk, wx, wy, col = _scratch()
+        _pad(X_u8, idx[b], padm, col)
+        _warp(pad, out, b, mats[b], np.zeros((2, P), dtype=np.float32), XS, kk, wx, wy, EVERYWHERE)
 
 
 @njit(parallel=True, cache=True)
@@ -128,18 +191,12 @@ def elastic_gather(X_u8, idx, mats, field, out):
     G = field.shape[2] - 2
     gi, gw, gd = _spline(G)
     for b in prange(idx.shape[0]):
-        pad = np.zeros(W * W, dtype=np.float32)
-        _pad(X_u8[idx[b]], pad)
+        padm, pad, XS, kk, wx, wy, col = _scratch()
+        _pad(X_u8, idx[b], padm, col)
         T = np.empty((2 * (G + 2), S), dtype=np.float32)
-        _spline_x(field[b], gd, T)
-        E = np.empty((2, S), dtype=np.float32)  # the x and y displacements along image row y
-        ex, ey = E[0], E[1]
-        kk = np.empty(S, dtype=np.int32)
-        wx = np.empty(S, dtype=np.float32)
-        wy = np.empty(S, dtype=np.float32)
-        for y in range(S):
-            _spline_y(T, gi, gw, y, E)
-            _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
+        E = np.empty((2, P), dtype=np.float32)  # the x and y displacements of every pixel
+        _field(field[b], gi, gw, gd, T, E)
+        _warp(pad, out, b, mats[b], E, XS, kk, wx, wy, EVERYWHERE)
 
 
 @njit(inline="always")
@@ -184,8 +241,8 @@ def _spline_x(f, gd, T):
 
 @njit(inline="always")
 def _spline_y(T, gi, gw, y, E):
-    # ... and along y for image row y: E (2, 28) its x and y displacements, from 4 rows of T each, in
-    # vectors of columns (the sums in tap order, as a pixel's scalar sum).
+    # ... and along y for image row y: E[:, 28 y : 28 y + 28] its x and y displacements, from 4 rows of T
+    # each, in vectors of columns (the sums in tap order, as a pixel's scalar sum).
     n = T.shape[0] // 2
     j = gi[y]
     w0, w1, w2, w3 = vbcast(gw[y, 0]), vbcast(gw[y, 1]), vbcast(gw[y, 2]), vbcast(gw[y, 3])
@@ -194,7 +251,16 @@ def _spline_y(T, gi, gw, y, E):
         for k in range(0, S, LANES):
             s = vadd(vadd(vadd(vmul(w0, vloadn(T, r, k, S - k)), vmul(w1, vloadn(T, r + 1, k, S - k))),
                           vmul(w2, vloadn(T, r + 2, k, S - k))), vmul(w3, vloadn(T, r + 3, k, S - k)))
-            vstoren(E, c, k, s, S - k)
+            vstoren(E, c, y * S + k, s, S - k)
+
+
+@njit(cache=True)
+def _field(f, gi, gw, gd, T, E):
+    # f (2, G + 2, G + 2) one sample's nodes -> E (2, 784) the x and y displacement of every pixel; T
+    # (2 (G + 2), 28) scratch. Called once per sample, not inlined (see _warp).
+    _spline_x(f, gd, T)
+    for y in range(S):
+        _spline_y(T, gi, gw, y, E)
 
 
 CHUNK = 8  # samples per prange task of warp_listed: its scratch is allocated once per task
@@ -216,26 +282,19 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
     akey = rng.key(seed, rng.AUGMENT, epoch)
     B = idx.shape[0]
     for t in prange((B + CHUNK - 1) // CHUNK):
-        pad = np.zeros(W * W, dtype=np.float32)  # the border stays zero, _pad rewrites the image
+        padm, pad, XS, kk, wx, wy, col = _scratch()
         f = np.empty((2, G, G), dtype=np.float32)
         T = np.empty((2 * G, S), dtype=np.float32)
-        E = np.zeros((2, S), dtype=np.float32)  # stays zero without elastic, as affine_gather's
-        ex, ey = E[0], E[1]
-        kk = np.empty(S, dtype=np.int32)
-        wx = np.empty(S, dtype=np.float32)
-        wy = np.empty(S, dtype=np.float32)
+        E = np.zeros((2, P), dtype=np.float32)  # stays zero without elastic, as affine_gather's
         for b in range(t * CHUNK, min(B, t * CHUNK + CHUNK)):
             if b + 1 < B:
                 for k in range(0, P, 64):
                     prefetch(X_u8, idx[b + 1], k)
-            _pad(X_u8[idx[b]], pad)
+            box = _pad(X_u8, idx[b], padm, col)
             if G > 0:
                 _draw_field(rng.sample_key(akey, q0 + b), alpha, f)
-                _spline_x(f, gd, T)
-            for y in range(S):
-                if G > 0:
-                    _spline_y(T, gi, gw, y, E)
-                _warp_row(pad, out[b], y, mats[b], ex, ey, kk, wx, wy)
+                _field(f, gi, gw, gd, T, E)
+            _warp(pad, out, b, mats[b], E, XS, kk, wx, wy, box)
             cnt[b] = list_nonzeros(out, b, cols, vals)
 
 
@@ -303,12 +362,10 @@ def _draw_into(seed, epoch, q0, shift, rotate, scale, alpha, dx, dy, angle, fact
 @njit(inline="always")
 def _draw_field(b, alpha, f):
     # f (2, G, G) f32: one sample's elastic nodes, draws k = 4 .. 4 + 2 G G - 1 of its sample key b.
-    G = f.shape[1]
-    for c in range(2):
-        for y in range(G):
-            for x in range(G):
-                u = rng.draw(b, 4 + (c * G + y) * G + x)
-                f[c, y, x] = np.float32(alpha * (2.0 * u - 1.0))
+    # One flat loop over the nodes in (c, y, x) order, so that it vectorises.
+    g = f.reshape(f.size)
+    for j in range(g.size):
+        g[j] = np.float32(alpha * (2.0 * rng.draw(b, 4 + j) - 1.0))
 
 
 def draws(aug: Augment, seed: int, epoch: int, q0: int, nb: int) -> Draws:
@@ -370,6 +427,7 @@ def apply(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, aug: Augment, d: D
         shift_gather(X_u8, idx, d.dx, d.dy, out)  # integer shift only: no interpolation, no blur
         return
     mats = affine_mats(d.angle, d.scale, d.dx, d.dy)
+    X_u8 = np.ascontiguousarray(X_u8)  # the warp loads rows as vectors; a copy only of a strided view
     if aug.elastic_alpha == 0:
         affine_gather(X_u8, idx, mats, out)
     else:

@@ -238,6 +238,81 @@ def vsqrt(typingctx, a):
 
 
 @intrinsic
+def vclamp(typingctx, v, lo, hi):
+    """min(max(v, lo), hi) lane by lane, as Numba computes it on scalars (max(a, b) is b if b > a else a),
+    so a lane equal to a bound keeps its own value, the sign of a zero included."""
+    def codegen(context, builder, sig, args):
+        v, lo, hi = args
+        r = builder.select(builder.fcmp_ordered(">", lo, v), lo, v)
+        return builder.select(builder.fcmp_ordered("<", hi, r), hi, r)
+    return f32v(f32v, f32v, f32v), codegen
+
+
+@intrinsic
+def vtrunc(typingctx, v):
+    """Each lane rounded toward zero (to a float: float(int(x)) for |x| < 2^31)."""
+    return f32v(f32v), lambda context, builder, sig, args: _call(builder, f"llvm.trunc.v{W}f32", _vec, args)
+
+
+@intrinsic
+def vbits(typingctx, v, lo, hi, n):
+    """The lanes l < n with lo < v[l] < hi, as the bits of an int64 (bit l for lane l)."""
+    def codegen(context, builder, sig, args):
+        v, lo, hi = args[0], _splat(builder, args[1]), _splat(builder, args[2])
+        inside = builder.and_(builder.fcmp_ordered("<", lo, v), builder.fcmp_ordered("<", v, hi))
+        inside = builder.and_(inside, _lanes(builder, args[3]))
+        return builder.zext(builder.bitcast(inside, ir.IntType(W)), ir.IntType(64))
+    return types.int64(f32v, types.float32, types.float32, n), codegen
+
+
+@intrinsic
+def vloadbytes(typingctx, ary, i, k, n):
+    """ary[i, k : k + n] of a 2-D C-contiguous uint8 array, as floats in the first n lanes, zeros after;
+    nothing past them is read (a masked load)."""
+    if not (isinstance(ary, types.Array) and ary.dtype == types.uint8 and ary.ndim == 2 and ary.layout == "C"):
+        raise TypingError(f"simd: need a 2-D C-contiguous uint8 array, got {ary}")
+
+    def codegen(context, builder, sig, args):
+        arr = context.make_array(sig.args[0])(context, builder, args[0])
+        i = context.cast(builder, args[1], sig.args[1], types.intp)
+        k = context.cast(builder, args[2], sig.args[2], types.intp)
+        off = builder.add(builder.mul(i, cgutils.unpack_tuple(builder, arr.strides, 2)[0]), k)
+        bvec = ir.VectorType(ir.IntType(8), W)
+        p = builder.bitcast(builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()), [off], inbounds=True),
+                            bvec.as_pointer())
+        b = _call(builder, f"llvm.masked.load.v{W}i8.p0", bvec, [p, ir.Constant(_i32, 1), _lanes(builder, args[3]),
+                                                              ir.Constant(bvec, [0] * W)])
+        return builder.uitofp(b, _vec)
+    return f32v(ary, i, k, n), codegen
+
+
+@intrinsic
+def vstoreint(typingctx, ary, i, k, v, n):
+    """ary[i, k : k + n] = the first n lanes of v converted to int32 (rounded toward zero); ary 2-D int32
+    with contiguous rows (a masked store)."""
+    if not (isinstance(ary, types.Array) and ary.dtype == types.int32 and ary.ndim == 2 and ary.layout != "F"):
+        raise TypingError(f"simd: need a 2-D int32 array with contiguous rows, got {ary}")
+
+    def codegen(context, builder, sig, args):
+        p = builder.bitcast(_addr(context, builder, sig, args), _ivec.as_pointer())
+        _call(builder, f"llvm.masked.store.v{W}i32.p0", ir.VoidType(), [builder.fptosi(args[3], _ivec), p,
+                                                                     ir.Constant(_i32, 4), _lanes(builder, args[4])])
+        return context.get_dummy_value()
+    return types.none(ary, i, k, f32v, n), codegen
+
+
+@intrinsic
+def bitspan(typingctx, m):
+    """(lowest, highest) index of the set bits of an int64 m != 0 (two instructions: tzcnt and lzcnt)."""
+    def codegen(context, builder, sig, args):
+        i64, no = ir.IntType(64), ir.Constant(ir.IntType(1), 1)  # m != 0: zero is undefined
+        lo = _call(builder, "llvm.cttz.i64", i64, [args[0], no])
+        hi = builder.sub(ir.Constant(i64, 63), _call(builder, "llvm.ctlz.i64", i64, [args[0], no]))
+        return context.make_tuple(builder, sig.return_type, [lo, hi])
+    return types.UniTuple(types.int64, 2)(types.int64), codegen
+
+
+@intrinsic
 def vmask(typingctx, v, a):
     """v where a > 0, else 0: the ReLU mask of a backward product (a is the ReLU's output)."""
     def codegen(context, builder, sig, args):

@@ -42,14 +42,17 @@ def test_a_bad_width_is_one_line():
 
 
 def test_the_other_width_against_the_reference():
-    """test_simd.py and the kernels' float64-reference tests (products, sparse first layer, two training
-    steps of each optimiser, the same bits at any thread count) compiled for the width this process does
-    not use."""
+    """All of test_simd.py, the kernels' float64-reference tests (products, sparse first layer, two training
+    steps of each optimiser, the same bits at any thread count) and the warp's (against the float64
+    reference, and training's pass against the plain one bit for bit) compiled for the width this process
+    does not use."""
     other = "8" if simd.W == 16 else "16"
-    pick = ("linear or sparse or nonzeros or thread_count or "
+    pick = ("test_simd.py or linear or sparse or nonzeros or thread_count or float64_reference or listed_pass or "
             "(train_step_against_reference and (sizes0 or sizes2))")  # 784-250-250-10 at B 64, 784-30-20-17-10 at 5
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_simd.py",
-                        "tests/test_kernels.py", "-k", pick], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "NN_NUMBA_LANES": other}, timeout=900)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-rA", "tests/test_simd.py",
+                        "tests/test_kernels.py", "tests/test_augment.py", "-k", pick], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, "NN_NUMBA_LANES": other}, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert " passed" in r.stdout and " deselected" in r.stdout
+    ran = {line.split()[1].split("::")[0] for line in r.stdout.splitlines() if line.startswith("PASSED ")}
+    assert ran == {"tests/test_simd.py", "tests/test_kernels.py", "tests/test_augment.py"}, ran
+    assert " deselected" in r.stdout

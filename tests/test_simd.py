@@ -8,24 +8,30 @@ from numba.core.errors import TypingError
 
 from nn_numba.simd import (
     W,
+    bitspan,
     prefetch,
     vadd,
     vany,
     vbcast,
+    vbits,
     vbload,
+    vclamp,
     vdiv,
     vfma,
     vload,
+    vloadbytes,
     vloadn,
     vloadr,
     vmask,
     vmul,
     vsqrt,
     vstore,
+    vstoreint,
     vstoren,
     vstorer,
     vsub,
     vsum,
+    vtrunc,
     vzero,
 )
 
@@ -197,3 +203,85 @@ def test_any_is_true_when_one_lane_is_non_zero():
     assert [_any(a, i) for i in range(W + 2)] == [True] * (W + 1) + [False]
     a[W + 1, 0] = -0.0  # equal to zero
     assert not _any(a, W + 1)
+
+
+@njit
+def _clamp_trunc(a, lo, hi, out):
+    v = vclamp(vload(a, 0, 0), vbcast(lo), vbcast(hi))
+    vstore(out, 0, 0, v)
+    vstore(out, 1, 0, vtrunc(v))
+
+
+def test_clamp_is_numbas_scalar_min_max_and_trunc_rounds_toward_zero():
+    a = np.zeros((1, W), np.float32)
+    a[0] = np.r_[-0.0, 0.0, -1.5, 29.0, 29.5, 3.999, -0.25, 12.5, np.linspace(0.1, 28.9, W - 8)].astype(np.float32)
+    lo, hi = np.float32(0), np.float32(29)
+    out = np.zeros((2, W), np.float32)
+    _clamp_trunc(a, lo, hi, out)
+
+    @njit
+    def scalar(x):
+        return min(max(x, lo), hi)
+
+    want = np.array([scalar(x) for x in a[0]], np.float32)
+    assert out[0].tobytes() == want.tobytes()  # the sign of a zero too: -0.0 stays -0.0
+    assert np.signbit(out[0, 0]) and not np.signbit(out[0, 1])
+    np.testing.assert_array_equal(out[1], np.trunc(want))
+    _clamp_trunc(np.full((1, W), -2.7, np.float32), np.float32(-5), hi, out)
+    np.testing.assert_array_equal(out[1], np.full(W, -2.0))  # toward zero, not floor
+
+
+@njit
+def _bits(a, lo, hi, n):
+    return vbits(vload(a, 0, 0), lo, hi, n)
+
+
+def test_bits_are_the_lanes_strictly_inside_and_below_n():
+    a = np.arange(W, dtype=np.float32)[None] - 2  # -2, -1, 0, 1, ...
+    lo, hi = np.float32(0), np.float32(W - 5)
+    for n in (0, 3, W - 4, W, W + 3):
+        want = sum(1 << lane for lane in range(min(n, W)) if lo < a[0, lane] < hi)
+        assert _bits(a, lo, hi, n) == want
+    a[0, 5] = np.nan
+    assert not _bits(a, np.float32(-np.inf), np.float32(np.inf), W) >> 5 & 1
+
+
+@njit
+def _span(m):
+    return bitspan(m)
+
+
+def test_bitspan_is_the_lowest_and_highest_set_bit():
+    rng = np.random.default_rng(3)
+    for m in [1, 2, 6, 1 << 27, (1 << 28) - 1, -1, np.iinfo(np.int64).min, *rng.integers(1, 2**62, 20)]:
+        u = int(m) % 2**64
+        assert _span(np.int64(m)) == ((u & -u).bit_length() - 1, u.bit_length() - 1)
+
+
+@njit
+def _store_int(a, dst, i, k, n):
+    vstoreint(dst, i, k, vload(a, 0, 0), n)
+
+
+@njit
+def _load_bytes(src, i, k, n, dst):
+    vstore(dst, 0, 0, vloadbytes(src, i, k, n))
+
+
+def test_int_stores_and_byte_loads_touch_only_n_lanes():
+    a = np.r_[np.arange(W - 2) * 1.75, -3.5, 7.0].astype(np.float32)[None]
+    for n in (0, 5, W):
+        dst = np.full((2, W + 4), -9, np.int32)
+        _store_int(a, dst, 1, 2, n)
+        want = np.full((2, W + 4), -9, np.int32)
+        want[1, 2:2 + n] = np.trunc(a[0, :n])
+        np.testing.assert_array_equal(dst, want)
+    src = np.arange(3 * 40, dtype=np.uint8).reshape(3, 40) * 2
+    for n in (0, 7, W):
+        dst = np.full((1, W), np.nan, np.float32)
+        _load_bytes(src, 2, 9, n, dst)
+        np.testing.assert_array_equal(dst[0], np.r_[src[2, 9:9 + n], np.zeros(W - n)].astype(np.float32))
+    with pytest.raises(TypingError):
+        _load_bytes(src[:, ::2], 0, 0, 4, np.zeros((1, W), np.float32))  # rows are not contiguous
+    with pytest.raises(TypingError):
+        _store_int(a, np.zeros((2, W), np.int64), 0, 0, 1)

@@ -267,14 +267,14 @@ CHUNK = 8  # samples per prange task of warp_listed: its scratch is allocated on
 
 
 @njit(parallel=True, cache=True)
-def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals):
-    # affine_gather or elastic_gather and kernels.nonzeros in one pass, each sample's elastic field drawn
-    # in it: out (B, 784) f32 as those write it, and its non-zeros cnt (B,) i32, cols (B, 784) i32,
-    # vals (B, 784) f32 as kernels.nonzeros lists them. X_u8 C-contiguous, mats (B, 2, 3) f32 as in
-    # affine_gather (an integer shift is an exact affine map), G the ringed elastic grid's side
-    # (grid_size + 2, 0 without elastic): the field of the sample at position q0 + b is _draw_field's with
-    # rng.sample_key(key(seed, AUGMENT, epoch), q0 + b), as draws() makes it, and the float ops are
-    # elastic_gather's, so a batch equals draws() + apply() bit for bit.
+def warp_listed(X_u8, idx, seed, epoch, q0, shift, rotate, scale, alpha, G, out, cnt, cols, vals):
+    # draws(), apply() and kernels.nonzeros in one pass: out (B, 784) f32 as apply writes it, and its
+    # non-zeros cnt (B,) i32, cols (B, 784) i32, vals (B, 784) f32 as kernels.nonzeros lists them. X_u8
+    # C-contiguous; shift rotate scale alpha as in Augment, G the ringed elastic grid's side (grid_size + 2,
+    # 0 without elastic). The sample at position q0 + b draws its distortion from rng.sample_key(key(seed,
+    # AUGMENT, epoch), q0 + b) as draws() does (_draw_affine, _draw_field) and its map as affine_mats makes
+    # it (_affine; an integer shift is an exact affine map), and the float ops are elastic_gather's (or
+    # affine_gather's), so a batch equals draws() + apply() bit for bit; Python does nothing per sample.
     # prange over chunks of samples: one writer per output row, scratch per chunk; the next sample's
     # pixels are prefetched (random rows: DRAM latency otherwise); each sample is listed
     # (kernels.list_nonzeros) as soon as it is written, while it is in L1.
@@ -283,6 +283,7 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
     B = idx.shape[0]
     for t in prange((B + CHUNK - 1) // CHUNK):
         padm, pad, XS, kk, wx, wy, col = _scratch()
+        m = np.empty((2, 3), dtype=np.float32)
         f = np.empty((2, G, G), dtype=np.float32)
         T = np.empty((2 * G, S), dtype=np.float32)
         E = np.zeros((2, P), dtype=np.float32)  # stays zero without elastic, as affine_gather's
@@ -291,10 +292,13 @@ def warp_listed(X_u8, idx, mats, seed, epoch, q0, alpha, G, out, cnt, cols, vals
                 for k in range(0, P, 64):
                     prefetch(X_u8, idx[b + 1], k)
             box = _pad(X_u8, idx[b], padm, col)
+            key = rng.sample_key(akey, q0 + b)
+            dx, dy, angle, factor = _draw_affine(key, shift, rotate, scale)
+            _affine(angle, factor, np.float64(dx), np.float64(dy), m)
             if G > 0:
-                _draw_field(rng.sample_key(akey, q0 + b), alpha, f)
+                _draw_field(key, alpha, f)
                 _field(f, gi, gw, gd, T, E)
-            _warp(pad, out, b, mats[b], E, XS, kk, wx, wy, box)
+            _warp(pad, out, b, m, E, XS, kk, wx, wy, box)
             cnt[b] = list_nonzeros(out, b, cols, vals)
 
 
@@ -308,15 +312,28 @@ def affine_mats(angle: np.ndarray, scale: np.ndarray, dx: np.ndarray, dy: np.nda
     The forward map rotates by angle degrees (counter-clockwise on screen) and scales by `scale` about the
     image centre, then translates by (dx, dy) pixels (right, down); we need its inverse, output -> source.
     """
-    t = np.deg2rad(np.asarray(angle, dtype=np.float64))
-    s = np.asarray(scale, dtype=np.float64)
-    a, b = np.cos(t) / s, np.sin(t) / s
-    ux = C + np.asarray(dx, dtype=np.float64)  # where the centre goes
-    uy = C + np.asarray(dy, dtype=np.float64)
-    m = np.empty((len(t), 2, 3))
-    m[:, 0, 0], m[:, 0, 1], m[:, 0, 2] = a, -b, C - a * ux + b * uy
-    m[:, 1, 0], m[:, 1, 1], m[:, 1, 2] = b, a, C - b * ux - a * uy
-    return m.astype(np.float32)
+    v = [np.asarray(a, dtype=np.float64).reshape(-1) for a in (angle, scale, dx, dy)]
+    m = np.empty((len(v[0]), 2, 3), np.float32)
+    _affine_all(*v, m)
+    return m
+
+
+@njit(cache=True)
+def _affine_all(angle, scale, dx, dy, m):
+    for r in range(m.shape[0]):
+        _affine(angle[r], scale[r], dx[r], dy[r], m[r])
+
+
+@njit(cache=True)
+def _affine(angle, scale, dx, dy, m):
+    # One sample's inverse map into m (2, 3) f32, from float64 angle (degrees), scale and shift (dx, dy),
+    # computed in float64 and rounded once: rotation by -angle and scaling by 1 / scale about the centre
+    # where the forward map sends it, (C + dx, C + dy).
+    t = angle * (math.pi / 180.0)  # np.deg2rad's product
+    a, b = math.cos(t) / scale, math.sin(t) / scale
+    ux, uy = C + dx, C + dy
+    m[0, 0], m[0, 1], m[0, 2] = a, -b, C - a * ux + b * uy
+    m[1, 0], m[1, 1], m[1, 2] = b, a, C - b * ux - a * uy
 
 
 def grid_size(sigma: float) -> int:
@@ -346,17 +363,26 @@ def _draw_into(seed, epoch, q0, shift, rotate, scale, alpha, dx, dy, angle, fact
     # 2 angle, 3 scale, 4 + (c * G + y) * G + x the elastic node; a part that is off keeps its k unread.
     # float64 throughout, no fastmath: 1 + scale * (2u - 1) must not become a fused multiply-add.
     a = rng.key(seed, rng.AUGMENT, epoch)
-    width = np.float64(2 * shift + 1)
     for r in range(dx.shape[0]):
         b = rng.sample_key(a, q0 + r)
-        if shift > 0:
-            dx[r] = np.int64(rng.draw(b, 0) * width) - shift
-            dy[r] = np.int64(rng.draw(b, 1) * width) - shift
-        if rotate > 0:
-            angle[r] = rotate * (2.0 * rng.draw(b, 2) - 1.0)
-        if scale > 0:
-            factor[r] = 1.0 + scale * (2.0 * rng.draw(b, 3) - 1.0)
+        dx[r], dy[r], angle[r], factor[r] = _draw_affine(b, shift, rotate, scale)
         _draw_field(b, alpha, field[r])
+
+
+@njit(cache=True)
+def _draw_affine(b, shift, rotate, scale):
+    # Sample key b's shift (dx, dy) int64, angle and scale factor float64: draws k = 0 dx, 1 dy, 2 angle,
+    # 3 scale; a part that is off keeps its k unread and is 0 (1 for the factor).
+    dx, dy, angle, factor = np.int64(0), np.int64(0), 0.0, 1.0
+    if shift > 0:
+        width = np.float64(2 * shift + 1)
+        dx = np.int64(rng.draw(b, 0) * width) - shift
+        dy = np.int64(rng.draw(b, 1) * width) - shift
+    if rotate > 0:
+        angle = rotate * (2.0 * rng.draw(b, 2) - 1.0)
+    if scale > 0:
+        factor = 1.0 + scale * (2.0 * rng.draw(b, 3) - 1.0)
+    return dx, dy, angle, factor
 
 
 @njit(inline="always")
@@ -375,21 +401,17 @@ def draws(aug: Augment, seed: int, epoch: int, q0: int, nb: int) -> Draws:
     [1 - scale, 1 + scale], the elastic nodes float32 in [-alpha, alpha]; a part that is off is 0 (1 for
     the scale). Only the enabled parts are drawn; which k each part reads never depends on the others.
     """
-    return _draws(aug, seed, epoch, q0, nb, _ringed(aug))
-
-
-def _ringed(aug: Augment) -> int:
-    # the side of the elastic control grid with its ring, 0 without elastic
-    return grid_size(aug.elastic_sigma) + 2 if aug.elastic_alpha > 0 else 0
-
-
-def _draws(aug: Augment, seed: int, epoch: int, q0: int, nb: int, G: int) -> Draws:
-    # draws() with a G x G field: G = 0 leaves the elastic nodes undrawn (warp_listed draws them itself)
+    G = _ringed(aug)
     d = Draws(np.zeros(nb, np.int64), np.zeros(nb, np.int64), np.zeros(nb), np.ones(nb),
               np.zeros((nb, 2, G, G), np.float32))
     _draw_into(seed, epoch, q0, int(aug.shift), float(aug.rotate), float(aug.scale), float(aug.elastic_alpha),
                *d)
     return d
+
+
+def _ringed(aug: Augment) -> int:
+    # the side of the elastic control grid with its ring, 0 without elastic
+    return grid_size(aug.elastic_sigma) + 2 if aug.elastic_alpha > 0 else 0
 
 
 def _check(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray) -> None:
@@ -442,9 +464,8 @@ def augment_listed(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, cnt: np.n
     _check(X_u8, idx, out)
     if not aug.enabled or not X_u8.flags.c_contiguous:
         raise ValueError("augment_listed needs augmentation enabled and C-contiguous X_u8")
-    d = _draws(aug, seed, epoch, q0, len(idx), 0)
-    warp_listed(X_u8, idx, affine_mats(d.angle, d.scale, d.dx, d.dy), seed, epoch, q0, float(aug.elastic_alpha),
-                _ringed(aug), out, cnt, cols, vals)
+    warp_listed(X_u8, idx, seed, epoch, q0, int(aug.shift), float(aug.rotate), float(aug.scale),
+                float(aug.elastic_alpha), _ringed(aug), out, cnt, cols, vals)
 
 
 def augment_grid(X_u8: np.ndarray, aug: Augment, gen: np.random.Generator, n: int = 64) -> np.ndarray:

@@ -185,7 +185,7 @@ def gather_nonzeros(X_u8, X_u64, idx, lut, out, cnt, cols, vals):
         cnt[i] = c
 
 
-@njit(cache=True)
+@register_jitable  # as _ld
 def _st8(A, r, k, v):
     """A[r, k : k + 8] = the first 8 lanes of v: one vector store, masked when vectors are wider (AVX-512's
     masked stores are fast). For the 8-float slots and 8-pixel blocks whose width the data sets."""
@@ -501,13 +501,17 @@ _step_call = njit(**_exact)(_step.py_func)
 
 # The one-line helpers below are functions of their own, not inlined by Numba: LLVM inlines them when it
 # optimises the kernel (its machine code stays the same size, and as fast), while Numba's inlining copies
-# and types their IR again at every call site, which lengthens the first compile.
-@njit(**_exact)
+# and types their IR again at every call site, which lengthens the first compile. They are
+# register_jitable, not njit: an njit function is compiled once more for every constant argument a caller
+# passes (_ld(X, i, k, 8) and _ld(X, i, k, 16) are two compiles, Literal[int](8) and Literal[int](16)),
+# a register_jitable one once per type (int64). A heavier njit function called with a constant gets
+# np.int64(constant) for the same reason.
+@register_jitable
 def _ld(A, r, k, n):
     return vload(A, r, k) if n >= LANES else vloadn(A, r, k, n)
 
 
-@njit(**_exact)
+@register_jitable
 def _st(A, r, k, x, n):
     if n >= LANES:
         vstore(A, r, k, x)
@@ -740,7 +744,7 @@ def _bias_step(dY, b, gb, mb, vb, j0, j1, h):
         for i in range(B):
             s = vadd(s, vloadn(dY, i, j, j1 - j))
         vstoren(gbr, 0, j, s, j1 - j)
-        _step_call(br, mbr, vbr, 0, j, s, min(j1 - j, LANES), h, 0.0)
+        _step_call(br, mbr, vbr, np.int64(0), j, s, min(j1 - j, LANES), h, 0.0)  # int64: see _ld
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 from numba import njit
+from numba.extending import register_jitable
 
 from . import jitcache
 
@@ -49,15 +50,18 @@ def sample_key(a, i):
     return mix(a + np.uint64(i))
 
 
-@njit(cache=True)
+@register_jitable
 def draw_bits(b, k):
-    """The 64 random bits of draw k of sample_key b."""
+    """The 64 random bits of draw k of sample_key b. For compiled code (from Python: `bits`); register_jitable,
+    not njit, so that each constant k a caller passes (draw(b, 0), draw(b, 1), ...) is not a compile of
+    its own."""
     return mix(b + _GOLDEN * (np.uint64(k) + _ONE))
 
 
-@njit(cache=True)
+@register_jitable
 def draw(b, k):
-    """Uniform float64 in [0, 1), exactly a multiple of 2^-53, for draw k of sample_key b."""
+    """Uniform float64 in [0, 1), exactly a multiple of 2^-53, for draw k of sample_key b. For compiled
+    code, as draw_bits (from Python: `uniform`)."""
     return np.float64(draw_bits(b, k) >> _S11) * _ULP
 
 

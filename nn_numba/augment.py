@@ -32,7 +32,6 @@ from nn_numba.simd import (
     bitspan,
     prefetch,
     vadd,
-    vany,
     vbcast,
     vbits,
     vclamp,
@@ -80,26 +79,22 @@ W = S + 3  # side of the zero-padded source: 1 zero row/column before the image,
 
 
 @njit(cache=True)
-def _pad(X_u8, i, padm, col):
+def _pad(X_u8, i, padm):
     # X_u8[i] (784,) u8 -> padm (W, W) f32 pixel values u8 / 255 (as kernels.PIXEL), the image at rows and
     # columns 1..28 inside a zero border, which makes bilinear sampling branch-free: clamped positions
     # outside read only zeros. Returns the box (x0, x1, y0, y1) f32 of the lit pixels: a position (px, py)
     # of the padded image can read one only if x0 < px < x1 and y0 < py < y1 (one column and row past the
     # lit ones, as a bilinear sample reads its position's floor and floor + 1); no lit pixel: an empty box.
-    # col (1, 28) f32 scratch, the column sums.
-    v255 = vbcast(np.float32(255))
-    rows = 0
-    for k in range(0, S, LANES):
-        vstoren(col, 0, k, vzero(), S - k)
+    v255, zero, inf = vbcast(np.float32(255)), np.float32(0), np.float32(np.inf)
+    rows = cols = 0  # bit y: row y has a lit pixel; bit x: column x has
     for y in range(S):
+        lit = 0
         for k in range(0, S, LANES):
             v = vdiv(vloadbytes(X_u8, i, y * S + k, S - k), v255)  # correctly rounded: PIXEL's bits
             vstoren(padm, y + 1, k + 1, v, S - k)
-            rows |= np.int64(vany(v)) << y
-            vstoren(col, 0, k, vadd(vloadn(col, 0, k, S - k), v), S - k)
-    cols = 0
-    for k in range(0, S, LANES):
-        cols |= vbits(vloadn(col, 0, k, S - k), np.float32(0), np.float32(np.inf), S - k) << k
+            lit |= vbits(v, zero, inf, S - k) << k
+        cols |= lit
+        rows |= np.int64(lit != 0) << y
     if rows == 0:
         return np.float32(1e9), np.float32(-1e9), np.float32(1e9), np.float32(-1e9)
     x0, x1 = bitspan(cols)
@@ -162,11 +157,11 @@ EVERYWHERE = (np.float32(-2), np.float32(W + 1), np.float32(-2), np.float32(W + 
 @njit(inline="always")
 def _scratch():
     # A task's arrays for _pad and _warp_row: the padded image (W, W) and its flat view (W*W,), XS
-    # (1, 28) the column numbers, kk (1, 28) i32, wx wy col (1, 28) f32.
+    # (1, 28) the column numbers, kk (1, 28) i32, wx wy (1, 28) f32.
     padm = np.zeros((W, W), dtype=np.float32)  # the border stays zero, _pad rewrites the image
     XS = np.arange(S).astype(np.float32).reshape(1, S)
-    f = np.empty((3, 1, S), dtype=np.float32)
-    return padm, padm.reshape(W * W), XS, np.empty((1, S), dtype=np.int32), f[0], f[1], f[2]
+    f = np.empty((2, 1, S), dtype=np.float32)
+    return padm, padm.reshape(W * W), XS, np.empty((1, S), dtype=np.int32), f[0], f[1]
 
 
 @njit(parallel=True, cache=True)
@@ -176,8 +171,8 @@ def affine_gather(X_u8, idx, mats, out):
     # (the box holds every position); warp_listed must write the same bits while it samples fewer.
     # prange over samples: each output row is written by one thread only; the rest is per-sample scratch.
     for b in prange(idx.shape[0]):
-        padm, pad, XS, kk, wx, wy, col = _scratch()
-        _pad(X_u8, idx[b], padm, col)
+        padm, pad, XS, kk, wx, wy = _scratch()
+        _pad(X_u8, idx[b], padm)
         _warp(pad, out, b, mats[b], np.zeros((2, P), dtype=np.float32), XS, kk, wx, wy, EVERYWHERE)
 
 
@@ -191,8 +186,8 @@ def elastic_gather(X_u8, idx, mats, field, out):
     G = field.shape[2] - 2
     gi, gw, gd = _spline(G)
     for b in prange(idx.shape[0]):
-        padm, pad, XS, kk, wx, wy, col = _scratch()
-        _pad(X_u8, idx[b], padm, col)
+        padm, pad, XS, kk, wx, wy = _scratch()
+        _pad(X_u8, idx[b], padm)
         T = np.empty((2 * (G + 2), S), dtype=np.float32)
         E = np.empty((2, P), dtype=np.float32)  # the x and y displacements of every pixel
         _field(field[b], gi, gw, gd, T, E)
@@ -282,7 +277,7 @@ def warp_listed(X_u8, idx, seed, epoch, q0, shift, rotate, scale, alpha, G, out,
     akey = rng.key(seed, rng.AUGMENT, epoch)
     B = idx.shape[0]
     for t in prange((B + CHUNK - 1) // CHUNK):
-        padm, pad, XS, kk, wx, wy, col = _scratch()
+        padm, pad, XS, kk, wx, wy = _scratch()
         m = np.empty((2, 3), dtype=np.float32)
         f = np.empty((2, G, G), dtype=np.float32)
         T = np.empty((2 * G, S), dtype=np.float32)
@@ -291,7 +286,7 @@ def warp_listed(X_u8, idx, seed, epoch, q0, shift, rotate, scale, alpha, G, out,
             if b + 1 < B:
                 for k in range(0, P, 64):
                     prefetch(X_u8, idx[b + 1], k)
-            box = _pad(X_u8, idx[b], padm, col)
+            box = _pad(X_u8, idx[b], padm)
             key = rng.sample_key(akey, q0 + b)
             dx, dy, angle, factor = _draw_affine(key, shift, rotate, scale)
             _affine(angle, factor, np.float64(dx), np.float64(dy), m)

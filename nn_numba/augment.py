@@ -3,14 +3,16 @@ samples, distorts them and writes the float32 batch, so the data set is never co
 nothing big.
 
 Per-sample random parameters (shifts, angles, scales, the coarse elastic field) are the counter-based
-draws of nn_numba/rng.py, keyed by (seed, epoch, position in the epoch), as small (B x k) arrays. The
-warping kernels use no randomness and each sample is written by exactly one thread, so a batch is
-bit-identical for the same seed whatever the number of threads, and a resumed run sees the same batches;
-like every kernel they are compiled without fastmath (kernels.py, `_exact`, says why), so also whether
-they were compiled now or loaded from the cache.
+draws of nn_numba/rng.py, keyed by (seed, epoch, position in the epoch): draws() returns them as small
+(B x k) arrays, and apply() warps a batch by them. Each sample's draws depend on its key alone and each
+sample is written by exactly one thread, so a batch is bit-identical for the same seed whatever the
+number of threads, and a resumed run sees the same batches; like every kernel the warp is compiled
+without fastmath (kernels.py, `_exact`, says why), so also whether it was compiled now or loaded from the
+cache.
 
-Training calls augment_listed: one parallel pass (warp_listed) that also draws each sample's elastic field
-and lists the batch's non-zero pixels for the first layer, writing exactly what draws() + apply() write.
+Training calls augment_listed: one parallel pass (warp_listed) that draws each sample's distortion, makes
+its map, warps it and lists the batch's non-zero pixels for the first layer, writing exactly what draws()
++ apply() write.
 
 Geometry: pixel (x, y) has its centre at integer coordinates, x to the right, y down, the image centre is
 (13.5, 13.5). Every kernel maps each *output* pixel back to a source position (inverse mapping) and reads

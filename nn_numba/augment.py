@@ -358,7 +358,6 @@ class Draws(NamedTuple):
 def _draw_into(seed, epoch, q0, shift, rotate, scale, alpha, dx, dy, angle, factor, field):
     # Sample r (position q0 + r of the epoch) reads uniform(seed, 3, epoch, q0 + r, k) for k = 0 dx, 1 dy,
     # 2 angle, 3 scale, 4 + (c * G + y) * G + x the elastic node; a part that is off keeps its k unread.
-    # float64 throughout, no fastmath: 1 + scale * (2u - 1) must not become a fused multiply-add.
     a = rng.key(seed, rng.AUGMENT, epoch)
     for r in range(dx.shape[0]):
         b = rng.sample_key(a, q0 + r)
@@ -369,7 +368,8 @@ def _draw_into(seed, epoch, q0, shift, rotate, scale, alpha, dx, dy, angle, fact
 @njit(cache=True)
 def _draw_affine(b, shift, rotate, scale):
     # Sample key b's shift (dx, dy) int64, angle and scale factor float64: draws k = 0 dx, 1 dy, 2 angle,
-    # 3 scale; a part that is off keeps its k unread and is 0 (1 for the factor).
+    # 3 scale; a part that is off keeps its k unread and is 0 (1 for the factor). float64 throughout, no
+    # fastmath: 1 + scale * (2u - 1) must not become a fused multiply-add.
     dx, dy, angle, factor = np.int64(0), np.int64(0), 0.0, 1.0
     if shift > 0:
         width = np.float64(2 * shift + 1)

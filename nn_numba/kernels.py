@@ -37,7 +37,9 @@ from .simd import (
     vbload,
     vdiv,
     vfma,
+    vlist,
     vload,
+    vloadbytes,
     vloadn,
     vloadr,
     vmask,
@@ -153,35 +155,30 @@ def gather(X_u8, idx, lut, out):
 
 
 @njit(parallel=True, cache=True)
-def gather_nonzeros(X_u8, X_u64, idx, lut, out, cnt, cols, vals):
-    """`gather` and `nonzeros` in one pass: out[i] = lut[X_u8[idx[i]]], and its non-zero pixels in pixel
-    order, cols[i, :cnt[i]] and vals[i, :cnt[i]], for the first layer's sparse forward product.
+def gather_nonzeros(X_u8, idx, out, cnt, cols, vals):
+    """`gather` and `nonzeros` in one pass: out[i] = X_u8[idx[i]] / 255 (the bits of PIXEL), and its
+    non-zero pixels in pixel order, cols[i, :cnt[i]] and vals[i, :cnt[i]], for the first layer's sparse
+    forward product.
 
-    X_u8 (N, K) uint8 with K % 8 == 0, X_u64 the same memory as (N, K/8) uint64 (X_u8.view(np.uint64)),
-    idx (B,) int64, lut (256,) float32 with lut[0] == 0, out (>=B, K) float32, cnt/cols/vals as
-    `nonzeros`. Eight pixels at a time: an all-zero block (60 % of MNIST's) is one 64-bit compare and one
-    vector store of zeros, the others are looked up and appended branch-free. It spares the second pass
-    over the batch that `nonzeros` makes. prange over samples, each writes its own
-    rows; the row four ahead is prefetched as in `gather`.
+    X_u8 (N, K) uint8 C-contiguous, idx (B,) int64, out (>=B, K) float32, cnt/cols/vals as `nonzeros`. A
+    vector of pixels at a time: bytes to floats, a correctly rounded division by 255 (PIXEL's bits), one
+    store, and its non-zeros appended by `vlist`. It spares the second pass over the batch that `nonzeros`
+    makes. prange over samples, each writes its own rows; the row four ahead is prefetched as in `gather`.
     """
     B = idx.shape[0]
+    K = X_u8.shape[1]
+    d = vbcast(np.float32(255))
     for i in prange(B):
         if i + 4 < B:
-            for k in range(0, X_u8.shape[1], 64):
+            for k in range(0, K, 64):
                 prefetch(X_u8, idx[i + 4], k)
         r = idx[i]
         c = 0
-        for kb in range(X_u64.shape[1]):
-            k = kb * 8
-            if X_u64[r, kb] == 0:
-                _st8(out, i, k, vzero())
-                continue
-            for kk in range(k, k + 8):
-                x = lut[X_u8[r, kk]]
-                out[i, kk] = x
-                cols[i, c] = kk
-                vals[i, c] = x
-                c += x != 0
+        for k in range(0, K, LANES):
+            n = min(LANES, K - k)
+            v = vdiv(vloadbytes(X_u8, r, k, n), d)
+            vstoren(out, i, k, v, n)
+            c += vlist(cols, vals, i, c, v, k, n)
         cnt[i] = c
 
 
@@ -554,10 +551,9 @@ def nonzeros(X, cnt, cols, vals):
     """Each sample's non-zero pixels in pixel order: cols[i, :cnt[i]] their indices, vals[i, :cnt[i]] their
     values (a compressed-row copy of X).
 
-    X (B, K) float32, cnt (B,) int32, cols (B, K) int32, vals (B, K) float32. prange over samples. An
-    all-zero block of 8 pixels (60 % of MNIST's) costs one vector compare; the pixels of the others are
-    appended branch-free (a zero is written, then overwritten), because a branch per pixel mispredicts at
-    every stroke edge.
+    X (B, K) float32, cnt (B,) int32, cols (B, K) int32, vals (B, K) float32. prange over samples, a
+    vector of pixels at a time (`list_nonzeros`): no branch per pixel, which would mispredict at every
+    stroke edge.
     """
     for i in prange(X.shape[0]):
         cnt[i] = list_nonzeros(X, i, cols, vals)
@@ -565,25 +561,15 @@ def nonzeros(X, cnt, cols, vals):
 
 @njit(**_exact)
 def list_nonzeros(X, i, cols, vals):
-    """Row i of X (B, K) float32 listed as `nonzeros` lists it, into cols[i], vals[i]; the count. For
-    `nonzeros` and the augmentation's pass, which lists each sample as soon as it is written. Called, not
-    inlined: one call per sample costs nothing measurable, and a larger parallel loop's body takes Numba's
-    parfor passes disproportionately longer to compile."""
+    """Row i of X (B, K) float32 listed as `nonzeros` lists it, into cols[i], vals[i]; the count. A vector
+    at a time (`vlist`). For `nonzeros` and the augmentation's pass, which lists each sample as soon as
+    it is written. Called, not inlined: one call per sample costs nothing measurable, and a larger
+    parallel loop's body takes Numba's parfor passes disproportionately longer to compile."""
     K = X.shape[1]
-    K8 = K - K % 8
     c = 0
-    for k in range(0, K8, 8):
-        if vany(_ld(X, i, k, 8)):
-            for kk in range(k, k + 8):
-                x = X[i, kk]
-                cols[i, c] = kk
-                vals[i, c] = x
-                c += x != 0
-    for kk in range(K8, K):
-        x = X[i, kk]
-        cols[i, c] = kk
-        vals[i, c] = x
-        c += x != 0
+    for k in range(0, K, LANES):
+        n = min(LANES, K - k)
+        c += vlist(cols, vals, i, c, vloadn(X, i, k, n), k, n)
     return c
 
 

@@ -302,6 +302,37 @@ def vstoreint(typingctx, ary, i, k, v, n):
 
 
 @intrinsic
+def vlist(typingctx, cols, vals, i, c, v, k, n):
+    """Append the non-zero lanes l < n of v (NaN counts as non-zero, -0.0 does not: `x != 0`), in lane
+    order, to row i of vals from column c, and their indices k + l to row i of cols; return how many.
+    A compressed-row listing 16 or 8 pixels at a time: two vector compresses and two masked stores of
+    that many lanes (nothing past them is written), where a pixel at a time costs a store per pixel.
+    cols 2-D int32, vals 2-D float32, both with contiguous rows."""
+    if not (isinstance(cols, types.Array) and cols.dtype == types.int32 and cols.ndim == 2 and cols.layout != "F"):
+        raise TypingError(f"simd: need a 2-D int32 array with contiguous rows, got {cols}")
+    _check(vals)
+
+    def codegen(context, builder, sig, args):
+        tc, tv, ti, tp = sig.args[:4]
+        colsa, valsa, i, c, v, k, n = args
+        lit = builder.and_(builder.fcmp_unordered("!=", v, _ZERO), _lanes(builder, n))
+        at = context.cast(builder, k, sig.args[5], types.int32)
+        index = builder.add(_splat(builder, at), ir.Constant(_ivec, list(range(W))))
+        packed = _call(builder, f"llvm.experimental.vector.compress.v{W}f32", _vec, [v, lit, _ZERO])
+        packed_index = _call(builder, f"llvm.experimental.vector.compress.v{W}i32", _ivec,
+                             [index, lit, ir.Constant(_ivec, [0] * W)])
+        m = builder.zext(builder.bitcast(lit, ir.IntType(W)), ir.IntType(64))
+        count = _call(builder, "llvm.ctpop.i64", ir.IntType(64), [m])
+        first = _lanes(builder, count)
+        pv = _addr(context, builder, types.none(tv, ti, tp), [valsa, i, c])
+        pc = builder.bitcast(_addr(context, builder, types.none(tc, ti, tp), [colsa, i, c]), _ivec.as_pointer())
+        _call(builder, f"llvm.masked.store.v{W}f32.p0", ir.VoidType(), [packed, pv, ir.Constant(_i32, 4), first])
+        _call(builder, f"llvm.masked.store.v{W}i32.p0", ir.VoidType(), [packed_index, pc, ir.Constant(_i32, 4), first])
+        return count
+    return types.int64(cols, vals, i, c, f32v, k, n), codegen
+
+
+@intrinsic
 def bitspan(typingctx, m):
     """(lowest, highest) index of the set bits of an int64 m != 0 (two instructions: tzcnt and lzcnt)."""
     def codegen(context, builder, sig, args):

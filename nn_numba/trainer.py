@@ -45,14 +45,10 @@ class Trainer:
 
     def gather(self, X_u8: np.ndarray, idx: np.ndarray) -> np.ndarray:
         """The mini-batch X_u8[idx] / 255 into self.xb (returned, (B, n_0)), with its non-zero pixels listed
-        for the next train_step(..., listed=True) in the same pass (kernels.gather_nonzeros)."""
+        for the next train_step(..., listed=True) in the same pass (kernels.gather_nonzeros). X_u8 C-contiguous."""
         xb = self.xb[:len(idx)]
         nz = self.buf.nonzeros
-        if X_u8.shape[1] % 8 or not X_u8.flags.c_contiguous:
-            kernels.gather(X_u8, idx, kernels.PIXEL, xb)
-            kernels.nonzeros(xb, nz.count, nz.cols, nz.vals)
-        else:
-            kernels.gather_nonzeros(X_u8, X_u8.view(np.uint64), idx, kernels.PIXEL, xb, nz.count, nz.cols, nz.vals)
+        kernels.gather_nonzeros(X_u8, idx, xb, nz.count, nz.cols, nz.vals)
         return xb
 
     def augment(self, X_u8: np.ndarray, idx: np.ndarray, aug: Augment, seed: int, epoch: int, q0: int) -> np.ndarray:

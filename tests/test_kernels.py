@@ -396,8 +396,8 @@ def test_first_layer_moves_between_paths():
 
 def test_gather_with_nonzeros_is_gather_then_nonzeros():
     """Trainer.gather (one pass: pixels and their non-zeros) then train_step(listed=True) is bit for bit
-    gather, then train_step listing the non-zeros itself; also the fallback for a width that is not a
-    multiple of 8."""
+    gather, then train_step listing the non-zeros itself; also for a width that is not a multiple of the
+    vector's."""
     from nn_numba.config import from_dict
     from nn_numba.trainer import Trainer
 
@@ -426,7 +426,11 @@ def test_gather_with_nonzeros_is_gather_then_nonzeros():
         K.gather(X_u8, idx, K.PIXEL, b.xb[:64])
         b.train_step(b.xb[:64], y[idx], 1e-3)
     assert np.array_equal(a.sync().params, b.sync().params)
-    odd = np.ascontiguousarray(X_u8[:, :780])  # 780 % 8 != 0: gather, then nonzeros
     c = Trainer(cfg, MLP.init([780, 50, 10], np.random.default_rng(0)), 64)
+    odd = np.ascontiguousarray(X_u8[:, :780])  # the last vector holds 780 % W pixels
     assert np.array_equal(c.gather(odd, idx), odd[idx] / np.float32(255))
-    assert np.array_equal(c.buf.nonzeros.count, np.count_nonzero(odd[idx], axis=1))
+    nz = c.buf.nonzeros
+    for i, r in enumerate(idx):
+        (want,) = np.nonzero(odd[r])
+        assert nz.count[i] == len(want) and np.array_equal(nz.cols[i, :nz.count[i]], want)
+        assert np.array_equal(nz.vals[i, :nz.count[i]], odd[r, want] / np.float32(255))

@@ -18,6 +18,7 @@ from nn_numba.simd import (
     vclamp,
     vdiv,
     vfma,
+    vlist,
     vload,
     vloadbytes,
     vloadn,
@@ -285,3 +286,30 @@ def test_int_stores_and_byte_loads_touch_only_n_lanes():
         _load_bytes(src[:, ::2], 0, 0, 4, np.zeros((1, W), np.float32))  # rows are not contiguous
     with pytest.raises(TypingError):
         _store_int(a, np.zeros((2, W), np.int64), 0, 0, 1)
+
+
+@njit
+def _list(src, n, cols, vals, i, c, k):
+    return vlist(cols, vals, i, c, vload(src, 0, 0), k, n)  # all W lanes: those past n must not be listed
+
+
+def test_list_appends_the_non_zero_lanes_below_n_in_order():
+    """vlist against np.nonzero: NaN is listed, -0.0 is not (as `x != 0`), lanes at or past n never are,
+    and nothing is written past the appended lanes."""
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        src = rng.random((1, W), dtype=np.float32)
+        src[rng.random((1, W)) < rng.random()] = 0
+        src[0, rng.integers(W)] = [np.nan, -0.0, 0.0, 1e-45][trial % 4]
+        n, c, k = int(rng.integers(0, W + 1)), int(rng.integers(0, 5)), int(rng.integers(0, 1000))
+        cols = np.full((3, c + W + 2), -1, np.int32)
+        vals = np.full((3, c + W + 2), 9.0, np.float32)
+        got = _list(src, n, cols, vals, 2, c, k)
+        (want,) = np.nonzero(src[0, :n] != 0)
+        assert got == len(want)
+        assert cols[2, c:c + got].tolist() == (want + k).tolist()
+        np.testing.assert_array_equal(vals[2, c:c + got], src[0, want])
+        assert (cols[2, c + got:] == -1).all() and (cols[2, :c] == -1).all() and (cols[:2] == -1).all()
+        assert (vals[2, c + got:] == 9).all() and (vals[2, :c] == 9).all() and (vals[:2] == 9).all()
+    with pytest.raises(TypingError):
+        _list(src, 1, np.zeros((1, W), np.int64), np.zeros((1, W), np.float32), 0, 0, 0)

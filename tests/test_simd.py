@@ -32,6 +32,7 @@ from nn_numba.simd import (
     vstorer,
     vsub,
     vsum,
+    vsums,
     vtrunc,
     vzero,
 )
@@ -313,3 +314,28 @@ def test_list_appends_the_non_zero_lanes_below_n_in_order():
         assert (vals[2, c + got:] == 9).all() and (vals[2, :c] == 9).all() and (vals[:2] == 9).all()
     with pytest.raises(TypingError):
         _list(src, 1, np.zeros((1, W), np.int64), np.zeros((1, W), np.float32), 0, 0, 0)
+
+
+@njit
+def _sums6(a, out):
+    vstore(out, 0, 0, vsums((vload(a, 0, 0), vload(a, 1, 0), vload(a, 2, 0), vload(a, 3, 0), vload(a, 4, 0),
+                             vload(a, 5, 0))))
+
+
+def test_sums_are_each_vectors_sum_in_vsums_order():
+    """vsums gives, lane by lane, the bits `vsum` gives each vector (its order, not just its value), and
+    zeros past the last."""
+    a = _data((6, W), seed=5)
+    a[2] *= 1e6  # large and small lanes: a different order would round differently
+    out = np.full((1, W), np.nan, np.float32)
+    _sums6(a, out)
+    assert out[0, :6].tolist() == [halving_sum(a[i]) for i in range(6)]
+    assert out[0, :6].tolist() == [_sum(a, i) for i in range(6)]
+    assert not out[0, 6:].any()
+    with pytest.raises(TypingError):
+        _sums_bad(a)
+
+
+@njit
+def _sums_bad(a):
+    return vsums((vload(a, 0, 0), np.float32(1)))

@@ -28,7 +28,7 @@ from numba import njit, prange
 from nn_numba import jitcache, rng
 from nn_numba.config import Augment
 from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255
-from nn_numba.kernels import gather, list_nonzeros
+from nn_numba.kernels import gather, list_pair
 from nn_numba.simd import W as LANES
 from nn_numba.simd import (
     bitspan,
@@ -260,21 +260,21 @@ def _field(f, gi, gw, gd, T, E):
         _spline_y(T, gi, gw, y, E)
 
 
-CHUNK = 8  # samples per prange task of warp_listed: its scratch is allocated once per task
+CHUNK = 8  # samples per prange task of warp_listed (even: whole pairs): its scratch is allocated once per task
 
 
 @njit(parallel=True, cache=True)
 def warp_listed(X_u8, idx, seed, epoch, q0, shift, rotate, scale, alpha, G, out, cnt, cols, vals):
     # draws(), apply() and kernels.nonzeros in one pass: out (B, 784) f32 as apply writes it, and its
-    # non-zeros cnt (B,) i32, cols (B, 784) i32, vals (B, 784) f32 as kernels.nonzeros lists them. X_u8
+    # pairs' lit pixels cnt, cols, vals as kernels.nonzeros lists them (kernels.Nonzeros). X_u8
     # C-contiguous; shift rotate scale alpha as in Augment, G the ringed elastic grid's side (grid_size + 2,
     # 0 without elastic). The sample at position q0 + b draws its distortion from rng.sample_key(key(seed,
     # AUGMENT, epoch), q0 + b) as draws() does (_draw_affine, _draw_field) and its map as affine_mats makes
     # it (_affine; an integer shift is an exact affine map), and the float ops are elastic_gather's (or
     # affine_gather's), so a batch equals draws() + apply() bit for bit; Python does nothing per sample.
     # prange over chunks of samples: one writer per output row, scratch per chunk; the next sample's
-    # pixels are prefetched (random rows: DRAM latency otherwise); each sample is listed
-    # (kernels.list_nonzeros) as soon as it is written, while it is in L1.
+    # pixels are prefetched (random rows: DRAM latency otherwise); each pair of samples is listed
+    # (kernels.list_pair) as soon as it is written, while it is in L1 (CHUNK is even).
     gi, gw, gd = _spline(max(G - 2, 2))
     akey = rng.key(seed, rng.AUGMENT, epoch)
     B = idx.shape[0]
@@ -296,7 +296,8 @@ def warp_listed(X_u8, idx, seed, epoch, q0, shift, rotate, scale, alpha, G, out,
                 _draw_field(key, alpha, f)
                 _field(f, gi, gw, gd, T, E)
             _warp(pad, out, b, m, E, XS, kk, wx, wy, box)
-            cnt[b] = list_nonzeros(out, b, cols, vals)
+            if b % 2 == 1 or b == B - 1:
+                cnt[b // 2] = list_pair(out, b // 2, cols, vals)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -455,9 +456,9 @@ def apply(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, aug: Augment, d: D
 
 def augment_listed(X_u8: np.ndarray, idx: np.ndarray, out: np.ndarray, cnt: np.ndarray, cols: np.ndarray,
                    vals: np.ndarray, aug: Augment, seed: int, epoch: int, q0: int) -> None:
-    """augment_batch for an enabled `aug`, and the batch's non-zero pixels listed as kernels.nonzeros lists
-    them (cnt (>= B,) int32, cols (>= B, 784) int32, vals (>= B, 784) float32: train_step's
-    buf.nonzeros), in one parallel pass that also draws the elastic fields. X_u8 must be C-contiguous."""
+    """augment_batch for an enabled `aug`, and the batch's lit pixels listed pair by pair as kernels.nonzeros
+    lists them (cnt, cols, vals: train_step's buf.nonzeros, kernels.nonzeros_bufs), in one parallel pass
+    that also draws the elastic fields. X_u8 must be C-contiguous."""
     _check(X_u8, idx, out)
     if not aug.enabled or not X_u8.flags.c_contiguous:
         raise ValueError("augment_listed needs augmentation enabled and C-contiguous X_u8")

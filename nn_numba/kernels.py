@@ -7,7 +7,7 @@ With that layout no product needs a transpose:
   backward dW  dW = dYᵀ X    axpy form over contiguous rows of X, dYᵀ packed -> 6x2L register tiles
 The first layer is the exception in training: 81 % of MNIST's pixels are 0, and skipping them needs its
 weights transposed, WT = W1ᵀ (see "The first layer" below):
-  forward      Y  = X WT     the ~150 lit rows of WT per sample              -> 8L-column chunks
+  forward      Y  = X WT     the ~227 rows of WT lit in a pair of samples    -> 8L-column chunks x 2
   backward dW  gWT = Xᵀ dY   the samples that light a block of 6 pixels      -> 6x2L register tiles
 The tiles' sums live in vector registers of L = LANES float32 lanes (`simd.f32v`: 16 with AVX-512, 8
 without, chosen at import; `simd.lanes`) for a whole reduction. Every output element is written by
@@ -113,12 +113,13 @@ class TrainState(NamedTuple):
 
 
 class Nonzeros(NamedTuple):
-    """The first layer's index buffers for up to B samples of K pixels: each sample's non-zero pixels
-    (`nonzeros`) and each block of 6 pixels' lit samples (`nonzero_blocks`)."""
+    """The first layer's index buffers for up to B samples of K pixels: the pixels lit in either sample of
+    each pair 2q, 2q + 1 (`nonzeros`; a last odd sample is paired with zeros) and each block of 6 pixels'
+    lit samples (`nonzero_blocks`)."""
 
-    count: np.ndarray  # (B,) int32: non-zero pixels per sample
-    cols: np.ndarray  # (B, K) int32: their indices
-    vals: np.ndarray  # (B, K) float32: their values
+    count: np.ndarray  # (ceil(B/2),) int32: pixels lit in pair q
+    cols: np.ndarray  # (ceil(B/2), K) int32: their indices, in pixel order
+    vals: np.ndarray  # (2 ceil(B/2), K) float32: row i holds sample i's values of its pair's pixels (0 if unlit)
     block_count: np.ndarray  # (ceil(K/6),) int32: samples that light the block
     block_samples: np.ndarray  # (ceil(K/6), B) int32: which ones
     block_pixels: np.ndarray  # (ceil(K/6), B, 8) float32: their 6 pixels, packed
@@ -158,30 +159,34 @@ def gather(X_u8, idx, lut, out):
 
 @njit(parallel=True, cache=True)
 def gather_nonzeros(X_u8, idx, out, cnt, cols, vals):
-    """`gather` and `nonzeros` in one pass: out[i] = X_u8[idx[i]] / 255 (the bits of PIXEL), and its
-    non-zero pixels in pixel order, cols[i, :cnt[i]] and vals[i, :cnt[i]], for the first layer's sparse
-    forward product.
+    """`gather` and `nonzeros` in one pass: out[i] = X_u8[idx[i]] / 255 (the bits of PIXEL), and each pair's
+    lit pixels as `nonzeros` lists them, for the first layer's sparse forward product.
 
     X_u8 (N, K) uint8 C-contiguous, idx (B,) int64, out (>=B, K) float32, cnt/cols/vals as `nonzeros`. A
-    vector of pixels at a time: bytes to floats, a correctly rounded division by 255 (PIXEL's bits), one
-    store, and its non-zeros appended by `vlist`. It spares the second pass over the batch that `nonzeros`
-    makes. prange over samples, each writes its own rows; the row four ahead is prefetched as in `gather`.
+    vector of pixels of both samples at a time: bytes to floats, a correctly rounded division by 255
+    (PIXEL's bits), stored, then listed by `vlist`. It spares the second pass over the batch that
+    `nonzeros` makes. prange over pairs, each writes its own rows; the rows four ahead are prefetched as
+    in `gather`.
     """
     B = idx.shape[0]
     K = X_u8.shape[1]
     d = vbcast(np.float32(255))
-    for i in prange(B):
-        if i + 4 < B:
+    for q in prange((B + 1) // 2):
+        i, j = 2 * q, min(2 * q + 1, B - 1)
+        nj = K if 2 * q + 1 < B else 0  # a last odd sample is paired with zeros
+        if j + 4 < B:
             for k in range(0, K, 64):
                 prefetch(X_u8, idx[i + 4], k)
-        r = idx[i]
+                prefetch(X_u8, idx[j + 4], k)
         c = 0
         for k in range(0, K, LANES):
             n = min(LANES, K - k)
-            v = vdiv(vloadbytes(X_u8, r, k, n), d)
-            vstoren(out, i, k, v, n)
-            c += vlist(cols, vals, i, c, v, k, n)
-        cnt[i] = c
+            a = vdiv(vloadbytes(X_u8, idx[i], k, n), d)
+            b = vdiv(vloadbytes(X_u8, idx[j], k, min(n, nj - k)), d)
+            vstoren(out, i, k, a, n)
+            vstoren(out, j, k, b, min(n, nj - k))
+            c += vlist(cols, vals, q, c, a, b, k, n)
+        cnt[q] = c
 
 
 @register_jitable  # as _ld
@@ -527,9 +532,10 @@ def update(p, h):
 # that skips them does a fifth of the FLOPs of a dense one. Skipping needs the weights the other way
 # round, so during training the first layer keeps them transposed, WT (K, pad(N)) (train_step moves
 # them between the layouts; checkpoints and inference keep (out, in)): row k of WT is what pixel k adds
-# to every output. Forward: a sample's outputs are the sum of its ~150 lit rows, in chunks of 8 vectors
-# with eight vector sums in registers (a chunk of WT, 784 rows x 8 vectors, stays in L2). Weight
-# gradient: the dense 6 x 2LANES tile, summed only over the samples that light each block of 6 pixels.
+# to every output. Forward: a sample's outputs are the sum of its ~150 lit rows, computed for two samples
+# at once over the ~227 rows either lights, in chunks of 8 vectors with eight vector sums per sample in
+# registers (a chunk of WT, 784 rows x 8 vectors, stays in L2). Weight gradient: the dense 6 x 2LANES
+# tile, summed only over the samples that light each block of 6 pixels.
 
 
 @njit(cache=True)
@@ -545,28 +551,33 @@ def density(X, rows):
 
 @njit(parallel=True, **_exact)
 def nonzeros(X, cnt, cols, vals):
-    """Each sample's non-zero pixels in pixel order: cols[i, :cnt[i]] their indices, vals[i, :cnt[i]] their
-    values (a compressed-row copy of X).
+    """The pixels lit in either sample of each pair 2q, 2q + 1, in pixel order: cols[q, :cnt[q]] their
+    indices, vals[2q, :cnt[q]] and vals[2q + 1, :cnt[q]] the two samples' values there (one of them may be
+    0); a last odd sample is paired with zeros. A compressed-row copy of X for two samples at once: the
+    sparse forward product reads each listed row of Wᵀ once for both (two random MNIST digits light 227
+    pixels together, against 150 each).
 
-    X (B, K) float32, cnt (B,) int32, cols (B, K) int32, vals (B, K) float32. prange over samples, a
-    vector of pixels at a time (`list_nonzeros`): no branch per pixel, which would mispredict at every
-    stroke edge.
+    X (B, K) float32, cnt (ceil(B/2),) int32, cols (ceil(B/2), K) int32, vals (2 ceil(B/2), K) float32.
+    prange over pairs (`list_pair`): no branch per pixel, which would mispredict at every stroke edge.
     """
-    for i in prange(X.shape[0]):
-        cnt[i] = list_nonzeros(X, i, cols, vals)
+    for q in prange((X.shape[0] + 1) // 2):
+        cnt[q] = list_pair(X, q, cols, vals)
 
 
 @njit(**_exact)
-def list_nonzeros(X, i, cols, vals):
-    """Row i of X (B, K) float32 listed as `nonzeros` lists it, into cols[i], vals[i]; the count. A vector
-    at a time (`vlist`). For `nonzeros` and the augmentation's pass, which lists each sample as soon as
-    it is written. Called, not inlined: one call per sample costs nothing measurable, and a larger
-    parallel loop's body takes Numba's parfor passes disproportionately longer to compile."""
-    K = X.shape[1]
+def list_pair(X, q, cols, vals):
+    """Pair q of X (B, K) float32 (rows 2q and 2q + 1, or zeros past B) listed as `nonzeros` lists it, into
+    cols[q], vals[2q], vals[2q + 1]; the count. A vector of both rows at a time (`vlist`). For `nonzeros`
+    and the augmentation's pass, which lists each pair as soon as it is written. Called, not inlined: one
+    call per pair costs nothing measurable, and a larger parallel loop's body takes Numba's parfor passes
+    disproportionately longer to compile."""
+    B, K = X.shape
+    i, j = 2 * q, min(2 * q + 1, B - 1)
+    nj = K if 2 * q + 1 < B else 0
     c = 0
     for k in range(0, K, LANES):
         n = min(LANES, K - k)
-        c += vlist(cols, vals, i, c, vloadn(X, i, k, n), k, n)
+        c += vlist(cols, vals, q, c, vloadn(X, i, k, n), vloadn(X, j, k, min(n, nj - k)), k, n)
     return c
 
 
@@ -596,37 +607,54 @@ def nonzero_blocks(X, count, samples, pixels):
 
 @njit(parallel=True, **_exact)
 def sparse_forward(cnt, cols, vals, WT, b, Y, relu):
-    """Y = X W + b (then ReLU when `relu`) from X's non-zeros (`nonzeros`), W kept transposed.
+    """Y = X W + b (then ReLU when `relu`) from X's pair lists (`nonzeros`), W kept transposed.
 
-    cnt/cols/vals as `nonzeros` makes them for B samples, WT (K, pad(N)) with zeros past
-    column N, b (N,), Y (B, N). Each task owns 8 LANES outputs of one sample: eight vector sums, to which each
-    lit pixel k adds vals · WT[k, chunk] (eight FMAs, their operands straight from L1/L2). prange over
-    (chunk, sample), chunk slowest, so a thread works through one chunk of WT (200 KB with 8 lanes) at a time.
+    cnt/cols/vals as `nonzeros` makes them for the B samples of Y, WT (K, pad(N)) with zeros past column
+    N, b (N,), Y (B, N). Each task owns 8 LANES outputs of one pair of samples: eight vector sums per
+    sample, to which each listed pixel k adds vals · WT[k, chunk] (eight loads from L2 feed sixteen FMAs).
+    Loading WT is the bottleneck (one vector per FMA for one sample): the pair shares its loads. A sample
+    adds exact zeros for the pixels only the other one lights (0 · w is ±0, and a sum plus ±0 is the sum:
+    sums start at +0, to which -0 adds +0), so its sums are those of its own pixels, in pixel order. prange
+    over (chunk, pair), chunk slowest, so a thread works through one chunk of WT (400 KB with 16 lanes) at a
+    time.
     """
-    B = cnt.shape[0]
-    N = Y.shape[1]
+    B, N = Y.shape
     br = b.reshape((1, N))
-    for t in prange(((N + 8 * LANES - 1) // (8 * LANES)) * B):
-        c = (t // B) * 8 * LANES
-        i = t % B
+    nq = (B + 1) // 2
+    for t in prange(((N + 8 * LANES - 1) // (8 * LANES)) * nq):
+        c = (t // nq) * 8 * LANES
+        q = t % nq
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
-        for e in range(cnt[i]):
-            k = cols[i, e]
-            x = vbload(vals, i, e)
-            a0 = vfma(x, vload(WT, k, c), a0)
-            a1 = vfma(x, vload(WT, k, c + LANES), a1)
-            a2 = vfma(x, vload(WT, k, c + 2 * LANES), a2)
-            a3 = vfma(x, vload(WT, k, c + 3 * LANES), a3)
-            a4 = vfma(x, vload(WT, k, c + 4 * LANES), a4)
-            a5 = vfma(x, vload(WT, k, c + 5 * LANES), a5)
-            a6 = vfma(x, vload(WT, k, c + 6 * LANES), a6)
-            a7 = vfma(x, vload(WT, k, c + 7 * LANES), a7)
-        acc = (a0, a1, a2, a3, a4, a5, a6, a7)
+        e0 = e1 = e2 = e3 = e4 = e5 = e6 = e7 = vzero()
+        for e in range(cnt[q]):
+            k = cols[q, e]
+            x, z = vbload(vals, 2 * q, e), vbload(vals, 2 * q + 1, e)
+            w = vload(WT, k, c)
+            a0, e0 = vfma(x, w, a0), vfma(z, w, e0)
+            w = vload(WT, k, c + LANES)
+            a1, e1 = vfma(x, w, a1), vfma(z, w, e1)
+            w = vload(WT, k, c + 2 * LANES)
+            a2, e2 = vfma(x, w, a2), vfma(z, w, e2)
+            w = vload(WT, k, c + 3 * LANES)
+            a3, e3 = vfma(x, w, a3), vfma(z, w, e3)
+            w = vload(WT, k, c + 4 * LANES)
+            a4, e4 = vfma(x, w, a4), vfma(z, w, e4)
+            w = vload(WT, k, c + 5 * LANES)
+            a5, e5 = vfma(x, w, a5), vfma(z, w, e5)
+            w = vload(WT, k, c + 6 * LANES)
+            a6, e6 = vfma(x, w, a6), vfma(z, w, e6)
+            w = vload(WT, k, c + 7 * LANES)
+            a7, e7 = vfma(x, w, a7), vfma(z, w, e7)
+        acc, acc2 = (a0, a1, a2, a3, a4, a5, a6, a7), (e0, e1, e2, e3, e4, e5, e6, e7)
         for h in range(8):
             n = N - c - LANES * h
             if n > 0:
-                v = vadd(acc[h], _ld(br, 0, c + LANES * h, n))
-                _st(Y, i, c + LANES * h, vmask(v, v) if relu else v, n)
+                bias = _ld(br, 0, c + LANES * h, n)
+                v = vadd(acc[h], bias)
+                _st(Y, 2 * q, c + LANES * h, vmask(v, v) if relu else v, n)
+                if 2 * q + 1 < B:
+                    v = vadd(acc2[h], bias)
+                    _st(Y, 2 * q + 1, c + LANES * h, vmask(v, v) if relu else v, n)
 
 
 @njit(**_exact)
@@ -980,8 +1008,8 @@ def move_first(state, sizes, to_t: bool) -> None:
 
 def nonzeros_bufs(cap: int, n_in: int) -> Nonzeros:
     """The index buffers train_step's first layer fills per batch for up to `cap` samples of n_in pixels."""
-    nb = (n_in + 5) // 6
-    return Nonzeros(np.zeros(cap, np.int32), np.zeros((cap, n_in), np.int32), aligned_zeros((cap, n_in)),
+    nb, nq = (n_in + 5) // 6, (cap + 1) // 2
+    return Nonzeros(np.zeros(nq, np.int32), np.zeros((nq, n_in), np.int32), aligned_zeros((2 * nq, n_in)),
                     np.zeros(nb, np.int32), np.zeros((nb, cap), np.int32), aligned_zeros((nb, cap, 8)))
 
 

@@ -302,34 +302,38 @@ def vstoreint(typingctx, ary, i, k, v, n):
 
 
 @intrinsic
-def vlist(typingctx, cols, vals, i, c, v, k, n):
-    """Append the non-zero lanes l < n of v (NaN counts as non-zero, -0.0 does not: `x != 0`), in lane
-    order, to row i of vals from column c, and their indices k + l to row i of cols; return how many.
-    A compressed-row listing 16 or 8 pixels at a time: two vector compresses and two masked stores of
-    that many lanes (nothing past them is written), where a pixel at a time costs a store per pixel.
-    cols 2-D int32, vals 2-D float32, both with contiguous rows."""
+def vlist(typingctx, cols, vals, q, c, a, b, k, n):  # noqa: PLR0913 -- where to list and what
+    """Append the lanes l < n in which a or b is non-zero (NaN counts as non-zero, -0.0 does not: `x !=
+    0`), in lane order: their indices k + l to row q of cols, a's values to row 2q of vals and b's to row
+    2q + 1, from column c; return how many. A compressed-row listing of two samples' pixels at once, a
+    vector at a time: three vector compresses and three masked stores of that many lanes (nothing past
+    them is written), where a pixel at a time costs a store per pixel. cols 2-D int32, vals 2-D float32,
+    both with contiguous rows."""
     if not (isinstance(cols, types.Array) and cols.dtype == types.int32 and cols.ndim == 2 and cols.layout != "F"):
         raise TypingError(f"simd: need a 2-D int32 array with contiguous rows, got {cols}")
     _check(vals)
 
     def codegen(context, builder, sig, args):
-        tc, tv, ti, tp = sig.args[:4]
-        colsa, valsa, i, c, v, k, n = args
-        lit = builder.and_(builder.fcmp_unordered("!=", v, _ZERO), _lanes(builder, n))
-        at = context.cast(builder, k, sig.args[5], types.int32)
-        index = builder.add(_splat(builder, at), ir.Constant(_ivec, list(range(W))))
-        packed = _call(builder, f"llvm.experimental.vector.compress.v{W}f32", _vec, [v, lit, _ZERO])
-        packed_index = _call(builder, f"llvm.experimental.vector.compress.v{W}i32", _ivec,
-                             [index, lit, ir.Constant(_ivec, [0] * W)])
+        tc, tv, tq, tp = sig.args[:4]
+        colsa, valsa, q, c, a, b, k, n = args
+        lit = builder.or_(builder.fcmp_unordered("!=", a, _ZERO), builder.fcmp_unordered("!=", b, _ZERO))
+        lit = builder.and_(lit, _lanes(builder, n))
         m = builder.zext(builder.bitcast(lit, ir.IntType(W)), ir.IntType(64))
         count = _call(builder, "llvm.ctpop.i64", ir.IntType(64), [m])
         first = _lanes(builder, count)
-        pv = _addr(context, builder, types.none(tv, ti, tp), [valsa, i, c])
-        pc = builder.bitcast(_addr(context, builder, types.none(tc, ti, tp), [colsa, i, c]), _ivec.as_pointer())
-        _call(builder, f"llvm.masked.store.v{W}f32.p0", ir.VoidType(), [packed, pv, ir.Constant(_i32, 4), first])
-        _call(builder, f"llvm.masked.store.v{W}i32.p0", ir.VoidType(), [packed_index, pc, ir.Constant(_i32, 4), first])
+        at = context.cast(builder, k, sig.args[6], types.int32)
+        index = builder.add(_splat(builder, at), ir.Constant(_ivec, list(range(W))))
+        packed = _call(builder, f"llvm.experimental.vector.compress.v{W}i32", _ivec,
+                       [index, lit, ir.Constant(_ivec, [0] * W)])
+        p = builder.bitcast(_addr(context, builder, types.none(tc, tq, tp), [colsa, q, c]), _ivec.as_pointer())
+        _call(builder, f"llvm.masked.store.v{W}i32.p0", ir.VoidType(), [packed, p, ir.Constant(_i32, 4), first])
+        row = builder.mul(context.cast(builder, q, tq, types.intp), ir.Constant(ir.IntType(64), 2))
+        for v, r in ((a, row), (b, builder.add(row, ir.Constant(ir.IntType(64), 1)))):
+            packed = _call(builder, f"llvm.experimental.vector.compress.v{W}f32", _vec, [v, lit, _ZERO])
+            p = _addr(context, builder, types.none(tv, types.intp, tp), [valsa, r, c])
+            _call(builder, f"llvm.masked.store.v{W}f32.p0", ir.VoidType(), [packed, p, ir.Constant(_i32, 4), first])
         return count
-    return types.int64(cols, vals, i, c, f32v, k, n), codegen
+    return types.int64(cols, vals, q, c, f32v, f32v, k, n), codegen
 
 
 @intrinsic

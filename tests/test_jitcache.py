@@ -112,7 +112,7 @@ def test_a_changed_callee_recompiles_its_caller(tmp_path):
     assert list(folder.glob("*/augment.shift_gather-*.nbi")) and not list(pkg.glob("__pycache__/*.nb[ic]"))
     assert before["shifted"][0, 100:108].tolist() == (np.array([0, 1, 2, 3, 128, 200, 254, 255]) / 255).astype(
         np.float32).tolist()
-    assert (before["gathered"][:, :96] == 0).all() and before["count"].tolist() == [7, 7]
+    assert (before["gathered"][:, :96] == 0).all() and before["count"][0] == 7  # one pair, 7 pixels lit
 
     # the callees change, their callers' files do not: the callers must be compiled again
     _edit(pkg / "kernels.py", "PIXEL = (np.arange(256, dtype=np.float32) / np.float32(255))",
@@ -120,7 +120,7 @@ def test_a_changed_callee_recompiles_its_caller(tmp_path):
     _edit(pkg / "simd.py", "_ZERO = ir.Constant(_vec, [0.0] * W)", "_ZERO = ir.Constant(_vec, [7.0] * W)")
     after, folder2 = run("after.npz")
     assert np.array_equal(after["shifted"], before["shifted"] / 2)  # the new table, not the frozen old one
-    assert after["count"].tolist() == [784, 784]  # every pixel differs from the new "zero", 7.0
+    assert after["count"][0] == 784  # every pixel differs from the new "zero", 7.0
     assert folder2 != folder and folder2.parent == folder.parent
 
 

@@ -324,8 +324,9 @@ def test_logits_follow_the_weights_through_reused_buffers():
 
 @pytest.mark.parametrize("K_in", [784, 787, 5])
 def test_nonzeros_rows_and_blocks_match_numpy(K_in):
-    """The compressed rows and the lit blocks of the first layer's sparse path list exactly X's non-zeros,
-    in order: an all-zero sample, a dense one, ragged widths (K % 8, K % 6 != 0), a pixel lit nowhere."""
+    """The pair lists and the lit blocks of the first layer's sparse path list exactly X's non-zeros, in
+    order: an all-zero sample, a dense one, an odd count of samples, ragged widths (K % 8, K % 6 != 0), a
+    pixel lit nowhere."""
     rng = np.random.default_rng(3)
     B = 23
     X = rng.random((B, K_in), dtype=np.float32)
@@ -337,10 +338,12 @@ def test_nonzeros_rows_and_blocks_match_numpy(K_in):
     pk[:] = np.nan
     K.nonzeros(X, cnt, cols, vals)
     K.nonzero_blocks(X, bcnt, bidx, pk)
-    for i in range(B):
-        (want,) = np.nonzero(X[i])
-        assert cnt[i] == len(want) and np.array_equal(cols[i, :cnt[i]], want)
-        assert np.array_equal(vals[i, :cnt[i]], X[i, want])
+    Xq = np.zeros((B + 1, K_in), np.float32)  # the odd last sample is paired with zeros
+    Xq[:B] = X
+    for q in range((B + 1) // 2):
+        (want,) = np.nonzero(Xq[2 * q] != 0 | (Xq[2 * q + 1] != 0))
+        assert cnt[q] == len(want) and np.array_equal(cols[q, :cnt[q]], want)
+        assert np.array_equal(vals[2 * q:2 * q + 2, :cnt[q]], Xq[2 * q:2 * q + 2, want])
     Xp = np.zeros((B, 6 * len(bcnt)), np.float32)
     Xp[:, :K_in] = X
     for kb in range(len(bcnt)):
@@ -418,9 +421,9 @@ def test_gather_with_nonzeros_is_gather_then_nonzeros():
     cnt, cols, vals = K.nonzeros_bufs(64, 784)[:3]
     K.nonzeros(xb, cnt, cols, vals)
     assert np.array_equal(a.buf.nonzeros.count, cnt)
-    for i in range(64):
-        assert np.array_equal(a.buf.nonzeros.cols[i, :cnt[i]], cols[i, :cnt[i]])
-        assert np.array_equal(a.buf.nonzeros.vals[i, :cnt[i]], vals[i, :cnt[i]])
+    for q in range(32):
+        assert np.array_equal(a.buf.nonzeros.cols[q, :cnt[q]], cols[q, :cnt[q]])
+        assert np.array_equal(a.buf.nonzeros.vals[2 * q:2 * q + 2, :cnt[q]], vals[2 * q:2 * q + 2, :cnt[q]])
     for _ in range(2):
         a.train_step(a.gather(X_u8, idx), y[idx], 1e-3, listed=True)
         K.gather(X_u8, idx, K.PIXEL, b.xb[:64])
@@ -428,9 +431,13 @@ def test_gather_with_nonzeros_is_gather_then_nonzeros():
     assert np.array_equal(a.sync().params, b.sync().params)
     c = Trainer(cfg, MLP.init([780, 50, 10], np.random.default_rng(0)), 64)
     odd = np.ascontiguousarray(X_u8[:, :780])  # the last vector holds 780 % W pixels
-    assert np.array_equal(c.gather(odd, idx), odd[idx] / np.float32(255))
-    nz = c.buf.nonzeros
-    for i, r in enumerate(idx):
-        (want,) = np.nonzero(odd[r])
-        assert nz.count[i] == len(want) and np.array_equal(nz.cols[i, :nz.count[i]], want)
-        assert np.array_equal(nz.vals[i, :nz.count[i]], odd[r, want] / np.float32(255))
+    for B in (64, 63):  # an odd batch: its last sample is paired with zeros
+        nz = c.buf.nonzeros
+        nz.vals[:] = np.nan
+        x = np.zeros((B + 1, 780), np.float32)
+        x[:B] = c.gather(odd, idx[:B])
+        assert np.array_equal(x[:B], odd[idx[:B]] / np.float32(255))
+        for q in range((B + 1) // 2):
+            (want,) = np.nonzero((x[2 * q] != 0) | (x[2 * q + 1] != 0))
+            assert nz.count[q] == len(want) and np.array_equal(nz.cols[q, :nz.count[q]], want)
+            assert np.array_equal(nz.vals[2 * q:2 * q + 2, :nz.count[q]], x[2 * q:2 * q + 2, want])

@@ -290,30 +290,36 @@ def test_int_stores_and_byte_loads_touch_only_n_lanes():
 
 
 @njit
-def _list(src, n, cols, vals, i, c, k):
-    return vlist(cols, vals, i, c, vload(src, 0, 0), k, n)  # all W lanes: those past n must not be listed
+def _list(src, n, cols, vals, q, c, k):  # all W lanes of both rows: those past n must not be listed
+    return vlist(cols, vals, q, c, vload(src, 0, 0), vload(src, 1, 0), k, n)
 
 
-def test_list_appends_the_non_zero_lanes_below_n_in_order():
-    """vlist against np.nonzero: NaN is listed, -0.0 is not (as `x != 0`), lanes at or past n never are,
-    and nothing is written past the appended lanes."""
+def test_list_appends_the_lanes_either_vector_lights_below_n_in_order():
+    """vlist against np.nonzero: a lane lit in either vector is listed with both values; NaN is listed, -0.0
+    is not (as `x != 0`); lanes at or past n never are; nothing is written past the appended lanes."""
     rng = np.random.default_rng(11)
-    for trial in range(40):
-        src = rng.random((1, W), dtype=np.float32)
-        src[rng.random((1, W)) < rng.random()] = 0
-        src[0, rng.integers(W)] = [np.nan, -0.0, 0.0, 1e-45][trial % 4]
-        n, c, k = int(rng.integers(0, W + 1)), int(rng.integers(0, 5)), int(rng.integers(0, 1000))
+    for trial in range(60):
+        src = rng.random((2, W), dtype=np.float32)
+        src[rng.random((2, W)) < rng.random()] = 0
+        src[trial % 2, rng.integers(W)] = [np.nan, -0.0, 0.0, 1e-45, -0.0, 3.0][trial % 6]
+        if trial % 5 == 0:
+            src[1] = 0  # the zeros an odd last sample is paired with
+        n, c, k, q = int(rng.integers(0, W + 1)), int(rng.integers(0, 5)), int(rng.integers(0, 1000)), trial % 2
         cols = np.full((3, c + W + 2), -1, np.int32)
-        vals = np.full((3, c + W + 2), 9.0, np.float32)
-        got = _list(src, n, cols, vals, 2, c, k)
-        (want,) = np.nonzero(src[0, :n] != 0)
+        vals = np.full((5, c + W + 2), 9.0, np.float32)
+        got = _list(src, n, cols, vals, q, c, k)
+        (want,) = np.nonzero((src[0, :n] != 0) | (src[1, :n] != 0))
         assert got == len(want)
-        assert cols[2, c:c + got].tolist() == (want + k).tolist()
-        np.testing.assert_array_equal(vals[2, c:c + got], src[0, want])
-        assert (cols[2, c + got:] == -1).all() and (cols[2, :c] == -1).all() and (cols[:2] == -1).all()
-        assert (vals[2, c + got:] == 9).all() and (vals[2, :c] == 9).all() and (vals[:2] == 9).all()
+        assert cols[q, c:c + got].tolist() == (want + k).tolist()
+        np.testing.assert_array_equal(vals[2 * q:2 * q + 2, c:c + got], src[:, want])
+        untouched = np.ones(cols.shape, bool)
+        untouched[q, c:c + got] = False
+        assert (cols[untouched] == -1).all()
+        untouched = np.ones(vals.shape, bool)
+        untouched[2 * q:2 * q + 2, c:c + got] = False
+        assert (vals[untouched] == 9).all()
     with pytest.raises(TypingError):
-        _list(src, 1, np.zeros((1, W), np.int64), np.zeros((1, W), np.float32), 0, 0, 0)
+        _list(src, 1, np.zeros((1, W), np.int64), np.zeros((2, W), np.float32), 0, 0, 0)
 
 
 @njit

@@ -341,7 +341,7 @@ def test_nonzeros_rows_and_blocks_match_numpy(K_in):
     Xq = np.zeros((B + 1, K_in), np.float32)  # the odd last sample is paired with zeros
     Xq[:B] = X
     for q in range((B + 1) // 2):
-        (want,) = np.nonzero(Xq[2 * q] != 0 | (Xq[2 * q + 1] != 0))
+        (want,) = np.nonzero((Xq[2 * q] != 0) | (Xq[2 * q + 1] != 0))
         assert cnt[q] == len(want) and np.array_equal(cols[q, :cnt[q]], want)
         assert np.array_equal(vals[2 * q:2 * q + 2, :cnt[q]], Xq[2 * q:2 * q + 2, want])
     Xp = np.zeros((B, 6 * len(bcnt)), np.float32)

@@ -71,7 +71,7 @@ PIXEL = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
 # so (`vfma`).
 _exact = dict(cache=True)
 
-# SERIAL: the small passes (softmax, the block lists, the packing of dYᵀ, evaluation's gather) run on one
+# SERIAL: the small passes (softmax, the packing of dYᵀ, evaluation's gather) run on one
 # thread. Numba compiles each parallel loop into a function of its own with two wrappers, 0.3-2 s of a first
 # run's compile per loop (docs/performance.md, "Parallel loops only where they pay"), while two threads
 # would save a few microseconds per step on so little work.
@@ -581,7 +581,7 @@ def list_pair(X, q, cols, vals):
     return c
 
 
-@njit(**_exact)
+@njit(parallel=True, **_exact)
 def nonzero_blocks(X, count, samples, pixels):
     """For each block of 6 neighbouring pixels, the samples in which any of them is lit (in sample order),
     and those samples' 6 pixels packed for the weight gradient's tiles.
@@ -590,10 +590,11 @@ def nonzero_blocks(X, count, samples, pixels):
     8) float32: samples[kb, :count[kb]] are the samples, pixels[kb, p, :6] = X[samples[kb, p], 6kb : 6kb + 6]
     (zeros past K). Neighbouring pixels are lit together (strokes), so a block is lit in 33 % of MNIST's samples
     against 19 % for one pixel. Each sample is appended branch-free (its slot is written, and kept only if
-    the block is lit), as a branch per sample would mispredict a third of the time. One thread (see SERIAL).
+    the block is lit), as a branch per sample would mispredict a third of the time. prange over blocks
+    (each block's list is written by one task, in sample order).
     """
     B, K = X.shape
-    for kb in range((K + 5) // 6):
+    for kb in prange((K + 5) // 6):
         k = kb * 6
         n = min(6, K - k)
         c = 0

@@ -203,6 +203,9 @@ def _st8(A, r, k, v):
 # Linear layer: forward and the two backward products, side by side.
 
 
+PAIRS = 128  # pairs of samples per group of linear_forward's tiles: 256 rows of X, 800 KB at K = 784
+
+
 @njit(parallel=True, **_exact)
 def linear_forward(X, W, b, Y, relu):
     """Y = X Wᵀ + b, then ReLU when `relu`.
@@ -213,9 +216,14 @@ def linear_forward(X, W, b, Y, relu):
     six; the K % LANES tail is one more masked step. Then each sample's six sums are reduced together
     (`vsums`, the order of `vsum`), and bias and ReLU applied to them as one vector (`vclamp`, no branch)
     stored to six neighbouring outputs. 12 sums + 3 operands fit AVX2's 16 vector registers.
-    prange over tiles, column blocks slowest, so consecutive tiles of one thread share their six rows of W
-    in L1 and only the two rows of X come from L2 (in the other order six rows of W would, per tile). The
-    last tile of a ragged edge is moved back to overlap its neighbour and stores only its own outputs.
+    Every output is one sum in that order whatever the shapes, so a sample's outputs have the same bits
+    in a batch of any size: the last tile of a ragged edge is moved back to overlap its neighbour and stores
+    only its own outputs, a batch of one sample repeats its row (computed twice, stored once), and a
+    layer of fewer than six outputs has each summed alone in the same order.
+    prange over tiles: groups of PAIRS pairs of samples, in each the column blocks, in each the pairs, so
+    consecutive tiles of one thread share their six rows of W in L1 and only the two rows of X come from L2
+    (in the other order six rows of W would, per tile); a group's rows of X stay in L2 (a batch of 1000
+    would not).
     """
     B, K = X.shape
     N = W.shape[0]
@@ -223,67 +231,65 @@ def linear_forward(X, W, b, Y, relu):
     lov, top, br = vbcast(lo), vbcast(np.float32(np.inf)), b.reshape((1, N))  # outside the loop: a view made
     # in it costs reference counting per tile
     K8 = K - K % LANES
-    tb = (B + 1) // 2
-    for t in prange(((N + 5) // 6) * tb):
-        j = (t // tb) * 6
-        i = (t % tb) * 2
-        if B < 2 or N < 6:  # too small for a tile (e.g. one sample): one output at a time, 4 vectors
+    nc, tb = (N + 5) // 6, (B + 1) // 2
+    for t in prange(nc * tb):
+        if tb <= PAIRS:  # one group (training's batches): no more integer divisions than needed
+            j, i = (t // tb) * 6, (t % tb) * 2
+        else:  # the group of PAIRS pairs of samples, then the column block, then the pair
+            g = t // (nc * PAIRS)
+            u, gp = t - g * nc * PAIRS, min(PAIRS, tb - g * PAIRS)
+            j, i = (u // gp) * 6, (g * PAIRS + u % gp) * 2
+        if N < 6:  # fewer outputs than a tile: one at a time, each summed as in a tile (the same bits)
             for ii in range(i, min(i + 2, B)):
-                for jj in range(j, min(j + 6, N)):
-                    s0 = s1 = s2 = s3 = vzero()
-                    for k in range(0, K - K % (4 * LANES), 4 * LANES):
-                        s0 = vfma(vload(X, ii, k), vload(W, jj, k), s0)
-                        s1 = vfma(vload(X, ii, k + LANES), vload(W, jj, k + LANES), s1)
-                        s2 = vfma(vload(X, ii, k + 2 * LANES), vload(W, jj, k + 2 * LANES), s2)
-                        s3 = vfma(vload(X, ii, k + 3 * LANES), vload(W, jj, k + 3 * LANES), s3)
-                    for k in range(K - K % (4 * LANES), K, LANES):
-                        s0 = vfma(_ld(X, ii, k, K - k), _ld(W, jj, k, K - k), s0)
-                    Y[ii, jj] = _clip(vsum(vadd(vadd(s0, s1), vadd(s2, s3))) + b[jj], lo)
+                for jj in range(N):
+                    s = vzero()
+                    for k in range(0, K8, LANES):
+                        s = vfma(vload(X, ii, k), vload(W, jj, k), s)
+                    if K8 < K:
+                        s = vfma(vloadn(X, ii, K8, K - K8), vloadn(W, jj, K8, K - K8), s)
+                    v = vsum(s) + b[jj]
+                    Y[ii, jj] = lo if lo > v else v  # as vclamp
             continue
-        i0, j0 = min(i, B - 2), min(j, N - 6)
+        i0, j0 = max(min(i, B - 2), 0), min(j, N - 6)
+        i1 = min(i0 + 1, B - 1)
+        r0, r1, r2, r3, r4, r5 = j0, j0 + 1, j0 + 2, j0 + 3, j0 + 4, j0 + 5
         s00 = s01 = s02 = s03 = s04 = s05 = s10 = s11 = s12 = s13 = s14 = s15 = vzero()
         for k in range(0, K8, LANES):
-            x0, x1 = vload(X, i0, k), vload(X, i0 + 1, k)
-            w = vload(W, j0, k)
+            x0, x1 = vload(X, i0, k), vload(X, i1, k)
+            w = vload(W, r0, k)
             s00, s10 = vfma(x0, w, s00), vfma(x1, w, s10)
-            w = vload(W, j0 + 1, k)
+            w = vload(W, r1, k)
             s01, s11 = vfma(x0, w, s01), vfma(x1, w, s11)
-            w = vload(W, j0 + 2, k)
+            w = vload(W, r2, k)
             s02, s12 = vfma(x0, w, s02), vfma(x1, w, s12)
-            w = vload(W, j0 + 3, k)
+            w = vload(W, r3, k)
             s03, s13 = vfma(x0, w, s03), vfma(x1, w, s13)
-            w = vload(W, j0 + 4, k)
+            w = vload(W, r4, k)
             s04, s14 = vfma(x0, w, s04), vfma(x1, w, s14)
-            w = vload(W, j0 + 5, k)
+            w = vload(W, r5, k)
             s05, s15 = vfma(x0, w, s05), vfma(x1, w, s15)
         if K8 < K:  # the K % LANES tail: one more step with masked loads (zeros past the row)
             n = K - K8
-            x0, x1 = vloadn(X, i0, K8, n), vloadn(X, i0 + 1, K8, n)
-            w = vloadn(W, j0, K8, n)
+            x0, x1 = vloadn(X, i0, K8, n), vloadn(X, i1, K8, n)
+            w = vloadn(W, r0, K8, n)
             s00, s10 = vfma(x0, w, s00), vfma(x1, w, s10)
-            w = vloadn(W, j0 + 1, K8, n)
+            w = vloadn(W, r1, K8, n)
             s01, s11 = vfma(x0, w, s01), vfma(x1, w, s11)
-            w = vloadn(W, j0 + 2, K8, n)
+            w = vloadn(W, r2, K8, n)
             s02, s12 = vfma(x0, w, s02), vfma(x1, w, s12)
-            w = vloadn(W, j0 + 3, K8, n)
+            w = vloadn(W, r3, K8, n)
             s03, s13 = vfma(x0, w, s03), vfma(x1, w, s13)
-            w = vloadn(W, j0 + 4, K8, n)
+            w = vloadn(W, r4, K8, n)
             s04, s14 = vfma(x0, w, s04), vfma(x1, w, s14)
-            w = vloadn(W, j0 + 5, K8, n)
+            w = vloadn(W, r5, K8, n)
             s05, s15 = vfma(x0, w, s05), vfma(x1, w, s15)
         bias = _ld(br, 0, j0, 6)
         y0 = vclamp(vadd(vsums((s00, s01, s02, s03, s04, s05)), bias), lov, top)
         y1 = vclamp(vadd(vsums((s10, s11, s12, s13, s14, s15)), bias), lov, top)
         if i0 == i:  # else the tile moved back over its neighbour's first sample: not its own
             vstorer(Y, i0, j0, y0, j - j0, 6)
-        vstorer(Y, i0 + 1, j0, y1, j - j0, 6)
-
-
-@njit(**_exact)
-def _clip(v, lo):
-    """max(v, lo) as a select: lo = 0 is the ReLU, lo = the lowest float32 leaves v alone. A branch per
-    output (`if Y < 0`) would mispredict on about half of them, as the signs of real data are random."""
-    return lo if v < lo else v
+        if i1 != i0:  # else a batch of one sample
+            vstorer(Y, i1, j0, y1, j - j0, 6)
 
 
 @njit(**_exact)

@@ -441,3 +441,22 @@ def test_gather_with_nonzeros_is_gather_then_nonzeros():
             (want,) = np.nonzero((x[2 * q] != 0) | (x[2 * q + 1] != 0))
             assert nz.count[q] == len(want) and np.array_equal(nz.cols[q, :nz.count[q]], want)
             assert np.array_equal(nz.vals[2 * q:2 * q + 2, :nz.count[q]], x[2 * q:2 * q + 2, want])
+
+
+def test_a_samples_outputs_do_not_depend_on_the_batch():
+    """linear_forward gives a sample's outputs the same bits in a batch of one, in any batch and at any
+    position (the ragged edges included), and for a layer of any width (fewer than six outputs too)."""
+    rng = np.random.default_rng(8)
+    for K_in, N in ((784, 250), (250, 10), (37, 5), (9, 1)):
+        X = rng.standard_normal((13, K_in), dtype=np.float32)
+        W = rng.standard_normal((N, K_in), dtype=np.float32)
+        b = rng.standard_normal(N, dtype=np.float32)
+        one = np.empty((1, N), np.float32)
+        alone = []
+        for i in range(13):
+            K.linear_forward(X[i:i + 1], W, b, one, True)
+            alone.append(one[0].copy())
+        for B in (2, 3, 7, 13):
+            Y = np.full((B, N), np.nan, np.float32)
+            K.linear_forward(X[13 - B:], W, b, Y, True)
+            assert Y.tobytes() == np.array(alone[13 - B:]).tobytes(), (K_in, N, B)

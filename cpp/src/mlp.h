@@ -80,11 +80,12 @@ struct Work {
     std::vector<double> loss;
     std::vector<uint8_t> hit;
     // The sparse first layer: W1, and its optimiser slots, transposed (n0 x ld[1]) while
-    // `transposed`; the lit pixels of each sample (cnt, cols, vals) and, per block of 6
-    // pixels, the samples that light it (bcnt, bidx) with the block's pixels packed (pk).
+    // `transposed`; the pixels lit in each pair of samples (cols, and both samples' values in
+    // vals) and, per block of 6 pixels, the samples that light it (bcnt, bidx) with the block's
+    // pixels packed (pk).
     bool transposed = false;
     fbuf WT, MT, VT;
-    std::vector<int32_t> cnt, cols, bcnt, bidx;
+    std::vector<int32_t> cols, bcnt, bidx;
     fbuf vals, pk;
 };
 

@@ -12,8 +12,9 @@
 //
 // The first layer. Most of MNIST's pixels are 0, so on a sparse batch the first layer keeps W1
 // transposed, WT (n0 x ld1): row k is what pixel k adds to every output.
-//   forward       a sample's outputs are the sum of its lit pixels' rows of WT, all (up to 256)
-//                 outputs in registers at once
+//   forward       a sample's outputs are the sum of its lit pixels' rows of WT, computed for two
+//                 samples at once over the rows either lights (each row loaded once for both), a
+//                 chunk of outputs of both in registers at a time
 //   weight grad   for each block of 6 neighbouring pixels, a 6 x TS-vector tile of dWT summed over
 //                 only the samples that light the block, then the optimiser step on WT
 //
@@ -38,10 +39,10 @@ int pad(int n) { return (n + PAD - 1) / PAD * PAD; }
 constexpr int TR = 6;  // rows of a tile (samples, outputs or pixels)
 #if defined(__AVX512F__)
 constexpr int TS = 4;  // vectors per tile row: 64 columns
-constexpr int FU = 4;  // 64-column units one sparse-forward pass keeps in registers
+constexpr int PU = 8;  // vectors per sample one sparse-forward pass over a pair keeps in registers (2 x 8 of 32)
 #else
 constexpr int TS = 2;
-constexpr int FU = 1;
+constexpr int PU = 4;  // 2 x 4 of AVX2's 16
 #endif
 constexpr int TW = TS * V;  // columns of a tile
 constexpr int SLOT = 8;     // floats per packed block of pixels (TR used)
@@ -118,49 +119,61 @@ void forward_dense(int nb, int N, int K, const float* A, int lda, const float* W
     for (int t = 0; t < mt * nt; t++) dot_task((t % mt) * TR, (t / mt) * TS, nb, N, K, A, lda, W, bias, relu, Z, ldz);
 }
 
-// The lit pixels of one sample x (n0 floats) in pixel order: cols[:cnt], vals[:cnt]. Blocks of V
-// zero pixels cost one compare; the others are appended branch-free (a zero is written, then
-// overwritten). cols and vals need n0 + V slots.
-int lit_pixels(const float* x, int n0, int32_t* cols, float* vals) {
+// The pixels lit in either of two samples a and b (n0 floats each; b may be null: zeros) in pixel
+// order: cols[:cnt], and each sample's values there, va[:cnt] and vb[:cnt] (one of them may be 0).
+// Blocks of V zero pixels cost one compare; the others are appended branch-free (a zero is written,
+// then overwritten). cols, va and vb need n0 + V slots.
+int lit_pair(const float* a, const float* b, int n0, int32_t* cols, float* va, float* vb) {
     int c = 0;
     for (int k = 0; k < n0; k += V) {
         const int n = n0 - k;
-        const vf v = ld(x + k, n);
-        const unsigned m = nonzero_lanes(v);
+        const vf x = ld(a + k, n), z = b ? ld(b + k, n) : zero();
+        const unsigned m = nonzero_lanes(x) | nonzero_lanes(z);
         if (!m) continue;
 #if defined(__AVX512F__)
         const __m512i ix = _mm512_add_epi32(_mm512_set1_epi32(k),
                                             _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-        _mm512_storeu_ps(vals + c, _mm512_maskz_compress_ps(__mmask16(m), v));
+        _mm512_storeu_ps(va + c, _mm512_maskz_compress_ps(__mmask16(m), x));
+        _mm512_storeu_ps(vb + c, _mm512_maskz_compress_ps(__mmask16(m), z));
         _mm512_storeu_si512(cols + c, _mm512_maskz_compress_epi32(__mmask16(m), ix));
         c += __builtin_popcount(m);
 #else
         for (int q = 0; q < std::min(n, V); q++) {
-            const float xv = x[k + q];
+            const float xa = a[k + q], xb = b ? b[k + q] : 0.0f;
             cols[c] = k + q;
-            vals[c] = xv;
-            c += xv != 0.0f;
+            va[c] = xa;
+            vb[c] = xb;
+            c += xa != 0.0f || xb != 0.0f;
         }
 #endif
     }
     return c;
 }
 
-// One sample's first-layer outputs out[c0 .. c0 + NV*V) from its lit pixels.
+// Two samples' first-layer outputs oa[c0 .. c0 + NV*V) and ob[..] (ob may be null) from their pair's
+// lit pixels: each row of WT is loaded once for both (loading WT is what bounds this loop), and the
+// sample that does not light a pixel adds an exact zero (its sums keep their bits: they start at +0,
+// and a sum plus a zero of either sign is the sum).
 template <int NV>
-void sparse_chunk(int cnt, const int32_t* cols, const float* vals, const float* WT, int ldT, int c0,
-                  const float* bias, int n1, bool relu, float* out) {
-    vf acc[NV];
-    for (auto& a : acc) a = zero();
+void sparse_pair_chunk(int cnt, const int32_t* cols, const float* va, const float* vb, const float* WT, int ldT,
+                       int c0, const float* bias, int n1, bool relu, float* oa, float* ob) {
+    vf acc[NV], bcc[NV];
+    for (int q = 0; q < NV; q++) acc[q] = bcc[q] = zero();
     for (int e = 0; e < cnt; e++) {
         const float* row = WT + size_t(cols[e]) * ldT + c0;
-        const vf x = bcast(vals[e]);
-        for (int q = 0; q < NV; q++) acc[q] = fma(x, load(row + q * V), acc[q]);
+        const vf x = bcast(va[e]), z = bcast(vb[e]);
+        for (int q = 0; q < NV; q++) {
+            const vf w = load(row + q * V);
+            acc[q] = fma(x, w, acc[q]);
+            bcc[q] = fma(z, w, bcc[q]);
+        }
     }
     for (int q = 0; q < NV; q++) {
         const int col = c0 + q * V;
-        const vf z = add(acc[q], loadn(bias + col, n1 - col));  // zeros past n1: the padding stays 0
-        store(out + col, relu ? simd::relu(z) : z);
+        const vf bq = loadn(bias + col, n1 - col);  // zeros past n1: the padding stays 0
+        const vf za = add(acc[q], bq), zb = add(bcc[q], bq);
+        store(oa + col, relu ? simd::relu(za) : za);
+        if (ob) store(ob + col, relu ? simd::relu(zb) : zb);
     }
 }
 
@@ -374,11 +387,10 @@ void prepare(const Net& net, Work& w) {
 
 // The sparse path's index lists, at its first use (dense inputs never need them).
 void prepare_sparse(const Net& net, Work& w) {
-    if (!w.cnt.empty()) return;
+    if (!w.cols.empty()) return;
     const int n0 = int(net.sizes[0]), nblk = (n0 + TR - 1) / TR;
-    w.cnt.assign(w.cap, 0);
     w.cols.assign(size_t(w.cap) * (n0 + V), 0);
-    w.vals.assign(size_t(w.cap) * (n0 + V), 0.0f);
+    w.vals.assign(size_t(w.cap + 1) * (n0 + V), 0.0f);  // two rows per pair of samples
     w.bcnt.assign(nblk, 0);
     w.bidx.assign(size_t(nblk) * w.cap, 0);
     w.pk.assign(size_t(nblk) * w.cap * SLOT, 0.0f);
@@ -411,31 +423,31 @@ double density(const float* X, int rows, int n0) {
     return double(n) / double(std::max<size_t>(size_t(rows) * n0, 1));
 }
 
-// Phase one of the sparse path: each sample's lit pixels and its first-layer outputs, and each
-// pixel block's lit samples (for the weight gradient), as one task list.
+// Phase one of the sparse path: each pair of samples' lit pixels and their first-layer outputs, and
+// each pixel block's lit samples (for the weight gradient), as one task list.
 void sparse_first(const Net& net, Work& w, int nb, bool relu) {
     const int n0 = int(net.sizes[0]), n1 = int(net.sizes[1]), ldT = w.ld[1], nblk = (n0 + TR - 1) / TR;
+    const int np = (nb + 1) / 2;
     const float* X = w.A[0].data();
     const float* bias = net.B[0].data();
 #pragma omp for schedule(static)
-    for (int t = 0; t < nb + nblk; t++) {
-        if (t >= nb) {
-            const int kb = t - nb;
+    for (int t = 0; t < np + nblk; t++) {
+        if (t >= np) {
+            const int kb = t - np;
             w.bcnt[kb] = lit_block(X, n0, nb, kb, &w.bidx[size_t(kb) * w.cap], &w.pk[size_t(kb) * w.cap * SLOT]);
             continue;
         }
+        const int i = 2 * t;
+        const bool two = i + 1 < nb;  // a last odd sample is paired with zeros
         int32_t* cols = &w.cols[size_t(t) * (n0 + V)];
-        float* vals = &w.vals[size_t(t) * (n0 + V)];
-        const int c = lit_pixels(X + size_t(t) * n0, n0, cols, vals);
-        float* out = w.H[1].data() + size_t(t) * ldT;
-        for (int u = 0; u < ldT / PAD; u += FU) {
-            const int c0 = u * PAD;
-            switch (std::min(FU, ldT / PAD - u)) {
-                case 4: sparse_chunk<(FU >= 4 ? 4 : 1) * PAD / V>(c, cols, vals, w.WT.data(), ldT, c0, bias, n1, relu, out); break;
-                case 3: sparse_chunk<(FU >= 3 ? 3 : 1) * PAD / V>(c, cols, vals, w.WT.data(), ldT, c0, bias, n1, relu, out); break;
-                case 2: sparse_chunk<(FU >= 2 ? 2 : 1) * PAD / V>(c, cols, vals, w.WT.data(), ldT, c0, bias, n1, relu, out); break;
-                default: sparse_chunk<PAD / V>(c, cols, vals, w.WT.data(), ldT, c0, bias, n1, relu, out); break;
-            }
+        float* va = &w.vals[size_t(i) * (n0 + V)];
+        float* vb = va + (n0 + V);
+        const int c = lit_pair(X + size_t(i) * n0, two ? X + size_t(i + 1) * n0 : nullptr, n0, cols, va, vb);
+        float* oa = w.H[1].data() + size_t(i) * ldT;
+        float* ob = two ? oa + ldT : nullptr;
+        for (int c0 = 0; c0 < ldT; c0 += PU * V) {
+            if (ldT - c0 >= PU * V) sparse_pair_chunk<PU>(c, cols, va, vb, w.WT.data(), ldT, c0, bias, n1, relu, oa, ob);
+            else sparse_pair_chunk<PAD / V>(c, cols, va, vb, w.WT.data(), ldT, c0, bias, n1, relu, oa, ob);
         }
     }
 }

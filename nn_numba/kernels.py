@@ -203,9 +203,6 @@ def _st8(A, r, k, v):
 # Linear layer: forward and the two backward products, side by side.
 
 
-PAIRS = 128  # pairs of samples per group of linear_forward's tiles: 256 rows of X, 800 KB at K = 784
-
-
 @njit(parallel=True, **_exact)
 def linear_forward(X, W, b, Y, relu):
     """Y = X Wᵀ + b, then ReLU when `relu`.
@@ -220,10 +217,9 @@ def linear_forward(X, W, b, Y, relu):
     in a batch of any size: the last tile of a ragged edge is moved back to overlap its neighbour and stores
     only its own outputs, a batch of one sample repeats its row (computed twice, stored once), and a
     layer of fewer than six outputs has each summed alone in the same order.
-    prange over tiles: groups of PAIRS pairs of samples, in each the column blocks, in each the pairs, so
-    consecutive tiles of one thread share their six rows of W in L1 and only the two rows of X come from L2
-    (in the other order six rows of W would, per tile); a group's rows of X stay in L2 (a batch of 1000
-    would not).
+    prange over tiles, column blocks slowest, so consecutive tiles of one thread share their six rows of W
+    in L1 and only the two rows of X come from L2 or stream from L3 (in the other order six rows of W
+    would, per tile).
     """
     B, K = X.shape
     N = W.shape[0]
@@ -233,12 +229,7 @@ def linear_forward(X, W, b, Y, relu):
     K8 = K - K % LANES
     nc, tb = (N + 5) // 6, (B + 1) // 2
     for t in prange(nc * tb):
-        if tb <= PAIRS:  # one group (training's batches): no more integer divisions than needed
-            j, i = (t // tb) * 6, (t % tb) * 2
-        else:  # the group of PAIRS pairs of samples, then the column block, then the pair
-            g = t // (nc * PAIRS)
-            u, gp = t - g * nc * PAIRS, min(PAIRS, tb - g * PAIRS)
-            j, i = (u // gp) * 6, (g * PAIRS + u % gp) * 2
+        j, i = (t // tb) * 6, (t % tb) * 2
         if N < 6:  # fewer outputs than a tile: one at a time, each summed as in a tile (the same bits)
             for ii in range(i, min(i + 2, B)):
                 for jj in range(N):

@@ -5,7 +5,10 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <cstdlib>
 #include <functional>
+#include <new>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
@@ -213,6 +216,17 @@ void check_mnist_net(const std::vector<uint32_t>& sizes, const std::string& sour
                                      std::to_string(sizes.back()) + " outputs (sizes " + sizes_str(sizes) +
                                      "); MNIST needs " + std::to_string(MNIST_INPUTS) + " inputs and " +
                                      std::to_string(MNIST_CLASSES) + " outputs");
+}
+
+std::unique_ptr<uint8_t, void (*)(void*)> huge_copy(const std::vector<uint8_t>& bytes) {
+    const size_t page = size_t(2) << 20, n = std::max(page, (bytes.size() + page - 1) / page * page);
+    auto* p = static_cast<uint8_t*>(std::aligned_alloc(page, n));
+    if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+    madvise(p, n, MADV_HUGEPAGE);  // before the first touch: the copy below faults the huge pages in
+#endif
+    std::copy(bytes.begin(), bytes.end(), p);
+    return {p, std::free};
 }
 
 Dataset load_mnist(const std::string& dir, bool train) {

@@ -157,7 +157,8 @@ struct SigintGuard {
 
 // MNIST, the split (docs/training.md) and the epoch's shape.
 struct Data {
-    Dataset tr, te;
+    Dataset tr, te;  // tr's pixels live in px
+    std::unique_ptr<uint8_t, void (*)(void*)> px{nullptr, std::free};  // the training images (huge_copy)
     std::vector<uint32_t> train_idx, val_idx;
     long B = 0, n_train = 0, spe = 0;  // batch size, training images, steps per epoch
 };
@@ -166,6 +167,8 @@ Data load_data(const Config& cfg, const TrainOptions& o) {
     Data d;
     const std::string dir = data_folder(o.data_dir, cfg.data_dir);
     d.tr = load_mnist(dir, true);  // the config checked that sizes run from 784 to 10
+    d.px = huge_copy(d.tr.images.pixels);
+    std::vector<uint8_t>().swap(d.tr.images.pixels);  // one copy of the images in memory
     d.te = load_mnist(dir, false);
     uint32_t N = d.tr.images.n;
     if (o.limit > 0 && o.limit < long(N)) N = uint32_t(o.limit);
@@ -274,7 +277,7 @@ void print_start(const Run& r, const Data& d, const Augment& aug, int threads, b
 double train_batches(Run& r, const Data& d, const Augment& aug, const Schedule& sch, Work& w, Clock::time_point t0) {
     const Config& c = r.cfg;
     const std::vector<uint32_t> order = epoch_order(c, d, r.epoch);
-    const uint8_t* px = d.tr.images.pixels.data();
+    const uint8_t* px = d.px.get();
     std::vector<uint8_t> y(size_t(std::min(d.B, d.n_train)));
     double lr = c.lr;
     for (long bi = r.batch0; bi < d.spe; bi++) {
@@ -309,7 +312,7 @@ json epoch_row(const Run& r, const Data& d, double lr, double seconds) {
     json row = {{"epoch", r.epoch + 1}, {"step", r.opt.t}, {"lr", lr}, {"train_loss", r.run_loss / double(d.n_train)},
                 {"train_acc", double(r.run_correct) / double(d.n_train)}};
     if (!d.val_idx.empty()) {
-        Eval v = evaluate(r.net, d.tr.images.pixels.data(), d.tr.labels.data(), d.tr.images.n, d.val_idx);
+        Eval v = evaluate(r.net, d.px.get(), d.tr.labels.data(), d.tr.images.n, d.val_idx);
         row["val_loss"] = v.loss, row["val_acc"] = v.accuracy;
     }
     Eval t = evaluate(r.net, d.te.images.pixels.data(), d.te.labels.data(), d.te.images.n);

@@ -211,6 +211,17 @@ static void test_pgm() {
     expect_bounded("fifo pgm", [] { read_pgm(g_dir + "/fifo.pgm"); }, "is a FIFO, not a PGM image", 64);
 }
 
+// huge_copy: the same bytes, at a 2 MiB boundary, for sizes below, at and above one huge page.
+static void test_huge_copy() {
+    for (size_t n : {size_t(1), size_t(2) << 20, (size_t(2) << 20) + 3, size_t(47040000)}) {
+        std::vector<uint8_t> v(n);
+        for (size_t i = 0; i < n; i++) v[i] = uint8_t(i * 131 + i / 4099);
+        const auto p = huge_copy(v);
+        CHECK(reinterpret_cast<uintptr_t>(p.get()) % (size_t(2) << 20) == 0);
+        CHECK(std::memcmp(p.get(), v.data(), n) == 0);
+    }
+}
+
 int main() {
     char dir[] = "/tmp/nncpp-idx-XXXXXX";
     if (!mkdtemp(dir)) return 1;
@@ -221,6 +232,7 @@ int main() {
         test_pick();
         test_load_mnist();
         test_pgm();
+        test_huge_copy();
     } catch (const std::exception& e) {
         std::fprintf(stderr, "unexpected exception: %s\n", e.what());
         return 1;

@@ -78,6 +78,7 @@ def shift_gather(X_u8, idx, dx, dy, out):
 
 
 W = S + 3  # side of the zero-padded source: 1 zero row/column before the image, 2 after
+ONE, WU = np.uint64(1), np.uint64(W)  # for unsigned indices (_warp_row): uint64 + int64 would be float64
 
 
 @njit(cache=True)
@@ -138,10 +139,10 @@ def _warp_row(pad, out, b, y, m, E, XS, kk, wx, wy, box):
         return
     first, last = bitspan(lit)
     for x in range(first, last + 1):
-        q = kk[0, x]
+        q = np.uint64(kk[0, x])  # unsigned: Numba tests a signed index for wraparound at every load
         tx = wx[0, x]
-        top = pad[q] + tx * (pad[q + 1] - pad[q])
-        bot = pad[q + W] + tx * (pad[q + W + 1] - pad[q + W])
+        top = pad[q] + tx * (pad[q + ONE] - pad[q])
+        bot = pad[q + WU] + tx * (pad[q + WU + ONE] - pad[q + WU])
         out[b, r + x] = top + wy[0, x] * (bot - top)
 
 

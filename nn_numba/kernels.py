@@ -593,12 +593,13 @@ def nonzero_blocks(X, count, samples, pixels):
     for kb in prange((K + 5) // 6):
         k = kb * 6
         n = min(6, K - k)
-        c = 0
+        c = np.uint64(0)  # unsigned: Numba tests a signed index for wraparound at every store
+        pk = pixels[kb]  # the view once per block, not per sample
         for i in range(B):
             v = vloadn(X, i, k, n)
-            _st8(pixels[kb], c, 0, v)
+            _st8(pk, c, 0, v)
             samples[kb, c] = i
-            c += vany(v)
+            c += np.uint64(vany(v))
         count[kb] = c
 
 

@@ -8,7 +8,7 @@ With that layout no product needs a transpose:
 The first layer is the exception in training: 81 % of MNIST's pixels are 0, and skipping them needs its
 weights transposed, WT = W1ᵀ (see "The first layer" below):
   forward      Y  = X WT     the ~227 rows of WT lit in a pair of samples    -> 8L-column chunks x 2
-  backward dW  gWT = Xᵀ dY   the samples that light a block of 6 pixels      -> 6x2L register tiles
+  backward dW  gWT = Xᵀ dY   the samples that light a block of 3 pixels      -> 3x4L register tiles
 The tiles' sums live in vector registers of L = LANES float32 lanes (`simd.f32v`: 16 with AVX-512, 8
 without, chosen at import; `simd.lanes`) for a whole reduction. Every output element is written by
 exactly one prange task with a summation order the code spells out, so for a given L (the two widths sum
@@ -32,7 +32,6 @@ from .simd import W as LANES
 from .simd import (
     prefetch,
     vadd,
-    vany,
     vbcast,
     vbload,
     vclamp,
@@ -45,6 +44,7 @@ from .simd import (
     vloadr,
     vmask,
     vmul,
+    vnonzero,
     vsqrt,
     vstore,
     vstoren,
@@ -114,15 +114,14 @@ class TrainState(NamedTuple):
 
 class Nonzeros(NamedTuple):
     """The first layer's index buffers for up to B samples of K pixels: the pixels lit in either sample of
-    each pair 2q, 2q + 1 (`nonzeros`; a last odd sample is paired with zeros) and each block of 6 pixels'
+    each pair 2q, 2q + 1 (`nonzeros`; a last odd sample is paired with zeros) and each block of 3 pixels'
     lit samples (`nonzero_blocks`)."""
 
     count: np.ndarray  # (ceil(B/2),) int32: pixels lit in pair q
     cols: np.ndarray  # (ceil(B/2), K) int32: their indices, in pixel order
     vals: np.ndarray  # (2 ceil(B/2), K) float32: row i holds sample i's values of its pair's pixels (0 if unlit)
-    block_count: np.ndarray  # (ceil(K/6),) int32: samples that light the block
-    block_samples: np.ndarray  # (ceil(K/6), B) int32: which ones
-    block_pixels: np.ndarray  # (ceil(K/6), B, 8) float32: their 6 pixels, packed
+    block_count: np.ndarray  # (2 ceil(K/6),) int32: samples that light block kb (pixels 3kb .. 3kb + 2)
+    block_samples: np.ndarray  # (2 ceil(K/6), B) int32: which ones, in sample order
 
 
 class Buffers(NamedTuple):
@@ -192,7 +191,7 @@ def gather_nonzeros(X_u8, idx, out, cnt, cols, vals):
 @register_jitable  # as _ld
 def _st8(A, r, k, v):
     """A[r, k : k + 8] = the first 8 lanes of v: one vector store, masked when vectors are wider (AVX-512's
-    masked stores are fast). For the 8-float slots and 8-pixel blocks whose width the data sets."""
+    masked stores are fast). For the packed 6-float slots of dYᵀ."""
     if LANES == 8:
         vstore(A, r, k, v)
     else:
@@ -530,8 +529,8 @@ def update(p, h):
 # them between the layouts; checkpoints and inference keep (out, in)): row k of WT is what pixel k adds
 # to every output. Forward: a sample's outputs are the sum of its ~150 lit rows, computed for two samples
 # at once over the ~227 rows either lights, in chunks of 8 vectors with eight vector sums per sample in
-# registers (a chunk of WT, 784 rows x 8 vectors, stays in L2). Weight gradient: the dense 6 x 2LANES
-# tile, summed only over the samples that light each block of 6 pixels.
+# registers (a chunk of WT, 784 rows x 8 vectors, stays in L2). Weight gradient: a 3 x 4LANES register
+# tile, summed only over the samples that light each block of 3 pixels.
 
 
 @njit(cache=True)
@@ -578,29 +577,33 @@ def list_pair(X, q, cols, vals):
 
 
 @njit(parallel=True, **_exact)
-def nonzero_blocks(X, count, samples, pixels):
-    """For each block of 6 neighbouring pixels, the samples in which any of them is lit (in sample order),
-    and those samples' 6 pixels packed for the weight gradient's tiles.
+def nonzero_blocks(X, count, samples):
+    """For each block of 3 neighbouring pixels, the samples in which any of them is lit, in sample order:
+    the sums of the weight gradient's tiles (`sparse_backward_weight`).
 
-    X (B, K) float32, count (ceil(K/6),) int32, samples (ceil(K/6), >= B) int32, pixels (ceil(K/6), >= B,
-    8) float32: samples[kb, :count[kb]] are the samples, pixels[kb, p, :6] = X[samples[kb, p], 6kb : 6kb + 6]
-    (zeros past K). Neighbouring pixels are lit together (strokes), so a block is lit in 33 % of MNIST's samples
-    against 19 % for one pixel. Each sample is appended branch-free (its slot is written, and kept only if
-    the block is lit), as a branch per sample would mispredict a third of the time. prange over blocks
-    (each block's list is written by one task, in sample order).
+    X (B, K) float32, count (2 ceil(K/6),) int32, samples (2 ceil(K/6), >= B) int32: samples[kb,
+    :count[kb]] light block kb (a block past K lights in none). Neighbouring pixels are lit together
+    (strokes): a block of 3 is lit in 25 % of MNIST's samples against 19 % for one pixel, and a tile
+    summed over a block's samples multiplies 1.33 zeros per lit pixel's FMA with blocks of 3, 1.78 with
+    blocks of 6. Two blocks per sample and masked load: one compare gives both their lit bits. Each sample
+    is appended branch-free (its slot is written, and kept only if the block is lit), as a branch per
+    sample would mispredict a third of the time. prange over pairs of blocks (each list is written by one
+    task, in sample order).
     """
     B, K = X.shape
-    for kb in prange((K + 5) // 6):
-        k = kb * 6
+    for kh in prange((K + 5) // 6):
+        k = kh * 6
         n = min(6, K - k)
-        c = np.uint64(0)  # unsigned: Numba tests a signed index for wraparound at every store
-        pk = pixels[kb]  # the view once per block, not per sample
+        ca = cb = np.uint64(0)  # unsigned: Numba tests a signed index for wraparound at every store
+        sa, sb = samples[2 * kh], samples[2 * kh + 1]  # the views once per pair of blocks, not per sample
         for i in range(B):
-            v = vloadn(X, i, k, n)
-            _st8(pk, c, 0, v)
-            samples[kb, c] = i
-            c += np.uint64(vany(v))
-        count[kb] = c
+            bits = vnonzero(vloadn(X, i, k, n))
+            sa[ca] = i
+            sb[cb] = i
+            ca += np.uint64((bits & 7) != 0)
+            cb += np.uint64(bits > 7)
+        count[2 * kh] = ca
+        count[2 * kh + 1] = cb
 
 
 @njit(parallel=True, **_exact)
@@ -656,89 +659,86 @@ def sparse_forward(cnt, cols, vals, WT, b, Y, relu):
 
 
 @njit(**_exact)
-def _tile_rows(C, D, rows, k):
-    """`_tile` over a list of D's rows: acc[2q + h] = Σ_p C[q, p] · D[rows[p], k + 8h : k + 8h + 8]."""
-    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = vzero()
-    for p in range(C.shape[1]):
+def _tile_rows(X, k, D, rows, m, j):
+    """A 3 x 4 tile of Xᵀ D over a list of samples: acc[4q + h] = Σ_p X[rows[p], k_q] · D[rows[p], j + h
+    LANES : j + (h + 1) LANES] for p < m, with k_q = k, k + 1, k + 2, clamped to X's last pixel (the
+    clamped rows' sums are not stored). 12 FMAs per 4 loads of D and 3 broadcasts of X."""
+    K = X.shape[1]
+    k1, k2 = min(k + 1, K - 1), min(k + 2, K - 1)
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = vzero()
+    for p in range(m):
         r = rows[p]
-        x0, x1 = vload(D, r, k), vload(D, r, k + LANES)
-        c = vbload(C, 0, p)
-        a00, a01 = vfma(c, x0, a00), vfma(c, x1, a01)
-        c = vbload(C, 1, p)
-        a10, a11 = vfma(c, x0, a10), vfma(c, x1, a11)
-        c = vbload(C, 2, p)
-        a20, a21 = vfma(c, x0, a20), vfma(c, x1, a21)
-        c = vbload(C, 3, p)
-        a30, a31 = vfma(c, x0, a30), vfma(c, x1, a31)
-        c = vbload(C, 4, p)
-        a40, a41 = vfma(c, x0, a40), vfma(c, x1, a41)
-        c = vbload(C, 5, p)
-        a50, a51 = vfma(c, x0, a50), vfma(c, x1, a51)
-    return (a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51)
+        d0, d1 = vload(D, r, j), vload(D, r, j + LANES)
+        d2, d3 = vload(D, r, j + 2 * LANES), vload(D, r, j + 3 * LANES)
+        c = vbload(X, r, k)
+        a00, a01, a02, a03 = vfma(c, d0, a00), vfma(c, d1, a01), vfma(c, d2, a02), vfma(c, d3, a03)
+        c = vbload(X, r, k1)
+        a10, a11, a12, a13 = vfma(c, d0, a10), vfma(c, d1, a11), vfma(c, d2, a12), vfma(c, d3, a13)
+        c = vbload(X, r, k2)
+        a20, a21, a22, a23 = vfma(c, d0, a20), vfma(c, d1, a21), vfma(c, d2, a22), vfma(c, d3, a23)
+    return (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23)
 
 
 @njit(parallel=True, **_exact)
-def sparse_backward_weight(nz, dY, WTp, bp, h):
-    """gWᵀ = Xᵀ dY over the samples that light each block of pixels (`nonzero_blocks`), then the
+def sparse_backward_weight(nz, X, dY, WTp, bp, h):
+    """gWᵀ = Xᵀ dY over the samples that light each block of 3 pixels (`nonzero_blocks`), then the
     optimiser step `h` on WT, fused.
 
-    nz the Nonzeros whose block lists `nonzero_blocks` made for K pixels, dY (B, N) with rows at least
-    pad(N) floats apart (the last tile reads 2LANES columns; lanes past N are never stored), WTp a Param of
-    (K, pad(N)) arrays, bp a Param of (N,) arrays. Each task owns a 6 x 2LANES tile of gWᵀ (6 pixels x
-    2LANES outputs): `_tile_rows` with C = the block's packed pixels and D = the rows of dY of its samples, then
-    `_step` with the gradient still in registers. The sums run over the samples that light the block
-    instead of the whole batch, with the register blocking of the dense product (12 FMAs per 2 loads and
-    6 broadcasts); a sample with the block lit but this pixel 0 adds an exact 0. Tiles are disjoint and
-    sum in sample order: no races, the same bits for any thread count. With plain SGD and no weight decay
-    a block no sample lit has a zero gradient, and its step would change nothing: it is skipped. The
-    tasks of block 0 (the image's corner, never lit) also own gb and b, 2LANES columns each (`_bias_step`;
-    one parallel region fewer than a kernel of their own, which counts at two threads and small batches).
+    nz the Nonzeros whose block lists `nonzero_blocks` made from X (B, K), dY (B, N) with rows at least
+    pad(N) floats apart (the last tile reads 4LANES columns; lanes past N are never stored), WTp a Param of
+    (K, pad(N)) arrays, bp a Param of (N,) arrays. Each task owns a 3 x 4LANES tile of gWᵀ (3 pixels x
+    4LANES outputs): `_tile_rows` over the block's samples, then `_step` with the gradient still in
+    registers. The sums run over the samples that light the block instead of the whole batch; a sample
+    with the block lit but this pixel 0 adds an exact 0. Tiles are disjoint and sum in sample order: no
+    races, the same bits for any thread count and any block size. With plain SGD and no weight decay a
+    block no sample lit has a zero gradient, and its step would change nothing: it is skipped. The tasks
+    of block 0 (the image's corner, never lit) also own gb and b, 4LANES columns each (`_bias_step`; one
+    parallel region fewer than a kernel of their own, which counts at two threads and small batches).
     prange over (block, column tile), blocks slowest: the two threads take the top and the bottom half of
     the image.
     """
-    cnt, samples, pixels = nz.block_count, nz.block_samples, nz.block_pixels
+    cnt, samples = nz.block_count, nz.block_samples
     WT, GT, MT, VT = WTp  # unpacked here: helpers in the loops take arrays (see _step)
     b, gb, mb, vb = bp
-    nb = cnt.shape[0]
     K = WT.shape[0]
     N = dY.shape[1]
-    nt = (N + 2 * LANES - 1) // (2 * LANES)
+    nt = (N + 4 * LANES - 1) // (4 * LANES)
     skip_unlit = h.kind == SGD and h.weight_decay == 0
-    for t in prange(nb * nt):
+    for t in prange((K + 2) // 3 * nt):
         kb = t // nt
-        j = (t % nt) * 2 * LANES
+        j = (t % nt) * 4 * LANES
         if kb == 0:
-            _bias_step(dY, b, gb, mb, vb, j, min(j + 2 * LANES, N), h)
+            _bias_step(dY, b, gb, mb, vb, j, min(j + 4 * LANES, N), h)
         m = cnt[kb]
         if m == 0 and skip_unlit:
             continue
-        acc = _tile_rows(pixels[kb, :m].T, dY, samples[kb], j)
-        k = kb * 6
-        if skip_unlit and j + 2 * LANES <= N and k + 6 <= K:  # the common case: `_step` for plain SGD, whole tile
+        k = kb * 3
+        acc = _tile_rows(X, k, dY, samples[kb], m, j)
+        if skip_unlit and j + 4 * LANES <= N and k + 3 <= K:  # the common case: `_step` for plain SGD, whole tile
             for r in range(12):
-                c = j + LANES * (r % 2)
-                vstore(WT, k + r // 2, c, _sgd(vload(WT, k + r // 2, c), acc[r], h.lr))
+                c = j + LANES * (r % 4)
+                vstore(WT, k + r // 4, c, _sgd(vload(WT, k + r // 4, c), acc[r], h.lr))
             continue
-        if h.kind != NO_UPDATE and j + 2 * LANES <= N and k + 6 <= K:  # any other step, whole tile: inlined, so the
+        if h.kind != NO_UPDATE and j + 4 * LANES <= N and k + 3 <= K:  # any other step, whole tile: inlined, so the
             # gradient stays in registers (passed to _step_tile, the tile would go through memory)
             for r in range(12):
-                _step(WT, MT, VT, k + r // 2, j + LANES * (r % 2), acc[r], LANES, h, h.weight_decay)
+                _step(WT, MT, VT, k + r // 4, j + LANES * (r % 4), acc[r], LANES, h, h.weight_decay)
             continue
-        _step_tile(acc, WT, GT, MT, VT, k, j, min(6, K - k), N, h)
+        _step_tile(acc, WT, GT, MT, VT, k, j, min(3, K - k), N, h)
 
 
 @njit(**_exact)
 def _step_tile(acc, W, gW, mW, vW, k, j, nq, N, h):  # noqa: PLR0913 -- arrays one by one, as _step
-    """The general epilogue of a 6 x 2LANES gradient tile at (k, j) of W: rows k..k+nq-1, columns below N (the
+    """The general epilogue of a 3 x 4LANES gradient tile at (k, j) of W: rows k..k+nq-1, columns below N (the
     gradient stored in gW when NO_UPDATE), then `_step`. A function of its own, so that its registers do
     not crowd the tile's."""
     for q in range(nq):
-        for half in range(2):
-            n = N - j - LANES * half
+        for h4 in range(4):
+            n = N - j - LANES * h4
             if n > 0:
                 if h.kind == NO_UPDATE:
-                    _st(gW, k + q, j + LANES * half, acc[2 * q + half], n)
-                _step(W, mW, vW, k + q, j + LANES * half, acc[2 * q + half], min(n, LANES), h, h.weight_decay)
+                    _st(gW, k + q, j + LANES * h4, acc[4 * q + h4], n)
+                _step(W, mW, vW, k + q, j + LANES * h4, acc[4 * q + h4], min(n, LANES), h, h.weight_decay)
 
 
 @njit(**_exact)
@@ -959,7 +959,7 @@ def train_step(state, sizes, X, y, buf, listed, h, scale) -> float:
             call("nonzeros", nonzeros, X, nz.count, nz.cols, nz.vals)
         # now, while the gather's X is still in L2: at the end of the step, after the forward and backward
         # products have passed through, X would come back from L3
-        call("blocks", nonzero_blocks, X, nz.block_count, nz.block_samples, nz.block_pixels)
+        call("blocks", nonzero_blocks, X, nz.block_count, nz.block_samples)
         call("sparse_forward", sparse_forward, nz.count, nz.cols, nz.vals, state.first_t.value, b.value, A, L > 1)
     else:
         call("forward0", linear_forward, X, W.value, b.value, A, L > 1)
@@ -977,7 +977,7 @@ def train_step(state, sizes, X, y, buf, listed, h, scale) -> float:
         if l > 0 or not sparse:
             call(f"weight{l}", linear_backward_weight, dZ, A, buf.work, Wp, bp, h)
         else:
-            call("sparse_weight", sparse_backward_weight, nz, dZ, state.first_t, bp, h)
+            call("sparse_weight", sparse_backward_weight, nz, X, dZ, state.first_t, bp, h)
         if l > 0:
             dZ = v.dA[l]
     return call("sum", total, v.loss)
@@ -1006,9 +1006,9 @@ def move_first(state, sizes, to_t: bool) -> None:
 
 def nonzeros_bufs(cap: int, n_in: int) -> Nonzeros:
     """The index buffers train_step's first layer fills per batch for up to `cap` samples of n_in pixels."""
-    nb, nq = (n_in + 5) // 6, (cap + 1) // 2
+    nb, nq = 2 * ((n_in + 5) // 6), (cap + 1) // 2
     return Nonzeros(np.zeros(nq, np.int32), np.zeros((nq, n_in), np.int32), aligned_zeros((2 * nq, n_in)),
-                    np.zeros(nb, np.int32), np.zeros((nb, cap), np.int32), aligned_zeros((nb, cap, 8)))
+                    np.zeros(nb, np.int32), np.zeros((nb, cap), np.int32))
 
 
 def buffers(sizes, cap: int) -> Buffers:

@@ -356,12 +356,13 @@ def vmask(typingctx, v, a):
 
 
 @intrinsic
-def vany(typingctx, v):
-    """True when any lane is non-zero (or NaN): one compare and a movemask, to skip a block of zeros."""
+def vnonzero(typingctx, v):
+    """The lanes that are non-zero (or NaN), as the bits of an int64 (bit l for lane l): one compare and a
+    movemask, for the lit pixels of several blocks at once."""
     def codegen(context, builder, sig, args):
         bits = builder.bitcast(builder.fcmp_unordered("!=", args[0], _ZERO), ir.IntType(W))
-        return builder.icmp_unsigned("!=", bits, ir.Constant(ir.IntType(W), 0))
-    return types.boolean(f32v), codegen
+        return builder.zext(bits, ir.IntType(64))
+    return types.int64(f32v), codegen
 
 
 @intrinsic

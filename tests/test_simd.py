@@ -11,7 +11,6 @@ from nn_numba.simd import (
     bitspan,
     prefetch,
     vadd,
-    vany,
     vbcast,
     vbits,
     vbload,
@@ -25,6 +24,7 @@ from nn_numba.simd import (
     vloadr,
     vmask,
     vmul,
+    vnonzero,
     vsqrt,
     vstore,
     vstoreint,
@@ -83,8 +83,8 @@ def _sum(a, i):
 
 
 @njit
-def _any(a, i):
-    return vany(vload(a, i, 0))
+def _nonzero(a, i):
+    return vnonzero(vload(a, i, 0))
 
 
 def _data(shape, seed=0):
@@ -197,14 +197,14 @@ def test_prefetch_is_only_a_hint():
         _prefetch(np.zeros((4, 4), np.float32).T, 0, 0)  # columns are not contiguous
 
 
-def test_any_is_true_when_one_lane_is_non_zero():
+def test_nonzero_has_the_bit_of_each_non_zero_lane():
     a = np.zeros((W + 2, W), np.float32)
     for lane in range(W):
         a[lane, lane] = 1e-45 if lane % 2 else -3.0  # a denormal and a negative count too
     a[W, 3] = np.nan
-    assert [_any(a, i) for i in range(W + 2)] == [True] * (W + 1) + [False]
+    a[W, 5] = 2.0
     a[W + 1, 0] = -0.0  # equal to zero
-    assert not _any(a, W + 1)
+    assert [_nonzero(a, i) for i in range(W + 2)] == [1 << lane for lane in range(W)] + [(1 << 3) | (1 << 5), 0]
 
 
 @njit

@@ -81,12 +81,12 @@ struct Work {
     std::vector<uint8_t> hit;
     // The sparse first layer: W1, and its optimiser slots, transposed (n0 x ld[1]) while
     // `transposed`; the pixels lit in each pair of samples (cols, and both samples' values in
-    // vals) and, per block of 6 pixels, the samples that light it (bcnt, bidx) with the block's
-    // pixels packed (pk).
+    // vals) and, per block of 3 pixels, the samples that light it (bcnt, bidx; 2 ceil(n0 / 6)
+    // blocks, as they are listed in pairs).
     bool transposed = false;
     fbuf WT, MT, VT;
     std::vector<int32_t> cols, bcnt, bidx;
-    fbuf vals, pk;
+    fbuf vals;
 };
 
 // X (nb x n0) must already be in w.A[0]. Fills w.A[1..L].

@@ -15,7 +15,7 @@
 //   forward       a sample's outputs are the sum of its lit pixels' rows of WT, computed for two
 //                 samples at once over the rows either lights (each row loaded once for both), a
 //                 chunk of outputs of both in registers at a time
-//   weight grad   for each block of 6 neighbouring pixels, a 6 x TS-vector tile of dWT summed over
+//   weight grad   for each block of 3 neighbouring pixels, a 3 x BS-vector tile of dWT summed over
 //                 only the samples that light the block, then the optimiser step on WT
 //
 // Threads: one parallel region per step; in each phase every output element belongs to one task
@@ -45,7 +45,14 @@ constexpr int TS = 2;
 constexpr int PU = 4;  // 2 x 4 of AVX2's 16
 #endif
 constexpr int TW = TS * V;  // columns of a tile
-constexpr int SLOT = 8;     // floats per packed block of pixels (TR used)
+// The sparse weight gradient's tile: TB pixels x BS vectors, 12 accumulators; per sample BS loads of
+// dZ and TB broadcasts for 12 FMAs. On MNIST a lit block of 6 pixels has 3.4 lit pixels, one of 3 has
+// 2.25: a tile summed over a block's samples does 1.78 FMAs per lit pixel's FMA with blocks of 6, 1.33
+// with blocks of 3.
+constexpr int TB = 3;
+constexpr int BS = 4;
+constexpr int BW = BS * V;  // columns of that tile
+static_assert(PAD % BW == 0, "the tiles of dWT cover a padded row of WT");
 
 // ---------------------------------------------------------------- forward
 
@@ -177,32 +184,33 @@ void sparse_pair_chunk(int cnt, const int32_t* cols, const float* va, const floa
     }
 }
 
-// For pixel block kb (pixels 6kb .. 6kb + 5) the samples that light it, in sample order, with
-// the block's pixels packed into SLOT floats each. Each sample's slot is written, and kept only
-// if the block is lit: no branch to mispredict at stroke edges.
-int lit_block(const float* X, int n0, int nb, int kb, int32_t* idx, float* pk) {
-    const int k = kb * TR, n = std::min(TR, n0 - k);
-    int c = 0;
-    for (int b = 0; b < nb; b++) {
-        const float* x = X + size_t(b) * n0 + k;
-        float* slot = pk + size_t(c) * SLOT;
-#if defined(__AVX2__)
-        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        const __m256 v = _mm256_maskload_ps(x, m);
-        _mm256_store_ps(slot, v);
-        const bool any = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_NEQ_UQ)) != 0;
-#else
-        bool any = false;
-        for (int r = 0; r < SLOT; r++) {
-            const float v = r < n ? x[r] : 0.0f;
-            slot[r] = v;
-            any |= v != 0.0f;
-        }
-#endif
-        idx[c] = b;
-        c += any;
+// The lit pixels among x[0 .. n), n <= 2TB, as bits (bit q for pixel q; NaN counts as lit).
+unsigned lit_bits(const float* x, int n) {
+    if constexpr (V >= 2 * TB) {
+        return nonzero_lanes(loadn(x, n));
+    } else {
+        unsigned bits = 0;
+        for (int q = 0; q < n; q++) bits |= unsigned(x[q] != 0.0f) << q;
+        return bits;
     }
-    return c;
+}
+
+// For the blocks 2h and 2h + 1 (pixels 6h .. 6h + 2 and 6h + 3 .. 6h + 5) the samples that light
+// each, in sample order: ia[:cnt[0]] and ib[:cnt[1]] (a block past n0 lights in none). One masked
+// load per sample gives both blocks' lit pixels. Each sample is written to both lists and kept in
+// each only if it lights that block: no branch to mispredict at stroke edges.
+void lit_blocks(const float* X, int n0, int nb, int h, int32_t* ia, int32_t* ib, int32_t* cnt) {
+    const int k = h * 2 * TB, n = std::min(2 * TB, n0 - k);
+    int ca = 0, cb = 0;
+    for (int b = 0; b < nb; b++) {
+        const unsigned bits = lit_bits(X + size_t(b) * n0 + k, n);
+        ia[ca] = b;
+        ib[cb] = b;
+        ca += (bits & ((1u << TB) - 1)) != 0;
+        cb += (bits >> TB) != 0;
+    }
+    cnt[0] = ca;
+    cnt[1] = cb;
 }
 
 // ---------------------------------------------------------------- backward
@@ -276,11 +284,11 @@ void input_grad(int nb, int N, int K, const float* dZ, int ldz, const float* W, 
 }
 
 // The optimiser step on rows o .. o + nr - 1, columns k0 .. of a (.. x K) parameter matrix P with
-// its gradient tile g in registers; M, Vs its slots (or null).
-template <int KIND>
-void step_tile(const vf (*g)[TS], int nr, int o, int k0, int K, float* P, float* M, float* Vs, const StepArgs& s) {
+// its gradient tile g (S vectors a row) in registers; M, Vs its slots (or null).
+template <int KIND, int S = TS>
+void step_tile(const vf (*g)[S], int nr, int o, int k0, int K, float* P, float* M, float* Vs, const StepArgs& s) {
     for (int r = 0; r < nr; r++)
-        for (int q = 0; q < TS; q++) {
+        for (int q = 0; q < S; q++) {
             const int n = K - k0 - q * V;
             if (n <= 0) break;
             const size_t off = size_t(o + r) * K + k0 + q * V;
@@ -345,26 +353,31 @@ void weight_step(int nb, int N, int K, const float* dZ, int ldz, const float* A,
     }
 }
 
-// The first layer's weight gradient on the sparse path: for pixel block kb, a TR x TW tile of dWT
-// summed over the m samples idx[:m] that light it (pk: their pixels), then the step on WT.
+// The first layer's weight gradient on the sparse path: for pixel block kb, a TB x BW tile of dWT
+// summed over the m samples idx[:m] that light it, then the step on WT. The pixels are broadcast from
+// X (nb x n0) itself; the last block's pixels past n0 read X's last column instead, and their rows are
+// not stored. A sample that lights the block but not a pixel of it adds an exact 0 to that pixel's
+// sums, so they are those over the samples that light the pixel, for any block size.
 template <int KIND>
-void sparse_weight_tile(int m, const int32_t* idx, const float* pk, const float* dZ, int ldz, int kb, int j, int n0,
+void sparse_weight_tile(int m, const int32_t* idx, const float* X, int n0, const float* dZ, int ldz, int kb, int j,
                         float* WT, float* MT, float* VT, int ldT, const StepArgs& s) {
-    vf acc[TR][TS];
+    const int k = kb * TB;
+    int kq[TB];
+    for (int r = 0; r < TB; r++) kq[r] = std::min(k + r, n0 - 1);
+    vf acc[TB][BS];
     for (auto& row : acc)
         for (auto& a : row) a = zero();
     for (int p = 0; p < m; p++) {
         const float* d = dZ + size_t(idx[p]) * ldz + j;
-        vf dv[TS];
-        for (int q = 0; q < TS; q++) dv[q] = load(d + q * V);
-        const float* x = pk + size_t(p) * SLOT;
-        for (int r = 0; r < TR; r++) {
-            const vf c = bcast(x[r]);
-            for (int q = 0; q < TS; q++) acc[r][q] = fma(c, dv[q], acc[r][q]);
+        vf dv[BS];
+        for (int q = 0; q < BS; q++) dv[q] = load(d + q * V);
+        const float* x = X + size_t(idx[p]) * n0;
+        for (int r = 0; r < TB; r++) {
+            const vf c = bcast(x[kq[r]]);
+            for (int q = 0; q < BS; q++) acc[r][q] = fma(c, dv[q], acc[r][q]);
         }
     }
-    const int k = kb * TR;
-    step_tile<KIND>(acc, std::min(TR, n0 - k), k, j, ldT, WT, MT, VT, s);
+    step_tile<KIND, BS>(acc, std::min(TB, n0 - k), k, j, ldT, WT, MT, VT, s);
 }
 
 // ---------------------------------------------------------------- the step
@@ -388,12 +401,11 @@ void prepare(const Net& net, Work& w) {
 // The sparse path's index lists, at its first use (dense inputs never need them).
 void prepare_sparse(const Net& net, Work& w) {
     if (!w.cols.empty()) return;
-    const int n0 = int(net.sizes[0]), nblk = (n0 + TR - 1) / TR;
+    const int n0 = int(net.sizes[0]), nblk = 2 * ((n0 + 2 * TB - 1) / (2 * TB));  // listed in pairs
     w.cols.assign(size_t(w.cap) * (n0 + V), 0);
     w.vals.assign(size_t(w.cap + 1) * (n0 + V), 0.0f);  // two rows per pair of samples
     w.bcnt.assign(nblk, 0);
     w.bidx.assign(size_t(nblk) * w.cap, 0);
-    w.pk.assign(size_t(nblk) * w.cap * SLOT, 0.0f);
 }
 
 // W (n1 x n0) <-> WT (n0 x ldT, zeros in the padding).
@@ -424,17 +436,18 @@ double density(const float* X, int rows, int n0) {
 }
 
 // Phase one of the sparse path: each pair of samples' lit pixels and their first-layer outputs, and
-// each pixel block's lit samples (for the weight gradient), as one task list.
+// each pixel block's lit samples (for the weight gradient, two blocks per task), as one task list.
 void sparse_first(const Net& net, Work& w, int nb, bool relu) {
-    const int n0 = int(net.sizes[0]), n1 = int(net.sizes[1]), ldT = w.ld[1], nblk = (n0 + TR - 1) / TR;
+    const int n0 = int(net.sizes[0]), n1 = int(net.sizes[1]), ldT = w.ld[1], nh = (n0 + 2 * TB - 1) / (2 * TB);
     const int np = (nb + 1) / 2;
     const float* X = w.A[0].data();
     const float* bias = net.B[0].data();
 #pragma omp for schedule(static)
-    for (int t = 0; t < np + nblk; t++) {
+    for (int t = 0; t < np + nh; t++) {
         if (t >= np) {
-            const int kb = t - np;
-            w.bcnt[kb] = lit_block(X, n0, nb, kb, &w.bidx[size_t(kb) * w.cap], &w.pk[size_t(kb) * w.cap * SLOT]);
+            const int h = t - np;
+            int32_t* ia = &w.bidx[size_t(2 * h) * w.cap];
+            lit_blocks(X, n0, nb, h, ia, ia + w.cap, &w.bcnt[2 * h]);
             continue;
         }
         const int i = 2 * t;
@@ -453,8 +466,8 @@ void sparse_first(const Net& net, Work& w, int nb, bool relu) {
 }
 
 void sparse_first_step(Net& net, Work& w, Optimizer& opt, int nb, const StepArgs& s) {
-    const int n0 = int(net.sizes[0]), n1 = int(net.sizes[1]), ldT = w.ld[1], nblk = (n0 + TR - 1) / TR;
-    const int jt = ldT / TW, bt = (n1 + V - 1) / V;
+    const int n0 = int(net.sizes[0]), n1 = int(net.sizes[1]), ldT = w.ld[1], nblk = (n0 + TB - 1) / TB;
+    const int jt = ldT / BW, bt = (n1 + V - 1) / V;
     const bool idle = s.kind == 0 && s.wd == 0.0f;  // then a block no sample lit keeps its weights
     float* B = net.B[0].data();
     float* MB = opt.kind >= 1 ? opt.slot0[1].data() : nullptr;
@@ -468,11 +481,11 @@ void sparse_first_step(Net& net, Work& w, Optimizer& opt, int nb, const StepArgs
             bias_step(nb, w.G[0].data(), ldT, (t - nblk * jt) * V, n1, B, MB, VB, s);
             continue;
         }
-        const int kb = t / jt, j = (t % jt) * TW, m = w.bcnt[kb];
+        const int kb = t / jt, j = (t % jt) * BW, m = w.bcnt[kb];
         if (m == 0 && idle) continue;
         auto tile = s.kind == 0 ? sparse_weight_tile<0> : s.kind == 1 ? sparse_weight_tile<1> : sparse_weight_tile<2>;
-        tile(m, &w.bidx[size_t(kb) * w.cap], &w.pk[size_t(kb) * w.cap * SLOT], w.G[0].data(), ldT, kb, j,
-                           n0, w.WT.data(), MT, VT, ldT, s);
+        tile(m, &w.bidx[size_t(kb) * w.cap], w.A[0].data(), n0, w.G[0].data(), ldT, kb, j, w.WT.data(), MT, VT, ldT,
+             s);
     }
 }
 

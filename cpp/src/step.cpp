@@ -184,26 +184,23 @@ void sparse_pair_chunk(int cnt, const int32_t* cols, const float* va, const floa
     }
 }
 
-// The lit pixels among x[0 .. n), n <= 2TB, as bits (bit q for pixel q; NaN counts as lit).
-unsigned lit_bits(const float* x, int n) {
-    if constexpr (V >= 2 * TB) {
-        return nonzero_lanes(loadn(x, n));
-    } else {
-        unsigned bits = 0;
-        for (int q = 0; q < n; q++) bits |= unsigned(x[q] != 0.0f) << q;
-        return bits;
-    }
-}
-
 // For the blocks 2h and 2h + 1 (pixels 6h .. 6h + 2 and 6h + 3 .. 6h + 5) the samples that light
 // each, in sample order: ia[:cnt[0]] and ib[:cnt[1]] (a block past n0 lights in none). One masked
-// load per sample gives both blocks' lit pixels. Each sample is written to both lists and kept in
-// each only if it lights that block: no branch to mispredict at stroke edges.
+// load and compare per sample gives both blocks' lit pixels as bits (NaN counts as lit). Each sample
+// is written to both lists and kept in each only if it lights that block: no branch to mispredict at
+// stroke edges.
 void lit_blocks(const float* X, int n0, int nb, int h, int32_t* ia, int32_t* ib, int32_t* cnt) {
     const int k = h * 2 * TB, n = std::min(2 * TB, n0 - k);
+    const lmask m = mask_of(n);
     int ca = 0, cb = 0;
     for (int b = 0; b < nb; b++) {
-        const unsigned bits = lit_bits(X + size_t(b) * n0 + k, n);
+        const float* x = X + size_t(b) * n0 + k;
+        unsigned bits = 0;
+        if constexpr (V >= 2 * TB) {
+            bits = nonzero_lanes(loadm(x, m));
+        } else {
+            for (int q = 0; q < n; q++) bits |= unsigned(x[q] != 0.0f) << q;
+        }
         ia[ca] = b;
         ib[cb] = b;
         ca += (bits & ((1u << TB) - 1)) != 0;
@@ -368,13 +365,14 @@ void sparse_weight_tile(int m, const int32_t* idx, const float* X, int n0, const
     for (auto& row : acc)
         for (auto& a : row) a = zero();
     for (int p = 0; p < m; p++) {
-        const float* d = dZ + size_t(idx[p]) * ldz + j;
-        vf dv[BS];
-        for (int q = 0; q < BS; q++) dv[q] = load(d + q * V);
         const float* x = X + size_t(idx[p]) * n0;
-        for (int r = 0; r < TB; r++) {
-            const vf c = bcast(x[kq[r]]);
-            for (int q = 0; q < BS; q++) acc[r][q] = fma(c, dv[q], acc[r][q]);
+        vf c[TB];
+        for (int r = 0; r < TB; r++) c[r] = bcast(x[kq[r]]);
+        const float* d = dZ + size_t(idx[p]) * ldz + j;
+        for (int q = 0; q < BS; q++) {  // a vector of dZ at a time: 12 sums + 3 pixels + 1 fit AVX2 (4 at once spill)
+            vf dv = load(d + q * V);
+            pin(dv);
+            for (int r = 0; r < TB; r++) acc[r][q] = fma(c[r], dv, acc[r][q]);
         }
     }
     step_tile<KIND, BS>(acc, std::min(TB, n0 - k), k, j, ldT, WT, MT, VT, s);

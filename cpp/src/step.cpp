@@ -361,6 +361,17 @@ void sparse_weight_tile(int m, const int32_t* idx, const float* X, int n0, const
     const int k = kb * TB;
     int kq[TB];
     for (int r = 0; r < TB; r++) kq[r] = std::min(k + r, n0 - 1);
+    // Momentum's and Adam's slots are read by this step alone, so they come from L3 or memory: the
+    // tile's cache lines of them and of WT are asked for now and arrive while the tile sums (with
+    // plain SGD, asking for WT's lines measured slower)
+    if (KIND >= 1)
+        for (int r = 0; r < std::min(TB, n0 - k); r++)
+            for (int c = 0; c < BW; c += 16) {  // 16 floats a line
+                const size_t off = size_t(k + r) * ldT + j + c;
+                __builtin_prefetch(WT + off, 1);
+                __builtin_prefetch(MT + off, 1);
+                if (KIND == 2) __builtin_prefetch(VT + off, 1);
+            }
     vf acc[TB][BS];
     for (auto& row : acc)
         for (auto& a : row) a = zero();

@@ -179,12 +179,27 @@ def storage(url: str, sweep: Sweep):
     kw = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     for attempt in range(3):  # workers that meet an empty database at once race to create its tables
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=sweep.heartbeat,
-                                              grace_period=3 * sweep.heartbeat)
+            st = optuna.storages.RDBStorage(url, engine_kwargs=kw, heartbeat_interval=sweep.heartbeat,
+                                            grace_period=3 * sweep.heartbeat)
+            if url.startswith("sqlite"):
+                immediate(st.engine)
+            return st
         except Exception as e:  # the drivers' own errors (no server, wrong password, unknown driver)
             if attempt == 2 or "already exists" not in str(e) and "duplicate key" not in str(e):
                 raise NNError(f"cannot open the study storage {redact(url)}: {str(e).splitlines()[0]}") from None
             time.sleep(1 + attempt)
+
+
+def immediate(engine) -> None:
+    """Make every transaction on a SQLite engine take the database's write lock when it begins. Optuna
+    checks a trial's state and changes it in one transaction with SELECT ... FOR UPDATE, which SQLite
+    ignores: two workers could both see a queued trial waiting and both run it. SQLAlchemy's recipe for
+    pysqlite: no implicit BEGIN from the driver, and BEGIN IMMEDIATE from SQLAlchemy."""
+    from sqlalchemy import event
+
+    event.listen(engine, "connect", lambda conn, _: setattr(conn, "isolation_level", None))
+    event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
+    engine.dispose()  # the connections opened so far (to create the tables) began the old way
 
 
 def redact(url: str) -> str:

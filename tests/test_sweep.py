@@ -236,3 +236,35 @@ def test_a_problem_every_trial_meets_is_said_once_with_its_reason(workers, tmp_p
     r = nn("sweep", sweep_file(tmp_path), "--workers", workers, "--data-dir", tmp_path / "nothing", cwd=tmp_path)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert "nothing" in r.stderr and r.stderr.count("nn-numba: error:") == 1, r.stderr
+
+
+def _ask_all(url: str, n: int, out) -> None:
+    """A worker's process: take n queued trials from the study at `url` through nn_numba's storage."""
+    from nn_numba.sweep import load_sweep, storage
+
+    sw = load_sweep(out.parent / "tiny.sweep.toml")
+    s = optuna.load_study(study_name="tiny", storage=storage(url, sw))
+    out.write_text(" ".join(str(s.ask().number) for _ in range(n)))
+
+
+def test_two_workers_never_take_the_same_queued_trial(tmp_path):
+    """SQLite ignores SELECT ... FOR UPDATE, so two workers could both read a queued trial as waiting and
+    both run it; the second then fails to report it ("Cannot tell a COMPLETE trial"). Each takes 20 of 40
+    queued trials as fast as it can: every trial must go to exactly one of them."""
+    import multiprocessing
+
+    sweep_file(tmp_path)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    first = optuna.create_study(study_name="tiny", storage=url, direction="maximize")
+    for i in range(40):
+        first.enqueue_trial({"optim.lr": 0.001 + i * 1e-5})
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"w{i}.txt" for i in range(2)]
+    procs = [ctx.Process(target=_ask_all, args=(url, 20, o)) for o in outs]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    taken = [int(n) for o in outs for n in o.read_text().split()]
+    assert sorted(taken) == list(range(40))

@@ -387,7 +387,22 @@ static void test_rng() {
     CHECK(a.next() == b.next());
 }
 
-int main() {
+// Layers narrower than a tile, and just wider than a vector or half a tile at each width (4, 8 and
+// 16 lanes: tiles of 8, 16 and 64 columns): the input gradient's ragged column block must read only
+// inside W (a sanitizer build at that width sees a read past it) and sum what the reference sums. The
+// hidden width h is the input of the last layer (10 outputs), then of a middle layer (h x 9 -> 2).
+static void test_ragged_widths() {
+    for (uint32_t h : {1u, 2u, 3u, 4u, 5u, 7u, 8u, 9u, 15u, 16u, 17u, 31u, 32u, 33u, 63u, 65u})
+        for (const auto& sz : {std::vector<uint32_t>{21, h, 10}, {21, 9, h, 2}})
+            for (RefOpt o : {RefOpt{0, 0.05}, RefOpt{2, 1e-3, 0.01}}) test_train_step(sz, o, true);
+}
+
+// `test_mlp ragged` runs test_ragged_widths alone (ctest: step_ragged_widths); no argument, the rest.
+int main(int argc, char** argv) {
+    if (argc > 1 && std::string(argv[1]) == "ragged") {
+        test_ragged_widths();
+        return finish("test_mlp ragged");
+    }
     test_gemm(false);
     test_gemm(true);
     test_gradients(false);

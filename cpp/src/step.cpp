@@ -217,9 +217,12 @@ void lit_blocks(const float* X, int n0, int nb, int h, int32_t* ia, int32_t* ib,
 // ---------------------------------------------------------------- backward
 
 // D[r, k0 ..] = (dZ[r] W)[k0 ..] where A[r] > 0, for R samples and one column block of TW.
-// In the last block (EDGE) a row of W ends inside the tile: the lanes past it read the start of
-// the next row, and the mask A > 0 zeroes them (A's padding is 0); only W's last row, which has no
-// next row, takes masked loads.
+// In the last block (EDGE) a row of W ends inside the tile; the mask A > 0 zeroes the lanes past it
+// (A's padding is 0), whatever they read. If the tile overhangs a row by at most a row (k0 + TW <= 2K:
+// a layer at least half a tile wide, as 250 is at every width), a row's whole-vector loads end inside
+// the next row, so they stay inside W for every row but the last, which alone takes masked loads. A
+// narrower layer's loads would run past W's end from its last rows, so there every row takes masked
+// loads. Either way every read is inside W.
 template <int R, bool EDGE>
 void input_tile(int N, const float* dZ, int ldz, const float* W, int K, int k0, const float* A, int lda, float* D,
                 int ldd) {
@@ -232,18 +235,22 @@ void input_tile(int N, const float* dZ, int ldz, const float* W, int K, int k0, 
             for (int s = 0; s < TS; s++) acc[r][s] = fma(d, wv[s], acc[r][s]);
         }
     };
-    const int last = EDGE ? N - 1 : N;
-    for (int o = 0; o < last; o++) {
+    const int whole = !EDGE ? N : k0 + TW <= 2 * K ? N - 1 : 0;  // rows read with whole vectors
+    for (int o = 0; o < whole; o++) {
         const float* w = W + size_t(o) * K + k0;
         vf wv[TS];
         for (int s = 0; s < TS; s++) wv[s] = load(w + s * V);
         add_row(o, wv);
     }
     if (EDGE) {
-        const float* w = W + size_t(N - 1) * K + k0;
-        vf wv[TS];
-        for (int s = 0; s < TS; s++) wv[s] = loadn(w + s * V, K - k0 - s * V);
-        add_row(N - 1, wv);
+        lmask m[TS];
+        for (int s = 0; s < TS; s++) m[s] = mask_of(K - k0 - s * V);
+        for (int o = whole; o < N; o++) {
+            const float* w = W + size_t(o) * K + k0;
+            vf wv[TS];
+            for (int s = 0; s < TS; s++) wv[s] = loadm(w + s * V, m[s]);
+            add_row(o, wv);
+        }
     }
     for (int r = 0; r < R; r++)
         for (int s = 0; s < TS; s++) {

@@ -513,13 +513,16 @@ def _st(A, r, k, x, n):
         vstoren(A, r, k, x, n)
 
 
-@njit(**_exact)
+@njit(parallel=True, **_exact)
 def update(p, h):
-    """One optimiser step `h` on a Param of 1-D float32 arrays (n,): `_step` along its only row."""
+    """One optimiser step `h` on a Param of 1-D float32 arrays (n,): `_step` along its only row, prange
+    over blocks of 1024 floats. Outside a parallel loop's body, Numba would update the four arrays'
+    reference counts at every inlined `_step`: atomic operations per vector that cost more than the step."""
     n = p.value.shape[0]
     P, G, M, V = p.value.reshape((1, n)), p.grad.reshape((1, n)), p.m.reshape((1, n)), p.v.reshape((1, n))
-    for k in range(0, n, LANES):
-        _step(P, M, V, 0, k, _ld(G, 0, k, n - k), min(n - k, LANES), h, h.weight_decay)
+    for t in prange((n + 1023) // 1024):
+        for k in range(1024 * t, min(n, 1024 * t + 1024), LANES):
+            _step(P, M, V, 0, k, _ld(G, 0, k, n - k), min(n - k, LANES), h, h.weight_decay)
 
 
 # ---------------------------------------------------------------------------------------------------

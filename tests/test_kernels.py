@@ -80,16 +80,17 @@ def test_linear_backward_weight_and_sgd(shapes):
     assert rel(b, b0) < 1e-5
 
 
+@pytest.mark.parametrize("n", [37, 2 * 1024 + 37])  # one ragged block; whole blocks of `update` and a ragged one
 @pytest.mark.parametrize("kind,nesterov", [("momentum", False), ("momentum", True), ("adam", False)])
-def test_update_matches_reference_over_steps(kind, nesterov):
+def test_update_matches_reference_over_steps(kind, nesterov, n):
     rng = np.random.default_rng(4)
-    p = rng.standard_normal(37, dtype=np.float32)
+    p = rng.standard_normal(n, dtype=np.float32)
     m, v = np.zeros_like(p), np.zeros_like(p)
     opt = ref.Optimizer(kind, 0.05, momentum=0.9, nesterov=nesterov, wd=0.01)
     p64 = p.astype(np.float64)
     code = {"momentum": K.MOMENTUM, "adam": K.ADAM}[kind]
     for t in range(1, 6):
-        g = rng.standard_normal(37, dtype=np.float32)
+        g = rng.standard_normal(n, dtype=np.float32)
         K.update(K.Param(p, g, m, v), plain(code, 0.05, momentum=0.9, nesterov=nesterov, weight_decay=0.01,
                                             inv_bias1=1 / (1 - 0.9**t), inv_bias2=1 / (1 - 0.999**t)))
         opt.step([p64], [g.astype(np.float64)], [True])

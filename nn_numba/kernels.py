@@ -717,15 +717,15 @@ def sparse_backward_weight(nz, X, dY, WTp, bp, h):
             continue
         k = kb * 3
         acc = _tile_rows(X, k, dY, samples[kb], m, j)
-        if skip_unlit and j + 4 * LANES <= N and k + 3 <= K:  # the common case: `_step` for plain SGD, whole tile
+        if h.kind != NO_UPDATE and k + 3 <= K:  # the step inlined, so the gradient stays in registers (passed to
+            # _step_tile, the tile would go through memory); the last column tile stops at N
             for r in range(12):
                 c = j + LANES * (r % 4)
-                vstore(WT, k + r // 4, c, _sgd(vload(WT, k + r // 4, c), acc[r], h.lr))
-            continue
-        if h.kind != NO_UPDATE and j + 4 * LANES <= N and k + 3 <= K:  # any other step, whole tile: inlined, so the
-            # gradient stays in registers (passed to _step_tile, the tile would go through memory)
-            for r in range(12):
-                _step(WT, MT, VT, k + r // 4, j + LANES * (r % 4), acc[r], LANES, h, h.weight_decay)
+                n = N - c
+                if n > 0 and skip_unlit:  # the common case: `_step` for plain SGD
+                    _st(WT, k + r // 4, c, _sgd(_ld(WT, k + r // 4, c, n), acc[r], h.lr), n)
+                elif n > 0:
+                    _step(WT, MT, VT, k + r // 4, c, acc[r], min(n, LANES), h, h.weight_decay)
             continue
         _step_tile(acc, WT, GT, MT, VT, k, j, min(3, K - k), N, h)
 

@@ -143,6 +143,17 @@ def test_bad_arguments_are_one_line_errors():
         bench.bench(passes=0)
 
 
+def test_batches_larger_than_an_epoch_are_refused_before_any_worker_starts(monkeypatch):
+    """A batch can hold at most the epoch's 60,000 samples; a larger one would size buffers for it."""
+    def run(*args, **kwargs):
+        raise AssertionError("the bench started its workers")
+
+    monkeypatch.setattr(bench, "run", run)
+    for kwargs in ({"batches": "64,60001"}, {"batches": "100000000"}, {"kernel_batch": 60_001}):
+        with pytest.raises(bench.NNError, match=r"out of range \[1, 60000\]"):
+            bench.bench(**kwargs)
+
+
 def test_kernel_rates_count_flops():
     # fwd1 at B=10 in 1 ms: 2 * 10 * 784 * 250 FLOP
     assert bench._kernel_rate("fwd1 lin+bias+relu", 10, 1e-3)["gflops"] == pytest.approx(2 * 10 * 784 * 250 / 1e6)

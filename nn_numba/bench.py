@@ -770,8 +770,8 @@ def bench(threads: str = "1,2", batches: str = "32,64,256,1024", quick: bool = F
             from None
     if not ts or not bs or min(ts) < 1 or min(bs) < 1 or kernel_batch < 1 or (passes is not None and passes < 1):
         raise NNError("bench: --threads, --batches, --kernel-batch and --passes need positive numbers")
-    if max(bs + [kernel_batch]) > N_TRAIN:  # an epoch's samples: a larger batch would only size buffers for it
-        big = max(bs + [kernel_batch])
+    big = max(bs + [kernel_batch])
+    if big > N_TRAIN:  # an epoch's samples: a larger batch would only size buffers for it
         flag = "--batches" if big in bs else "--kernel-batch"
         raise NNError(f"bench: {flag} {big} is out of range [1, {N_TRAIN}] (the samples of an epoch)")
     if max(ts) > (os.cpu_count() or 1):

@@ -5,6 +5,9 @@ With that layout no product needs a transpose:
   forward      Y  = X Wᵀ     dot form, contiguous rows of X and W            -> 2x6 register tiles
   backward dX  dX = dY W     axpy form over contiguous rows of W             -> 6x2L register tiles
   backward dW  dW = dYᵀ X    axpy form over contiguous rows of X, dYᵀ packed -> 6x2L register tiles
+Training's forward product of the hidden layers is in axpy form too, over a copy of Wᵀ it makes first
+(`linear_forward_t`): with its operands coming from L2 and L3 mid-step, that beats the dot form by more
+than the transpose costs.
 The first layer is the exception in training: 81 % of MNIST's pixels are 0, and skipping them needs its
 weights transposed, WT = W1ᵀ (see "The first layer" below):
   forward      Y  = X WT     the ~227 rows of WT lit in a pair of samples    -> 8L-column chunks x 2
@@ -52,6 +55,7 @@ from .simd import (
     vsub,
     vsum,
     vsums,
+    vtranspose,
     vzero,
 )
 
@@ -131,6 +135,7 @@ class Buffers(NamedTuple):
     grad_a: np.ndarray  # two gradient buffers (grad_size), used in turn layer by layer
     grad_b: np.ndarray
     work: np.ndarray  # linear_backward_weight's packing space (work_size)
+    wt: np.ndarray  # the transposed weights of the hidden layer linear_forward_t reads (wt_size)
     nonzeros: Nonzeros
     loss: np.ndarray  # (cap,) float32 per-sample loss
     pred: np.ndarray  # (cap,) int64 predicted class
@@ -279,6 +284,48 @@ def linear_forward(X, W, b, Y, relu):
             vstorer(Y, i0, j0, y0, j - j0, 6)
         if i1 != i0:  # else a batch of one sample
             vstorer(Y, i1, j0, y1, j - j0, 6)
+
+
+@njit(parallel=True, **_exact)
+def linear_forward_t(X, W, WT, b, Y, relu):
+    """Y = X Wᵀ + b, then ReLU when `relu`: `linear_forward` in axpy form, over Wᵀ made here in WT.
+
+    X (B, K), W (N, K), b (N,), Y (B, N), WT (K, >= N rounded up to 2LANES) float32 scratch. Each task owns
+    2LANES outputs: it first writes its panel WT[:, j : j + 2LANES] = W[j : j + 2LANES]ᵀ (LANES x LANES blocks
+    transposed in registers, `vtranspose`; zeros past N), then runs the 6 x 2LANES tiles of Y over the
+    whole batch (`_tile` with C = X, D = the panel, as `linear_backward_input`), each adding b, clamping and
+    storing its own rows and columns. Training's hidden layers take it: a tile reads its six rows of X as
+    broadcasts and streams the panel from L1, where the dot form's 2x6 tiles read two rows of X again for
+    every six outputs and reduce every sum across lanes; in the step, with X and W coming from L2 and L3,
+    that costs a fifth of the product's time, several times the transpose. prange over panels: 8 tasks for
+    250 outputs with 16 lanes. Every output is one sum over k in order, then + b, whatever the shapes (a
+    batch of fewer than 6 samples sums each row alone in that order), so a sample's outputs have the same
+    bits in a batch of any size; they round differently from `linear_forward`'s, whose sums run across lanes.
+    """
+    B, K = X.shape
+    N = W.shape[0]
+    lo = np.float32(0) if relu else np.float32(-3.4028235e38)
+    lov, top, br = vbcast(lo), vbcast(np.float32(np.inf)), b.reshape((1, N))  # views outside the loop
+    for t in prange((N + 2 * LANES - 1) // (2 * LANES)):
+        j = t * 2 * LANES
+        for jj in range(j, min(j + 2 * LANES, N), LANES):
+            for k in range(0, K, LANES):
+                vtranspose(W, jj, k, min(LANES, N - jj), min(LANES, K - k), WT, k, jj, min(LANES, K - k))
+        b0, b1 = _ld(br, 0, j, N - j), _ld(br, 0, j + LANES, N - j - LANES)
+        if B < 6:  # too few samples for a tile: one row of LANES lanes at a time, summed as in a tile
+            for i in range(B):
+                for h in range(2):
+                    s = vzero()
+                    for k in range(K):
+                        s = vfma(vbload(X, i, k), vload(WT, k, j + LANES * h), s)
+                    _st(Y, i, j + LANES * h, vclamp(vadd(s, b1 if h else b0), lov, top), N - j - LANES * h)
+            continue
+        for i in range(0, B, 6):
+            i0 = min(i, B - 6)  # the last tile of a ragged batch moves back and stores only its own rows
+            acc = _tile(X, i0, WT, j)
+            for q in range(i - i0, 6):
+                _st(Y, i0 + q, j, vclamp(vadd(acc[2 * q], b0), lov, top), N - j)
+                _st(Y, i0 + q, j + LANES, vclamp(vadd(acc[2 * q + 1], b1), lov, top), N - j - LANES)
 
 
 @njit(**_exact)
@@ -834,6 +881,19 @@ def acts_size(sizes, cap: int) -> int:
     return cap * sum(pad(n) for n in sizes)
 
 
+def transposed(sizes, l: int) -> bool:
+    """Whether train_step's forward product of layer l (0-based) runs over transposed weights
+    (`linear_forward_t`): every layer after the first that is at least one tile (2LANES outputs) wide. The
+    first has its own transposed copy while batches are sparse, and the output layer's ten classes would
+    fill a third of the tile."""
+    return l >= 1 and sizes[l + 1] >= 2 * LANES
+
+
+def wt_size(sizes) -> int:
+    """Floats of the buffer of the transposed weights (the largest of the layers `transposed` names)."""
+    return max([sizes[l] * pad(sizes[l + 1]) for l in range(len(sizes) - 1) if transposed(sizes, l)], default=0)
+
+
 def grad_size(sizes, cap: int) -> int:
     """Floats of each of train_step's two gradient buffers."""
     return cap * max(pad(n) for n in sizes[1:])
@@ -910,6 +970,7 @@ class StepViews(NamedTuple):
     acts: list  # layer l's (B, n_l) outputs
     dZ: np.ndarray  # the logits' gradient
     dA: list  # layer l's input gradient (l >= 1; None at 0), in grad_a/grad_b by turns
+    wt: list  # layer l's transposed weights (n_{l-1}, pad(n_l)) in buf.wt when `transposed`, else None
     loss: np.ndarray
     pred: np.ndarray
     call: Calls
@@ -923,7 +984,10 @@ def step_views(state, sizes, buf, B: int) -> StepViews:
     dA = [None] + [_rows(buf.grad_b if (L - 1 - l) % 2 == 0 else buf.grad_a, 0, B, sizes[l]) for l in range(1, L)]
     return StepViews([_layer(state.flat, sizes, l) for l in range(L)],
                      [_act(buf.acts, sizes, cap, l, B) for l in range(L)],
-                     _rows(buf.grad_a, 0, B, sizes[L]), dA, buf.loss[:B], buf.pred[:B], Calls())
+                     _rows(buf.grad_a, 0, B, sizes[L]), dA,
+                     [buf.wt[:sizes[l] * pad(sizes[l + 1])].reshape((sizes[l], pad(sizes[l + 1])))
+                      if transposed(sizes, l) else None for l in range(L)],
+                     buf.loss[:B], buf.pred[:B], Calls())
 
 
 def train_step(state, sizes, X, y, buf, listed, h, scale) -> float:
@@ -968,7 +1032,10 @@ def train_step(state, sizes, X, y, buf, listed, h, scale) -> float:
         call("forward0", linear_forward, X, W.value, b.value, A, L > 1)
     for l in range(1, L):
         W, b = v.weights[l]
-        call(f"forward{l}", linear_forward, A, W.value, b.value, v.acts[l], l < L - 1)
+        if v.wt[l] is not None:
+            call(f"forward{l}", linear_forward_t, A, W.value, v.wt[l], b.value, v.acts[l], l < L - 1)
+        else:
+            call(f"forward{l}", linear_forward, A, W.value, b.value, v.acts[l], l < L - 1)
         A = v.acts[l]
     dZ = v.dZ
     call("loss", softmax_xent, A, y, dZ, v.loss, v.pred, scale)
@@ -1018,7 +1085,8 @@ def buffers(sizes, cap: int) -> Buffers:
     """The work buffers of train_step for up to `cap` samples (64-byte aligned)."""
     return Buffers(aligned_zeros(acts_size(sizes, cap)), aligned_zeros(grad_size(sizes, cap)),
                    aligned_zeros(grad_size(sizes, cap)), aligned_zeros(work_size(max(sizes[1:]), cap)),
-                   nonzeros_bufs(cap, sizes[0]), np.zeros(cap, np.float32), np.zeros(cap, np.int64), cap, {})
+                   aligned_zeros(wt_size(sizes)), nonzeros_bufs(cap, sizes[0]), np.zeros(cap, np.float32),
+                   np.zeros(cap, np.int64), cap, {})
 
 
 def train_state(sizes, params: np.ndarray) -> TrainState:

@@ -105,6 +105,15 @@ def _addr(context, builder, sig, args, vector=True):
     return builder.bitcast(p, (_vec if vector else _f32).as_pointer())
 
 
+def _row_addr(context, builder, aryty, ary, i, k):
+    """Address of ary[i, k] as a `<W x float>*`, i and k already intp values (as `_addr`, rows contiguous)."""
+    arr = context.make_array(aryty)(context, builder, ary)
+    row = cgutils.unpack_tuple(builder, arr.strides, 2)[0]
+    off = builder.add(builder.mul(i, row), builder.mul(k, ir.Constant(i.type, 4)))
+    p = builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()), [off], inbounds=True)
+    return builder.bitcast(p, _vec.as_pointer())
+
+
 def _lanes(builder, n, lo=None):
     """<W x i1>: lane l < n (n <= 0: none, n >= W: all), and l >= lo when lo is given."""
     def lanes(cmp, x):
@@ -407,6 +416,45 @@ def vsums(typingctx, t):
             w = h
         return vs[0]
     return f32v(t), codegen
+
+
+@intrinsic
+def vtranspose(typingctx, src, i, k, nr, nc, dst, r, c, nw):  # noqa: PLR0913 -- a block's corners and sizes
+    """dst[r + l, c : c + W] = src[i : i + W, k + l] for l < nw: a W x W block transposed in registers.
+
+    Rows q >= nr (1 <= nr <= W) and columns >= nc of the block read as zeros, and nothing past them is
+    read (masked loads); every stored row is a whole vector, so callers keep c + W <= dst's row length.
+    log2(W) rounds of W two-vector shuffles: round s (W/2, ..., 2, 1) pairs rows q and q + s (q & s == 0)
+    and swaps the s-lane blocks where their rows and columns cross, the recursive block transpose."""
+    _check(src)
+    _check(dst)
+
+    def codegen(context, builder, sig, args):
+        at = sig.args
+        src_v, dst_v = args[0], args[5]
+        i, k, nr, nc, r, c, nw = (context.cast(builder, args[a], at[a], types.intp) for a in (1, 2, 3, 4, 6, 7, 8))
+        none = ir.Constant(i.type, 0)
+        rows = []
+        for q in range(W):
+            inside = builder.icmp_signed("<", ir.Constant(i.type, q), nr)
+            row = builder.select(inside, builder.add(i, ir.Constant(i.type, q)), i)  # past nr: no lane read
+            p = _row_addr(context, builder, at[0], src_v, row, k)
+            rows.append(_call(builder, f"llvm.masked.load.v{W}f32.p0", _vec,
+                              [p, ir.Constant(_i32, 4), _lanes(builder, builder.select(inside, nc, none)), _ZERO]))
+        s = W // 2
+        while s >= 1:
+            lo = ir.Constant(_ivec, [x if x % (2 * s) < s else W + x - s for x in range(W)])
+            hi = ir.Constant(_ivec, [x + s if x % (2 * s) < s else W + x for x in range(W)])
+            for q in (q for q in range(W) if q & s == 0):
+                a, b = rows[q], rows[q + s]
+                rows[q], rows[q + s] = builder.shuffle_vector(a, b, lo), builder.shuffle_vector(a, b, hi)
+            s //= 2
+        for q in range(W):
+            with cgutils.if_likely(builder, builder.icmp_signed("<", ir.Constant(i.type, q), nw)):
+                p = _row_addr(context, builder, at[5], dst_v, builder.add(r, ir.Constant(i.type, q)), c)
+                builder.store(rows[q], p, align=4)
+        return context.get_dummy_value()
+    return types.none(src, i, k, nr, nc, dst, r, c, nw), codegen
 
 
 @intrinsic

@@ -37,6 +37,24 @@ def test_linear_forward(shapes):
         assert rel(Y, np.maximum(want, 0) if relu else want) < 1e-5
 
 
+def test_linear_forward_t(shapes):
+    """The axpy form over Wᵀ, which it writes into WT (zeros up to the next LANES columns), NaN in the rest of WT
+    unused."""
+    B, Kin, N = shapes
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((B, Kin), dtype=np.float32)
+    W = rng.standard_normal((N, Kin), dtype=np.float32)
+    b = rng.standard_normal(N, dtype=np.float32)
+    want = X.astype(np.float64) @ W.T.astype(np.float64) + b
+    for relu in (False, True):
+        Y = np.full((B, N), np.nan, np.float32)
+        WT = np.full((Kin, K.pad(N)), np.nan, np.float32)
+        K.linear_forward_t(X, W, WT, b, Y, relu)
+        assert rel(Y, np.maximum(want, 0) if relu else want) < 1e-5
+        n = -(-N // K.LANES) * K.LANES
+        assert np.array_equal(WT[:, :N], W.T) and not WT[:, N:n].any()
+
+
 def test_linear_backward_input(shapes):
     B, Kin, N = shapes
     rng = np.random.default_rng(2)
@@ -444,20 +462,30 @@ def test_gather_with_nonzeros_is_gather_then_nonzeros():
             assert np.array_equal(nz.vals[2 * q:2 * q + 2, :nz.count[q]], x[2 * q:2 * q + 2, want])
 
 
-def test_a_samples_outputs_do_not_depend_on_the_batch():
-    """linear_forward gives a sample's outputs the same bits in a batch of one, in any batch and at any
-    position (the ragged edges included), and for a layer of any width (fewer than six outputs too)."""
+def _forward(transposed, X, W, WT, b, Y):
+    if transposed:
+        K.linear_forward_t(X, W, WT, b, Y, True)
+    else:
+        K.linear_forward(X, W, b, Y, True)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["dot", "axpy"])
+def test_a_samples_outputs_do_not_depend_on_the_batch(transposed):
+    """linear_forward and linear_forward_t give a sample's outputs the same bits in a batch of one, in any
+    batch and at any position (the ragged edges included), and for a layer of any width (fewer than six
+    outputs too)."""
     rng = np.random.default_rng(8)
     for K_in, N in ((784, 250), (250, 10), (37, 5), (9, 1)):
         X = rng.standard_normal((13, K_in), dtype=np.float32)
         W = rng.standard_normal((N, K_in), dtype=np.float32)
         b = rng.standard_normal(N, dtype=np.float32)
+        WT = np.zeros((K_in, K.pad(N)), np.float32)
         one = np.empty((1, N), np.float32)
         alone = []
         for i in range(13):
-            K.linear_forward(X[i:i + 1], W, b, one, True)
+            _forward(transposed, X[i:i + 1], W, WT, b, one)
             alone.append(one[0].copy())
         for B in (2, 3, 7, 13):
             Y = np.full((B, N), np.nan, np.float32)
-            K.linear_forward(X[13 - B:], W, b, Y, True)
+            _forward(transposed, X[13 - B:], W, WT, b, Y)
             assert Y.tobytes() == np.array(alone[13 - B:]).tobytes(), (K_in, N, B)

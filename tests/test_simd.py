@@ -33,6 +33,7 @@ from nn_numba.simd import (
     vsub,
     vsum,
     vsums,
+    vtranspose,
     vtrunc,
     vzero,
 )
@@ -85,6 +86,11 @@ def _sum(a, i):
 @njit
 def _nonzero(a, i):
     return vnonzero(vload(a, i, 0))
+
+
+@njit
+def _transpose(src, i, k, nr, nc, dst, r, c, nw):
+    vtranspose(src, i, k, nr, nc, dst, r, c, nw)
 
 
 def _data(shape, seed=0):
@@ -345,3 +351,15 @@ def test_sums_are_each_vectors_sum_in_vsums_order():
 @njit
 def _sums_bad(a):
     return vsums((vload(a, 0, 0), np.float32(1)))
+
+
+@pytest.mark.parametrize("nr,nc,nw", [(W, W, W), (1, W, W), (W, 1, W), (3, 5, 5), (W, W, 2), (W - 1, 2, 1)])
+def test_transpose_block_rows_and_columns_past_the_edges_are_zeros(nr, nc, nw):
+    a = _data((2 + nr, 3 + nc))[:, :3 + nc]  # the block is the array's last rows and columns: nothing past them exists
+    out = np.full((W + 5, W + 7), 7.0, np.float32)
+    _transpose(a, 2, 3, nr, nc, out, 4, 6, nw)
+    block = np.zeros((W, W), np.float32)
+    block[:nr, :nc] = a[2:2 + nr, 3:3 + nc]
+    want = np.full_like(out, 7.0)
+    want[4:4 + nw, 6:6 + W] = block.T[:nw]
+    np.testing.assert_array_equal(out, want)

@@ -226,7 +226,7 @@ class NumbaSide:
                                                     plain(kind, 1e-9))
 
         # the first layer as train_step runs it on sparse inputs: transposed weights, X's non-zeros
-        WT, GT = az((SIZES[0], K.pad(250))), az((SIZES[0], K.pad(250)))
+        WT, GT, WT2 = az((SIZES[0], K.pad(250))), az((SIZES[0], K.pad(250))), az((250, K.pad(250)))
         WT[:, :250] = W1.T
         nz = K.nonzeros_bufs(B, SIZES[0])
         cnt, cols, vals = nz.count, nz.cols, nz.vals
@@ -245,6 +245,7 @@ class NumbaSide:
             "dW1 sparse + db1 + sgd": sparse_dw(K.SGD),
             "fwd1 lin+bias+relu": lambda: K.linear_forward(X, W1, b1, A1, True),
             "fwd2 lin+bias+relu": lambda: K.linear_forward(A1, W2, b2, A2, True),
+            "fwd2 training's, Wᵀ made": lambda: K.linear_forward_t(A1, W2, WT2, b2, A2, True),
             "fwd3 lin+bias": lambda: K.linear_forward(A2, W3, b3, Z, False),
             "softmax-xent+grad": lambda: K.softmax_xent(Z, y, dZ, loss, pred, 1.0 / B),
             "bwd dA2 = dZ3 W3 * mask": lambda: K.linear_backward_input(dZ, W3, A2, dA2),
@@ -379,6 +380,7 @@ class NumpySide:
             "dW1 sparse + db1 + sgd": sgd_fused,
             "fwd1 lin+bias+relu": lambda: fwd(x, W1, b1, True),
             "fwd2 lin+bias+relu": lambda: fwd(A1, W2, b2, True),
+            "fwd2 training's, Wᵀ made": lambda: fwd(A1, W2, b2, True),
             "fwd3 lin+bias": lambda: fwd(A2, W3, b3, False),
             "softmax-xent+grad": softmax,
             "bwd dA2 = dZ3 W3 * mask": lambda: (dZ @ W3) * (A2 > 0),

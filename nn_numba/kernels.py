@@ -356,29 +356,6 @@ def _tile(C, r, D, k):
 
 
 @njit(**_exact)
-def _tile_m(C, r, D, k, n):
-    """_tile for the last LANES < n < 2LANES columns of D (zeros past n), for 16 lanes only: its second
-    vector's masked load takes one of AVX-512's mask registers, where AVX2's masked loads would take one of
-    the 16 vector registers the 12 sums and 3 operands fill."""
-    a00 = a01 = a10 = a11 = a20 = a21 = a30 = a31 = a40 = a41 = a50 = a51 = vzero()
-    for p in range(C.shape[1]):
-        x0, x1 = vload(D, p, k), vloadn(D, p, k + LANES, n - LANES)
-        c = vbload(C, r, p)
-        a00, a01 = vfma(c, x0, a00), vfma(c, x1, a01)
-        c = vbload(C, r + 1, p)
-        a10, a11 = vfma(c, x0, a10), vfma(c, x1, a11)
-        c = vbload(C, r + 2, p)
-        a20, a21 = vfma(c, x0, a20), vfma(c, x1, a21)
-        c = vbload(C, r + 3, p)
-        a30, a31 = vfma(c, x0, a30), vfma(c, x1, a31)
-        c = vbload(C, r + 4, p)
-        a40, a41 = vfma(c, x0, a40), vfma(c, x1, a41)
-        c = vbload(C, r + 5, p)
-        a50, a51 = vfma(c, x0, a50), vfma(c, x1, a51)
-    return (a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51)
-
-
-@njit(**_exact)
 def _tile_n(C, r, D, k, n):
     """_tile for the last n <= LANES columns of D: acc[q] = Σ_p C[r + q, p] · D[p, k : k + n], zeros past
     n. A separate 6 x LANES kernel because the masked loads need registers the 6 x 2LANES tile has no
@@ -464,9 +441,7 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
     dYᵀ is first packed, as OpenBLAS packs its operands: work[jb, p, :6] = dY[p, 6jb : 6jb + 6], zeros past
     N. The tile's six broadcasts per sample then come from one 32-byte slot instead of a fresh cache line
     of dY, so the two panels a tile streams fit L1 together at B = 256; and the last row block is
-    zero-padded instead of overlapping its neighbour. The last column block, when K is not a multiple of
-    2LANES, is one tile with a masked second vector at 16 lanes (`_tile_m`; K = 250: 26 columns) and
-    6 x LANES passes (`_tile_n`) otherwise.
+    zero-padded instead of overlapping its neighbour.
     """
     B, N = dY.shape
     K = A.shape[1]
@@ -510,14 +485,6 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
                         if kind == NO_UPDATE:
                             vstore(gW, j + q, k + LANES * half, acc[2 * q + half])
                         _step(W, mW, vW, j + q, k + LANES * half, acc[2 * q + half], LANES, h, h.weight_decay)
-            elif LANES == 16 and K - k > LANES:  # the ragged last block as one tile, the step inlined as above
-                acc = _tile_m(C, 0, A, k, K - k)
-                for q in range(nq):
-                    for half in range(2):
-                        n = min(K - k - LANES * half, LANES)
-                        if kind == NO_UPDATE:
-                            _st(gW, j + q, k + LANES * half, acc[2 * q + half], n)
-                        _step(W, mW, vW, j + q, k + LANES * half, acc[2 * q + half], n, h, h.weight_decay)
             else:
                 for kk in range(k, K, LANES):
                     acc = _tile_n(C, 0, A, kk, K - kk)

@@ -24,22 +24,18 @@ def shapes(request):
     return request.param
 
 
-def test_linear_forward(shapes):
-    B, Kin, N = shapes
-    rng = np.random.default_rng(1)
-    X = rng.standard_normal((B, Kin), dtype=np.float32)
-    W = rng.standard_normal((N, Kin), dtype=np.float32)
-    b = rng.standard_normal(N, dtype=np.float32)
-    want = X.astype(np.float64) @ W.T.astype(np.float64) + b
-    for relu in (False, True):
-        Y = np.full((B, N), np.nan, np.float32)
+def _forward(transposed, X, W, WT, b, Y, relu=True):
+    """linear_forward, or linear_forward_t with WT its scratch for Wᵀ."""
+    if transposed:
+        K.linear_forward_t(X, W, WT, b, Y, relu)
+    else:
         K.linear_forward(X, W, b, Y, relu)
-        assert rel(Y, np.maximum(want, 0) if relu else want) < 1e-5
 
 
-def test_linear_forward_t(shapes):
-    """The axpy form over Wᵀ, which it writes into WT (zeros up to the next LANES columns), NaN in the rest of WT
-    unused."""
+@pytest.mark.parametrize("transposed", [False, True], ids=["dot", "over_WT"])
+def test_linear_forward(shapes, transposed):
+    """Both forward products; linear_forward_t also leaves Wᵀ in WT, zeros up to the next LANES columns (the
+    NaN in the rest of WT is never used)."""
     B, Kin, N = shapes
     rng = np.random.default_rng(1)
     X = rng.standard_normal((B, Kin), dtype=np.float32)
@@ -49,10 +45,11 @@ def test_linear_forward_t(shapes):
     for relu in (False, True):
         Y = np.full((B, N), np.nan, np.float32)
         WT = np.full((Kin, K.pad(N)), np.nan, np.float32)
-        K.linear_forward_t(X, W, WT, b, Y, relu)
+        _forward(transposed, X, W, WT, b, Y, relu)
         assert rel(Y, np.maximum(want, 0) if relu else want) < 1e-5
-        n = -(-N // K.LANES) * K.LANES
-        assert np.array_equal(WT[:, :N], W.T) and not WT[:, N:n].any()
+        if transposed:
+            n = -(-N // K.LANES) * K.LANES
+            assert np.array_equal(WT[:, :N], W.T) and not WT[:, N:n].any()
 
 
 def test_linear_backward_input(shapes):
@@ -460,13 +457,6 @@ def test_gather_with_nonzeros_is_gather_then_nonzeros():
             (want,) = np.nonzero((x[2 * q] != 0) | (x[2 * q + 1] != 0))
             assert nz.count[q] == len(want) and np.array_equal(nz.cols[q, :nz.count[q]], want)
             assert np.array_equal(nz.vals[2 * q:2 * q + 2, :nz.count[q]], x[2 * q:2 * q + 2, want])
-
-
-def _forward(transposed, X, W, WT, b, Y):
-    if transposed:
-        K.linear_forward_t(X, W, WT, b, Y, True)
-    else:
-        K.linear_forward(X, W, b, Y, True)
 
 
 @pytest.mark.parametrize("transposed", [False, True], ids=["dot", "axpy"])

@@ -294,13 +294,12 @@ def linear_forward_t(X, W, WT, b, Y, relu):
     2LANES outputs: it first writes its panel WT[:, j : j + 2LANES] = W[j : j + 2LANES]ᵀ (LANES x LANES blocks
     transposed in registers, `vtranspose`; zeros past N), then runs the 6 x 2LANES tiles of Y over the
     whole batch (`_tile` with C = X, D = the panel, as `linear_backward_input`), each adding b, clamping and
-    storing its own rows and columns. Training's hidden layers take it: a tile reads its six rows of X as
-    broadcasts and streams the panel from L1, where the dot form's 2x6 tiles read two rows of X again for
-    every six outputs and reduce every sum across lanes; in the step, with X and W coming from L2 and L3,
-    that costs a fifth of the product's time, several times the transpose. prange over panels: 8 tasks for
-    250 outputs with 16 lanes. Every output is one sum over k in order, then + b, whatever the shapes (a
-    batch of fewer than 6 samples sums each row alone in that order), so a sample's outputs have the same
-    bits in a batch of any size; they round differently from `linear_forward`'s, whose sums run across lanes.
+    storing its own rows and columns. Training's hidden layers take it: in the step, where X and W come from
+    L2 and L3, it takes less time than the dot form, its transposes included (docs/performance.md). prange
+    over panels (8 tasks for 250 outputs with 16 lanes). Every output is one sum over k in order, then + b,
+    whatever the shapes (a batch of fewer than 6 samples sums each row alone in that order), so a sample's
+    outputs have the same bits in a batch of any size; they round differently from `linear_forward`'s, whose
+    sums run across lanes.
     """
     B, K = X.shape
     N = W.shape[0]

@@ -94,19 +94,19 @@ def _addr(context, builder, sig, args, vector=True):
     The row stride comes from the array; the column stride is 4 bytes for vectors (contiguous rows) and
     read from the array for scalars (so a transposed view works)."""
     aryty, ity, kty = sig.args[:3]
-    arr = context.make_array(aryty)(context, builder, args[0])
     i = context.cast(builder, args[1], ity, types.intp)
     k = context.cast(builder, args[2], kty, types.intp)
-    row, col = cgutils.unpack_tuple(builder, arr.strides, 2)
     if vector:
-        col = ir.Constant(i.type, 4)
+        return _row_addr(context, builder, aryty, args[0], i, k)
+    arr = context.make_array(aryty)(context, builder, args[0])
+    row, col = cgutils.unpack_tuple(builder, arr.strides, 2)
     off = builder.add(builder.mul(i, row), builder.mul(k, col))
     p = builder.gep(builder.bitcast(arr.data, ir.IntType(8).as_pointer()), [off], inbounds=True)
-    return builder.bitcast(p, (_vec if vector else _f32).as_pointer())
+    return builder.bitcast(p, _f32.as_pointer())
 
 
 def _row_addr(context, builder, aryty, ary, i, k):
-    """Address of ary[i, k] as a `<W x float>*`, i and k already intp values (as `_addr`, rows contiguous)."""
+    """Address of ary[i, k] as a `<W x float>*`, i and k intp values: rows contiguous, 4 bytes a column."""
     arr = context.make_array(aryty)(context, builder, ary)
     row = cgutils.unpack_tuple(builder, arr.strides, 2)[0]
     off = builder.add(builder.mul(i, row), builder.mul(k, ir.Constant(i.type, 4)))

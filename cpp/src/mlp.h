@@ -79,13 +79,14 @@ struct Work {
     std::vector<fbuf> G;   // G[l]: dLoss/dZ_{l+1}
     std::vector<double> loss;
     std::vector<uint8_t> hit;
+    fbuf HT;  // W^T of a hidden layer after the first, made by the forward product each step
     // The sparse first layer: W1, and its optimiser slots, transposed (n0 x ld[1]) while
-    // `transposed`; the pixels lit in each pair of samples (cols, and both samples' values in
-    // vals) and, per block of 3 pixels, the samples that light it (bcnt, bidx; 2 ceil(n0 / 6)
+    // `transposed`; the pixels lit in each pair of samples (cnt of them: cols, and both samples'
+    // values in vals) and, per block of 3 pixels, the samples that light it (bcnt, bidx; 2 ceil(n0 / 6)
     // blocks, as they are listed in pairs).
     bool transposed = false;
     fbuf WT, MT, VT;
-    std::vector<int32_t> cols, bcnt, bidx;
+    std::vector<int32_t> cols, cnt, bcnt, bidx;
     fbuf vals;
 };
 

@@ -126,6 +126,70 @@ void forward_dense(int nb, int N, int K, const float* A, int lda, const float* W
     for (int t = 0; t < mt * nt; t++) dot_task((t % mt) * TR, (t / mt) * TS, nb, N, K, A, lda, W, bias, relu, Z, ldz);
 }
 
+// Z (nb x N, row stride ldz) = relu?(A W^T + bias) in axpy form over W^T, for the hidden layers
+// after the first: in the step, where A and W come from L2 and L3, it is faster than forward_dense's
+// dot products, the transposes included (docs/performance.md). Each task owns TW outputs: it writes
+// its panel WT[:, j : j + TW] = W[j : j + TW]^T (zeros past N), then runs TR x TS tiles over the
+// whole batch, each output one sum over k in order, then + bias. A panel is K x TW floats of its own
+// (WT + j K): rows a power of two apart in a padded K x ld array would share a sixteenth of L1's sets.
+template <int R>
+void tfwd_tile(int K, const float* A, int lda, const float* WT, int j, int N, const float* bias, bool relu,
+               float* Z, int ldz) {
+    vf acc[R][TS];
+    for (auto& row : acc)
+        for (auto& a : row) a = zero();
+    for (int k = 0; k < K; k++) {
+        vf wv[TS];
+        for (int s = 0; s < TS; s++) wv[s] = load(WT + size_t(k) * TW + s * V);
+        for (int r = 0; r < R; r++) {
+            const vf a = bcast(A[size_t(r) * lda + k]);
+            for (int s = 0; s < TS; s++) acc[r][s] = fma(a, wv[s], acc[r][s]);
+        }
+    }
+    for (int s = 0; s < TS; s++) {
+        const int col = j + s * V;  // < the padded row length: whole vectors, zeros past N
+        const vf b = loadn(bias + col, N - col);
+        for (int r = 0; r < R; r++) {
+            const vf z = add(acc[r][s], b);
+            store(Z + size_t(r) * ldz + col, relu ? simd::relu(z) : z);
+        }
+    }
+}
+
+void tfwd_rows(int mr, int K, const float* A, int lda, const float* WT, int j, int N, const float* bias, bool relu,
+               float* Z, int ldz) {
+    switch (mr) {
+        case 6: tfwd_tile<6>(K, A, lda, WT, j, N, bias, relu, Z, ldz); break;
+        case 5: tfwd_tile<5>(K, A, lda, WT, j, N, bias, relu, Z, ldz); break;
+        case 4: tfwd_tile<4>(K, A, lda, WT, j, N, bias, relu, Z, ldz); break;
+        case 3: tfwd_tile<3>(K, A, lda, WT, j, N, bias, relu, Z, ldz); break;
+        case 2: tfwd_tile<2>(K, A, lda, WT, j, N, bias, relu, Z, ldz); break;
+        default: tfwd_tile<1>(K, A, lda, WT, j, N, bias, relu, Z, ldz); break;
+    }
+}
+
+// P (K x TW) = W[j : j + TW]^T, W (N x K) as stored; zeros in the columns past N.
+void transpose_panel(const float* W, int N, int K, int j, float* P) {
+    constexpr int KB = 16;  // a block of W's columns: TW x KB floats read, KB rows of the panel written
+    for (int k0 = 0; k0 < K; k0 += KB) {
+        const int kn = std::min(KB, K - k0);
+        for (int o = j; o < j + TW; o++)
+            for (int k = k0; k < k0 + kn; k++) P[size_t(k) * TW + o - j] = o < N ? W[size_t(o) * K + k] : 0.0f;
+    }
+}
+
+void forward_t(int nb, int N, int K, const float* A, int lda, const float* W, const float* bias, bool relu, float* Z,
+               int ldz, float* WT) {
+#pragma omp for schedule(static)
+    for (int j = 0; j < ldz; j += TW) {
+        float* P = WT + size_t(j) * K;
+        transpose_panel(W, N, K, j, P);
+        for (int i = 0; i < nb; i += TR)
+            tfwd_rows(std::min(TR, nb - i), K, A + size_t(i) * lda, lda, P, j, N, bias, relu, Z + size_t(i) * ldz,
+                      ldz);
+    }
+}
+
 // The pixels lit in either of two samples a and b (n0 floats each; b may be null: zeros) in pixel
 // order: cols[:cnt], and each sample's values there, va[:cnt] and vb[:cnt] (one of them may be 0).
 // Blocks of V zero pixels cost one compare; the others are appended branch-free (a zero is written,
@@ -414,6 +478,9 @@ void prepare(const Net& net, Work& w) {
         w.H[l].assign(rows * w.ld[l] + PAD, 0.0f);
         w.G[l - 1].assign(rows * w.ld[l] + PAD, 0.0f);
     }
+    size_t ht = 0;  // forward_t's panels: the largest hidden layer after the first
+    for (int l = 1; l + 1 < L; l++) ht = std::max(ht, net.sizes[l] * size_t(w.ld[l + 1]));
+    w.HT.assign(ht, 0.0f);
     w.loss.assign(w.cap, 0.0);
     w.hit.assign(w.cap, 0);
 }
@@ -424,6 +491,7 @@ void prepare_sparse(const Net& net, Work& w) {
     const int n0 = int(net.sizes[0]), nblk = 2 * ((n0 + 2 * TB - 1) / (2 * TB));  // listed in pairs
     w.cols.assign(size_t(w.cap) * (n0 + V), 0);
     w.vals.assign(size_t(w.cap + 1) * (n0 + V), 0.0f);  // two rows per pair of samples
+    w.cnt.assign((w.cap + 1) / 2, 0);
     w.bcnt.assign(nblk, 0);
     w.bidx.assign(size_t(nblk) * w.cap, 0);
 }
@@ -456,32 +524,42 @@ double density(const float* X, int rows, int n0) {
 }
 
 // Phase one of the sparse path: each pair of samples' lit pixels and their first-layer outputs, and
-// each pixel block's lit samples (for the weight gradient, two blocks per task), as one task list.
+// each pixel block's lit samples (for the weight gradient, two blocks per task). The outputs go chunk
+// by chunk of columns over a thread's pairs, so a chunk of WT (n0 x 128 floats with AVX-512) stays in
+// L2 while they all read it, where a pair at a time would stream all of WT for each. No barrier before
+// the chunks: static schedules over the same pairs give each thread the pairs it listed.
 void sparse_first(const Net& net, Work& w, int nb, bool relu) {
     const int n0 = int(net.sizes[0]), n1 = int(net.sizes[1]), ldT = w.ld[1], nh = (n0 + 2 * TB - 1) / (2 * TB);
     const int np = (nb + 1) / 2;
     const float* X = w.A[0].data();
     const float* bias = net.B[0].data();
-#pragma omp for schedule(static)
-    for (int t = 0; t < np + nh; t++) {
-        if (t >= np) {
-            const int h = t - np;
-            int32_t* ia = &w.bidx[size_t(2 * h) * w.cap];
-            lit_blocks(X, n0, nb, h, ia, ia + w.cap, &w.bcnt[2 * h]);
-            continue;
-        }
+#pragma omp for schedule(static) nowait
+    for (int t = 0; t < np; t++) {
         const int i = 2 * t;
-        const bool two = i + 1 < nb;  // a last odd sample is paired with zeros
-        int32_t* cols = &w.cols[size_t(t) * (n0 + V)];
+        const float* a = X + size_t(i) * n0;
+        const float* b = i + 1 < nb ? a + n0 : nullptr;  // a last odd sample is paired with zeros
         float* va = &w.vals[size_t(i) * (n0 + V)];
-        float* vb = va + (n0 + V);
-        const int c = lit_pair(X + size_t(i) * n0, two ? X + size_t(i + 1) * n0 : nullptr, n0, cols, va, vb);
-        float* oa = w.H[1].data() + size_t(i) * ldT;
-        float* ob = two ? oa + ldT : nullptr;
-        for (int c0 = 0; c0 < ldT; c0 += PU * V) {
-            if (ldT - c0 >= PU * V) sparse_pair_chunk<PU>(c, cols, va, vb, w.WT.data(), ldT, c0, bias, n1, relu, oa, ob);
-            else sparse_pair_chunk<PAD / V>(c, cols, va, vb, w.WT.data(), ldT, c0, bias, n1, relu, oa, ob);
+        w.cnt[t] = lit_pair(a, b, n0, &w.cols[size_t(t) * (n0 + V)], va, va + (n0 + V));
+    }
+    for (int c0 = 0; c0 < ldT; c0 += PU * V) {
+#pragma omp for schedule(static) nowait
+        for (int t = 0; t < np; t++) {
+            const int i = 2 * t;
+            const int32_t* cols = &w.cols[size_t(t) * (n0 + V)];
+            const float* va = &w.vals[size_t(i) * (n0 + V)];
+            float* oa = w.H[1].data() + size_t(i) * ldT;
+            float* ob = i + 1 < nb ? oa + ldT : nullptr;
+            if (ldT - c0 >= PU * V)
+                sparse_pair_chunk<PU>(w.cnt[t], cols, va, va + (n0 + V), w.WT.data(), ldT, c0, bias, n1, relu, oa, ob);
+            else
+                sparse_pair_chunk<PAD / V>(w.cnt[t], cols, va, va + (n0 + V), w.WT.data(), ldT, c0, bias, n1, relu,
+                                           oa, ob);
         }
+    }
+#pragma omp for schedule(static)
+    for (int h = 0; h < nh; h++) {
+        int32_t* ia = &w.bidx[size_t(2 * h) * w.cap];
+        lit_blocks(X, n0, nb, h, ia, ia + w.cap, &w.bcnt[2 * h]);
     }
 }
 
@@ -561,9 +639,15 @@ double train_step(Net& net, Work& w, Optimizer& opt, const uint8_t* y, int nb, b
         else
             forward_dense(nb, int(net.sizes[1]), n0, w.A[0].data(), n0, net.W[0].data(), net.B[0].data(), L > 1,
                           w.H[1].data(), w.ld[1]);
-        for (int l = 1; l + 1 < L; l++)
-            forward_dense(nb, int(net.sizes[l + 1]), int(net.sizes[l]), w.H[l].data(), w.ld[l], net.W[l].data(),
-                          net.B[l].data(), true, w.H[l + 1].data(), w.ld[l + 1]);
+        for (int l = 1; l + 1 < L; l++) {
+            const int N = int(net.sizes[l + 1]), K = int(net.sizes[l]);
+            if (N >= TW)
+                forward_t(nb, N, K, w.H[l].data(), w.ld[l], net.W[l].data(), net.B[l].data(), true,
+                          w.H[l + 1].data(), w.ld[l + 1], w.HT.data());
+            else
+                forward_dense(nb, N, K, w.H[l].data(), w.ld[l], net.W[l].data(), net.B[l].data(), true,
+                              w.H[l + 1].data(), w.ld[l + 1]);
+        }
         if (L > 1) {
             last_layer(net, w, y, nb, scale);
         } else {

@@ -234,7 +234,8 @@ void sparse_pair_chunk(int cnt, const int32_t* cols, const float* va, const floa
         const float* row = WT + size_t(cols[e]) * ldT + c0;
         const vf x = bcast(va[e]), z = bcast(vb[e]);
         for (int q = 0; q < NV; q++) {
-            const vf w = load(row + q * V);
+            vf w = load(row + q * V);
+            pin(w);  // one load for both FMAs (GCC would fold it into each, doubling the loads that bound this loop)
             acc[q] = fma(x, w, acc[q]);
             bcc[q] = fma(z, w, bcc[q]);
         }

@@ -321,6 +321,38 @@ static void test_train_step(const std::vector<uint32_t>& sz, const RefOpt& o, bo
 
 // While train_step holds W1 transposed, whatever reads net.W[0] or the W1 slots refuses to;
 // after sync they read what train_step trained.
+// load_batch: the chosen rows as u8 / 255 (numpy's float32 bits), every byte value, rows whose width is
+// not a multiple of the vector width, and enough rows that the threads share them.
+static void test_load_batch() {
+    Rng rng(11);
+#ifdef _OPENMP
+    const int before = omp_get_max_threads();
+#endif
+    for (uint32_t n_in : {300u, 784u}) {
+        Net net = he_init({n_in, 5, 3}, rng);
+        const int rows = 70, nb = 40;
+        std::vector<uint8_t> px(size_t(rows) * n_in);
+        for (size_t i = 0; i < px.size(); i++) px[i] = uint8_t(rng.below(256));
+        std::vector<uint32_t> idx(nb);
+        for (int b = 0; b < nb; b++) idx[b] = uint32_t(rng.below(rows));
+        for (int threads : {1, 2}) {
+#ifdef _OPENMP
+            omp_set_num_threads(threads);
+#endif
+            Work w(net, nb);
+            load_batch(w, px.data(), int(n_in), idx.data(), nb);
+            int bad = 0;
+            for (int b = 0; b < nb; b++)
+                for (uint32_t k = 0; k < n_in; k++)
+                    bad += w.A[0][size_t(b) * n_in + k] != float(px[size_t(idx[b]) * n_in + k]) / 255.0f;
+            CHECK(bad == 0);
+        }
+    }
+#ifdef _OPENMP
+    omp_set_num_threads(before);
+#endif
+}
+
 static void test_sync_rule() {
     Rng rng(9);
     Net net = he_init({20, 5, 3}, rng);
@@ -415,6 +447,7 @@ int main(int argc, char** argv) {
         for (RefOpt o : {RefOpt{0, 0.05}, RefOpt{0, 0.05, 0.01}, RefOpt{1, 0.05}, RefOpt{1, 0.05, 0.01, 0.9, true},
                          RefOpt{2, 1e-3}, RefOpt{2, 1e-3, 0.01}})
             for (bool mean : {true, false}) test_train_step(sz, o, mean);
+    test_load_batch();
     test_sync_rule();
     test_schedule();
     test_rng();

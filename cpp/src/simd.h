@@ -139,6 +139,17 @@ inline void pin(vf& x) {
 }
 
 inline vf ld(const float* p, int n) { return n >= V ? load(p) : loadn(p, n); }
+
+// V bytes from p as floats (0 .. 255).
+inline vf bytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__) && defined(__FMA__)
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+    return vf{float(p[0]), float(p[1]), float(p[2]), float(p[3])};
+#endif
+}
 inline void st(float* p, vf x, int n) {
     if (n >= V) store(p, x);
     else storen(p, x, n);

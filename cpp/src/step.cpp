@@ -2,8 +2,11 @@
 //
 // Layout: activations and their gradients live in w.H / w.G with rows padded to 64 floats
 // (zeros in the padding), 64-byte aligned. The weights stay as stored (out x in), except W1 on
-// the sparse path (below). Products, each in the form that needs no transposed copy:
-//   forward       Z = A W^T        dot form over rows of A and W       -> TR x TS dot-product tiles
+// the sparse path (below). Products:
+//   forward       Z = A W^T        hidden layers after the first: axpy form over a panel of W^T
+//                                  each task writes first                -> TR rows x TS vectors
+//                                  dense first layers and the output layer: dot form
+//                                                                        -> TR x TS dot-product tiles
 //   input grad   dA = dZ W         axpy form over rows of W            -> TR rows x TS vectors
 //   weight grad  dW = dZ^T A       axpy form over rows of A            -> TR rows x TS vectors,
 //                                  then the optimiser step on that tile of W (update.h)

@@ -92,7 +92,8 @@ int Augment::grid() const {
 }
 
 Draws augment_draws(const Augment& aug, uint64_t seed, uint64_t epoch, uint64_t q) {
-    auto u = [&](uint64_t k) { return rng_uniform(seed, STREAM_AUGMENT, epoch, q, k); };
+    const uint64_t item = rng_item(seed, STREAM_AUGMENT, epoch, q);
+    auto u = [&](uint64_t k) { return rng_draw(item, k); };
     Draws d;
     const int n = 2 * aug.shift + 1;
     d.dx = aug.shift ? int(std::floor(u(0) * n)) - aug.shift : 0;

@@ -11,16 +11,23 @@ uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-uint64_t rng_bits(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i, uint64_t k) {
+uint64_t rng_item(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i) {
     uint64_t a = mix64(seed);
     a = mix64(a ^ stream);
     a = mix64(a + epoch);
-    a = mix64(a + i);
-    return mix64(a + 0x9E3779B97F4A7C15ull * (k + 1));
+    return mix64(a + i);
 }
 
+static uint64_t item_bits(uint64_t item, uint64_t k) { return mix64(item + 0x9E3779B97F4A7C15ull * (k + 1)); }
+
+uint64_t rng_bits(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i, uint64_t k) {
+    return item_bits(rng_item(seed, stream, epoch, i), k);
+}
+
+double rng_draw(uint64_t item, uint64_t k) { return double(item_bits(item, k) >> 11) * 0x1.0p-53; }
+
 double rng_uniform(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i, uint64_t k) {
-    return double(rng_bits(seed, stream, epoch, i, k) >> 11) * 0x1.0p-53;
+    return rng_draw(rng_item(seed, stream, epoch, i), k);
 }
 
 std::vector<uint32_t> rng_perm(uint32_t n, uint64_t seed, uint64_t stream, uint64_t epoch) {

@@ -13,6 +13,10 @@ uint64_t mix64(uint64_t z);
 uint64_t rng_bits(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i, uint64_t k);
 // The same as a double in [0, 1): the top 53 bits times 2^-53.
 double rng_uniform(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i, uint64_t k);
+// The part of the hash shared by all draws of item i (rng_bits without k), and draw k from it: for a
+// caller that draws many k of one item.
+uint64_t rng_item(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i);
+double rng_draw(uint64_t item, uint64_t k);
 // Fisher-Yates from the top: for i = n-1 .. 1 swap p[i] and p[floor(uniform(.., i, 0) * (i + 1))].
 std::vector<uint32_t> rng_perm(uint32_t n, uint64_t seed, uint64_t stream, uint64_t epoch);
 // Training and validation indices, each sorted: the last round-half-up(n * val_split) of perm(n, seed, 1, 0)

@@ -26,10 +26,11 @@ cmake --build build-asan -j"$jobs"
 
 echo "== cpp: sanitizer build at 4 portable lanes (NN_NATIVE=OFF) + the kernels' tests"
 # simd.h's portable branch (4-lane tiles, element loops for the masked loads), as a build without AVX
-# runs it: only the tests that run the width-dependent code (step.cpp, mlp.cpp); the rest is checked above
+# runs it: only the tests that run the width-dependent code (step.cpp, mlp.cpp, augment.cpp); the rest is
+# checked above
 cmake -S . -B build-asan-portable -DCMAKE_BUILD_TYPE=Debug -DNN_SANITIZE=ON -DNN_NATIVE=OFF >/dev/null
-cmake --build build-asan-portable -j"$jobs" --target test_mlp nn-cpp
-(cd build-asan-portable && san ctest --output-on-failure -R '^(test_mlp|step_ragged_widths|cli_bench|cli_threads_clamped)$')
+cmake --build build-asan-portable -j"$jobs" --target test_mlp test_augment nn-cpp
+(cd build-asan-portable && san ctest --output-on-failure -R '^(test_mlp|step_ragged_widths|test_augment|cli_bench|cli_threads_clamped)$')
 
 # libFuzzer on the checkpoint and IDX readers for a bounded time (fuzz/run.sh; NN_FUZZ_SECONDS=0 skips)
 if [ "${NN_FUZZ_SECONDS:-30}" != 0 ]; then

@@ -7,6 +7,7 @@
 // with AVX-512/AVX2, element loops otherwise, so row tails never read past an array.
 // Every reduction has a fixed order, so a kernel's result depends on the build, never on the run.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -47,6 +48,12 @@ inline vf relu(vf a) { return _mm512_max_ps(a, zero()); }
 // x where a > 0, else 0: the ReLU's derivative applied to a gradient
 inline vf where_pos(vf x, vf a) { return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, zero(), _CMP_GT_OQ), x); }
 inline unsigned nonzero_lanes(vf x) { return _mm512_cmp_ps_mask(x, zero(), _CMP_NEQ_UQ); }
+inline vf iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+inline vf clamp(vf x, vf lo, vf hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, x)); }
+inline vf trunc(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); }
+inline unsigned inside(vf x, vf lo, vf hi) {
+    return _mm512_cmp_ps_mask(x, lo, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, hi, _CMP_LT_OQ);
+}
 inline __m256 half_sum(vf x) {  // the low plus the high 8 lanes
     return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_castps512_ps256(_mm512_shuffle_f32x4(x, x, 0xEE)));
 }
@@ -78,6 +85,12 @@ inline vf sqrt(vf a) { return _mm256_sqrt_ps(a); }
 inline vf relu(vf a) { return _mm256_max_ps(a, zero()); }
 inline vf where_pos(vf x, vf a) { return _mm256_and_ps(x, _mm256_cmp_ps(a, zero(), _CMP_GT_OQ)); }
 inline unsigned nonzero_lanes(vf x) { return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(x, zero(), _CMP_NEQ_UQ))); }
+inline vf iota() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
+inline vf clamp(vf x, vf lo, vf hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, x)); }
+inline vf trunc(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); }
+inline unsigned inside(vf x, vf lo, vf hi) {
+    return unsigned(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GT_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ))));
+}
 inline __m256 half_sum(vf x) { return x; }
 
 #else
@@ -123,6 +136,20 @@ inline vf where_pos(vf x, vf a) {
 inline unsigned nonzero_lanes(vf x) {
     unsigned m = 0;
     for (int q = 0; q < V; q++) m |= unsigned(x[q] != 0.0f) << q;
+    return m;
+}
+inline vf iota() { return vf{0, 1, 2, 3}; }
+inline vf clamp(vf x, vf lo, vf hi) {
+    for (int q = 0; q < V; q++) x[q] = std::min(std::max(x[q], lo[q]), hi[q]);
+    return x;
+}
+inline vf trunc(vf x) {
+    for (int q = 0; q < V; q++) x[q] = std::trunc(x[q]);
+    return x;
+}
+inline unsigned inside(vf x, vf lo, vf hi) {
+    unsigned m = 0;
+    for (int q = 0; q < V; q++) m |= unsigned(x[q] > lo[q] && x[q] < hi[q]) << q;
     return m;
 }
 

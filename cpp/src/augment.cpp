@@ -51,7 +51,7 @@ void warp_row(const float* pad, float* o, int y, const float m[6], const float* 
         store(tx + k, sub(px, x0));
         store(ty + k, sub(py, y0));
         store(qf + k, add(mul(y0, side), x0));  // exact: small integers
-        lit |= (inside(px, bx0, bx1) & inside(py, by0, by1) & ((n >= 32 ? 0u : 1u << n) - 1u)) << k;
+        lit |= (inside(px, bx0, bx1) & inside(py, by0, by1) & first_lanes(n)) << k;
         st(r + k, zero(), n);
     }
     if (!lit) return;
@@ -83,7 +83,6 @@ struct Spline {
     float gw[S][4];
     std::vector<float> gd;  // (grid, SV)
 };
-
 
 const Spline& spline(int grid) {
     thread_local Spline sp;
@@ -178,7 +177,7 @@ void augment_one(const uint8_t* src, const Augment& aug, const Draws& d, float* 
             const int n = S - k;
             const simd::vf v = simd::div(simd::bytes(img + y * S + k), v255);  // correctly rounded: pixel()'s bits
             simd::st(pad + (y + 1) * W + 1 + k, v, n);
-            lit |= (simd::nonzero_lanes(v) & ((n >= 32 ? 0u : 1u << n) - 1u)) << k;
+            lit |= (simd::nonzero_lanes(v) & simd::first_lanes(n)) << k;
         }
         cols |= lit;
         rows |= uint32_t(lit != 0) << y;

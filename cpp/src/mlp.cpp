@@ -234,7 +234,7 @@ static void transpose(const float* src, int rows, int cols, float* dst) {  // ds
 
 void load_batch(Work& w, const uint8_t* pixels, int n_in, const uint32_t* idx, int nb) {
     // a vector of pixels at a time, divided by 255 (correctly rounded: numpy's u8 / np.float32(255)),
-    // the samples split between the threads
+    // the samples split between the threads from 32 on (fewer are converted by the calling thread)
     const simd::vf d = simd::bcast(255.0f);
     float* x = w.A[0].data();
 #pragma omp parallel for schedule(static) if (nb >= 32)

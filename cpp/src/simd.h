@@ -167,6 +167,9 @@ inline void pin(vf& x) {
 
 inline vf ld(const float* p, int n) { return n >= V ? load(p) : loadn(p, n); }
 
+// The bits of the first n lanes (0 <= n), to mask what nonzero_lanes or inside return.
+inline unsigned first_lanes(int n) { return n >= 32 ? ~0u : (1u << n) - 1u; }
+
 // V bytes from p as floats (0 .. 255).
 inline vf bytes(const uint8_t* p) {
 #if defined(__AVX512F__)

@@ -54,6 +54,28 @@ inline vf trunc(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_ZERO | _MM_
 inline unsigned inside(vf x, vf lo, vf hi) {
     return _mm512_cmp_ps_mask(x, lo, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, hi, _CMP_LT_OQ);
 }
+// r[0..15] transposed in registers: four rounds of two-source permutes, each swapping blocks of b lanes
+// between rows b apart (b = 8, 4, 2, 1).
+template <int b>
+inline void transpose_round(vf* r) {
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __mmask16 upper = __mmask16(b == 8 ? 0xFF00 : b == 4 ? 0xF0F0 : b == 2 ? 0xCCCC : 0xAAAA);  // (l & b) != 0
+    // lo[l] = l, or 16 + l - b in the upper lanes; hi[l] = l + b, or 16 + l in the upper lanes
+    const __m512i lo = _mm512_mask_add_epi32(lane, upper, lane, _mm512_set1_epi32(16 - b));
+    const __m512i hi = _mm512_mask_add_epi32(_mm512_add_epi32(lane, _mm512_set1_epi32(b)), upper, lane, _mm512_set1_epi32(16));
+    for (int i = 0; i < 16; i++)
+        if ((i & b) == 0) {
+            const vf a = r[i], c = r[i + b];
+            r[i] = _mm512_permutex2var_ps(a, lo, c);
+            r[i + b] = _mm512_permutex2var_ps(a, hi, c);
+        }
+}
+inline void transpose(vf* r) {
+    transpose_round<8>(r);
+    transpose_round<4>(r);
+    transpose_round<2>(r);
+    transpose_round<1>(r);
+}
 inline __m256 half_sum(vf x) {  // the low plus the high 8 lanes
     return _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_castps512_ps256(_mm512_shuffle_f32x4(x, x, 0xEE)));
 }
@@ -90,6 +112,17 @@ inline vf clamp(vf x, vf lo, vf hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo,
 inline vf trunc(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); }
 inline unsigned inside(vf x, vf lo, vf hi) {
     return unsigned(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GT_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ))));
+}
+// r[0..7] transposed in registers: pairs interleaved, then quads, then the 128-bit halves swapped.
+inline void transpose(vf* r) {
+    vf t[8], u[8];
+    for (int i = 0; i < 8; i += 2) t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44), u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44), u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++)
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20), r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
 }
 inline __m256 half_sum(vf x) { return x; }
 
@@ -151,6 +184,10 @@ inline unsigned inside(vf x, vf lo, vf hi) {
     unsigned m = 0;
     for (int q = 0; q < V; q++) m |= unsigned(x[q] > lo[q] && x[q] < hi[q]) << q;
     return m;
+}
+inline void transpose(vf* r) {  // r[0..3]
+    for (int i = 0; i < V; i++)
+        for (int q = i + 1; q < V; q++) std::swap(r[i][q], r[q][i]);
 }
 
 #endif

@@ -171,14 +171,20 @@ void tfwd_rows(int mr, int K, const float* A, int lda, const float* WT, int j, i
     }
 }
 
-// P (K x TW) = W[j : j + TW]^T, W (N x K) as stored; zeros in the columns past N.
+// P (K x TW) = W[j : j + TW]^T, W (N x K) as stored; zeros in the columns past N. V x V blocks, each
+// loaded as V rows of W (zeros past N, masked past K), transposed in registers and stored as V rows of P.
 void transpose_panel(const float* W, int N, int K, int j, float* P) {
-    constexpr int KB = 16;  // a block of W's columns: TW x KB floats read, KB rows of the panel written
-    for (int k0 = 0; k0 < K; k0 += KB) {
-        const int kn = std::min(KB, K - k0);
-        for (int o = j; o < j + TW; o++)
-            for (int k = k0; k < k0 + kn; k++) P[size_t(k) * TW + o - j] = o < N ? W[size_t(o) * K + k] : 0.0f;
-    }
+    for (int ob = 0; ob < TW; ob += V)
+        for (int k0 = 0; k0 < K; k0 += V) {
+            const int kn = std::min(V, K - k0);
+            vf r[V];
+            for (int i = 0; i < V; i++) {
+                const int o = j + ob + i;
+                r[i] = o < N ? ld(W + size_t(o) * K + k0, kn) : zero();
+            }
+            transpose(r);
+            for (int i = 0; i < kn; i++) store(P + size_t(k0 + i) * TW + ob, r[i]);
+        }
 }
 
 void forward_t(int nb, int N, int K, const float* A, int lda, const float* W, const float* bias, bool relu, float* Z,

@@ -187,7 +187,11 @@ inline unsigned inside(vf x, vf lo, vf hi) {
 }
 inline void transpose(vf* r) {  // r[0..3]
     for (int i = 0; i < V; i++)
-        for (int q = i + 1; q < V; q++) std::swap(r[i][q], r[q][i]);
+        for (int q = i + 1; q < V; q++) {
+            const float t = r[i][q];  // vector elements are not lvalues std::swap can take (clang)
+            r[i][q] = r[q][i];
+            r[q][i] = t;
+        }
 }
 
 #endif

@@ -1,4 +1,5 @@
-// One float vector type and the few operations the training kernels (step.cpp) need.
+// One float vector type and the few operations the training kernels (step.cpp), the batch load (mlp.cpp)
+// and the augmentation (augment.cpp) need.
 //
 // The width follows what the compiler targets: 16 lanes with AVX-512 (-march=native on a
 // Zen 4 or a recent Xeon), 8 with AVX2 + FMA (Zen 3), and 4 lanes of plain GCC vectors in a
@@ -207,6 +208,10 @@ inline void pin(vf& x) {
 }
 
 inline vf ld(const float* p, int n) { return n >= V ? load(p) : loadn(p, n); }
+inline void st(float* p, vf x, int n) {
+    if (n >= V) store(p, x);
+    else storen(p, x, n);
+}
 
 // The bits of the first n lanes (0 <= n), to mask what nonzero_lanes or inside return.
 inline unsigned first_lanes(int n) { return n >= 32 ? ~0u : (1u << n) - 1u; }
@@ -220,10 +225,6 @@ inline vf bytes(const uint8_t* p) {
 #else
     return vf{float(p[0]), float(p[1]), float(p[2]), float(p[3])};
 #endif
-}
-inline void st(float* p, vf x, int n) {
-    if (n >= V) store(p, x);
-    else storen(p, x, n);
 }
 
 // The sum of the lanes of each of a[0..3] into out[0..3]: one shuffle tree for all four.

@@ -32,6 +32,12 @@ cmake -S . -B build-asan-portable -DCMAKE_BUILD_TYPE=Debug -DNN_SANITIZE=ON -DNN
 cmake --build build-asan-portable -j"$jobs" --target test_mlp test_augment nn-cpp
 (cd build-asan-portable && san ctest --output-on-failure -R '^(test_mlp|step_ragged_widths|test_augment|cli_bench|cli_threads_clamped)$')
 
+echo "== cpp: clang build at this CPU's vector width + the kernels' tests"
+# the README builds with g++ or clang++: the width-dependent code and its tests compile with both
+CXX=clang++ cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build-clang -j"$jobs" --target test_mlp test_augment
+(cd build-clang && ctest --output-on-failure -R '^(test_mlp|step_ragged_widths|test_augment)$')
+
 # libFuzzer on the checkpoint and IDX readers for a bounded time (fuzz/run.sh; NN_FUZZ_SECONDS=0 skips)
 if [ "${NN_FUZZ_SECONDS:-30}" != 0 ]; then
     echo "== cpp: fuzz the checkpoint and IDX readers (libFuzzer + ASan/UBSan, ${NN_FUZZ_SECONDS:-30} s per target)"

@@ -16,8 +16,9 @@
 // Both kernels against a double loop, on shapes that hit every edge case of the tiling.
 static void test_gemm(bool nt) {
     Rng rng(1);
-    for (auto [M, N, K] : {std::array<int, 3>{1, 1, 1}, {4, 16, 8}, {7, 37, 13}, {64, 250, 784}, {10, 250, 3},
-                           {250, 10, 64}, {5, 2, 17}}) {
+    for (const auto& shape : {std::array<int, 3>{1, 1, 1}, {4, 16, 8}, {7, 37, 13}, {64, 250, 784}, {10, 250, 3},
+                              {250, 10, 64}, {5, 2, 17}}) {
+        const int M = shape[0], N = shape[1], K = shape[2];  // plain names: lambdas cannot capture bindings (clang, C++17)
         // nt: B is stored N x K (rows are dotted with rows of A); else K x N
         std::vector<float> A(size_t(M) * K), B(size_t(K) * N), C(size_t(M) * N), C2(size_t(M) * N);
         for (auto& x : A) x = float(rng.normal());
@@ -338,6 +339,8 @@ static void test_load_batch() {
         for (int threads : {1, 2}) {
 #ifdef _OPENMP
             omp_set_num_threads(threads);
+#else
+            (void)threads;
 #endif
             Work w(net, nb);
             load_batch(w, px.data(), int(n_in), idx.data(), nb);

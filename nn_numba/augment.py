@@ -38,10 +38,11 @@ from nn_numba.simd import (
     vbits,
     vclamp,
     vdiv,
+    vgather2,
+    vload,
     vloadbytes,
-    vloadn,
     vmul,
-    vstoreint,
+    vstore,
     vstoren,
     vsub,
     vtrunc,
@@ -78,7 +79,6 @@ def shift_gather(X_u8, idx, dx, dy, out):
 
 
 W = S + 3  # side of the zero-padded source: 1 zero row/column before the image, 2 after
-ONE, WU = np.uint64(1), np.uint64(W)  # for unsigned indices (_warp_row): uint64 + int64 would be float64
 
 
 @njit(cache=True)
@@ -105,66 +105,58 @@ def _pad(X_u8, i, padm):
     return np.float32(x0), np.float32(x1 + 2), np.float32(y0), np.float32(y1 + 2)
 
 
-@njit(inline="always")
-def _warp_row(pad, out, b, y, m, E, XS, kk, wx, wy, box):
-    # One output row y of sample b: out[b, y*28 + x] = bilinear sample of pad at m @ (x, y, 1) + (E[0, r + x],
-    # E[1, r + x]), r = 28 y. pad (W*W,) f32 from _pad, out (B, 784) f32, m (2, 3) f32, E (2, 784) f32 displacements,
-    # XS (1, 28) f32 the column numbers, kk (1, 28) i32, wx wy (1, 28) f32 scratch, box (x0, x1, y0, y1)
-    # f32 from _pad. Positions are clamped into [-1, 28] + 1: outside the image that lands on the zero
-    # border with weights 1 and 0, so it reads 0 without a branch. The positions are computed in vectors
-    # (each lane the scalar expression's ops in its order); the 4 indexed loads per pixel are scalar, and
-    # only from the first to the last pixel whose position falls inside the box: the others read only
-    # zeros and are +0.
-    one = np.float32(1)
-    lo, hi = vbcast(np.float32(0)), vbcast(np.float32(S + 1))
-    fy = np.float32(y)
-    a, cy, e = vbcast(m[0, 0]), vbcast(m[0, 1] * fy), vbcast(m[0, 2] + one)  # + 1: padded coordinates
-    d, gy, k1 = vbcast(m[1, 0]), vbcast(m[1, 1] * fy), vbcast(m[1, 2] + one)
-    side = vbcast(np.float32(W))
-    lit = 0
-    r = y * S
-    for k in range(0, S, LANES):
-        n = S - k
-        fx = vloadn(XS, 0, k, n)
-        px = vclamp(vadd(vadd(vadd(vmul(a, fx), cy), e), vloadn(E, 0, r + k, n)), lo, hi)
-        py = vclamp(vadd(vadd(vadd(vmul(d, fx), gy), k1), vloadn(E, 1, r + k, n)), lo, hi)
-        x0, y0 = vtrunc(px), vtrunc(py)  # px >= 0: truncation is floor
-        vstoren(wx, 0, k, vsub(px, x0), n)
-        vstoren(wy, 0, k, vsub(py, y0), n)
-        vstoreint(kk, 0, k, vadd(vmul(y0, side), x0), n)
-        lit |= (vbits(px, box[0], box[1], n) & vbits(py, box[2], box[3], n)) << k
-    for k in range(0, S, LANES):
-        vstoren(out, b, r + k, vzero(), S - k)
-    if lit == 0:
-        return
-    first, last = bitspan(lit)
-    for x in range(first, last + 1):
-        q = np.uint64(kk[0, x])  # unsigned: Numba tests a signed index for wraparound at every load
-        tx = wx[0, x]
-        top = pad[q] + tx * (pad[q + ONE] - pad[q])
-        bot = pad[q + WU] + tx * (pad[q + WU + ONE] - pad[q + WU])
-        out[b, r + x] = top + wy[0, x] * (bot - top)
-
-
 @njit(cache=True)
-def _warp(pad, out, b, m, E, XS, kk, wx, wy, box):
-    # All rows of sample b (_warp_row). A function called once per sample, not inlined, so that the parallel
-    # loops that call it stay small (Numba's parfor passes take disproportionately longer on a large body).
-    for y in range(S):
-        _warp_row(pad, out, b, y, m, E, XS, kk, wx, wy, box)
+def _warp(padm, out, b, m, E, XY, box):
+    # Sample b: out[b, p] = bilinear sample of padm at m @ (x, y, 1) + (E[0, p], E[1, p]) for every pixel
+    # p = 28 y + x. padm (W, W) f32 from _pad, out (B, 784) f32, m (2, 3) f32, E (2, EP) f32
+    # displacements, XY (2, 784) f32 each pixel's x and y, box (x0, x1, y0, y1) f32 from _pad. Positions
+    # are clamped into [-1, 28] + 1: outside the image that lands on the zero border with weights 1 and 0,
+    # so it reads 0 without a branch. A vector of pixels at a time over the flat image (784 is a multiple
+    # of both widths: no tails, no masked stores, which a vector load of the same lines right after, as
+    # list_pair makes, would wait for), each lane the scalar expression's ops in its order, the 4 taps by
+    # gathers (`vgather`), only for vectors with a position inside the box: outside it all 4 taps are
+    # zeros and the sample is +0, which is stored. A function called once per sample, not inlined, so that
+    # the parallel loops that call it stay small (Numba's parfor passes take disproportionately longer on
+    # a large body).
+    lo, hi, side = vbcast(np.float32(0)), vbcast(np.float32(S + 1)), vbcast(np.float32(W))
+    a, c, e = vbcast(m[0, 0]), vbcast(m[0, 1]), vbcast(m[0, 2] + np.float32(1))  # + 1: padded coordinates
+    d, g, k1 = vbcast(m[1, 0]), vbcast(m[1, 1]), vbcast(m[1, 2] + np.float32(1))
+    for k in range(0, P, LANES):
+        fx, fy = vload(XY, 0, k), vload(XY, 1, k)
+        px = vclamp(vadd(vadd(vadd(vmul(a, fx), vmul(c, fy)), e), vload(E, 0, k)), lo, hi)
+        py = vclamp(vadd(vadd(vadd(vmul(d, fx), vmul(g, fy)), k1), vload(E, 1, k)), lo, hi)
+        if (vbits(px, box[0], box[1], LANES) & vbits(py, box[2], box[3], LANES)) == 0:
+            vstore(out, b, k, vzero())
+            continue
+        x0, y0 = vtrunc(px), vtrunc(py)  # px >= 0: truncation is floor
+        tx, ty, q = vsub(px, x0), vsub(py, y0), vadd(vmul(y0, side), x0)  # q: exact, a small integer
+        p00, p01 = vgather2(padm, 0, q, 0, LANES)
+        p10, p11 = vgather2(padm, 0, q, W, LANES)
+        top = vadd(p00, vmul(tx, vsub(p01, p00)))
+        bot = vadd(p10, vmul(tx, vsub(p11, p10)))
+        vstore(out, b, k, vadd(top, vmul(ty, vsub(bot, top))))
 
 
 EVERYWHERE = (np.float32(-2), np.float32(W + 1), np.float32(-2), np.float32(W + 1))  # a box that holds every position
 
 
 @njit(inline="always")
-def _scratch():
-    # A task's arrays for _pad and _warp_row: the padded image (W, W) and its flat view (W*W,), XS
-    # (1, 28) the column numbers, kk (1, 28) i32, wx wy (1, 28) f32.
-    padm = np.zeros((W, W), dtype=np.float32)  # the border stays zero, _pad rewrites the image
-    XS = np.arange(S).astype(np.float32).reshape(1, S)
-    f = np.empty((2, 1, S), dtype=np.float32)
-    return padm, padm.reshape(W * W), XS, np.empty((1, S), dtype=np.int32), f[0], f[1]
+def _pixels():
+    # XY (2, 784) f32: each pixel's x and y, for _warp (made once per call of a kernel, read by all tasks).
+    XY = np.empty((2, P), dtype=np.float32)
+    for p in range(P):
+        XY[0, p], XY[1, p] = p % S, p // S
+    return XY
+
+
+@njit(inline="always")
+def _padded():
+    # A task's padded image for _pad (W, W): the border stays zero, _pad rewrites the image.
+    return np.zeros((W, W), dtype=np.float32)
+
+
+SW = (S + LANES - 1) // LANES * LANES  # a row of the elastic field's scratch, whole vectors (_spline_x)
+EP = P + SW - S  # a row of E, the per-pixel field: whole-vector stores of the last image row end here
 
 
 @njit(parallel=True, cache=True)
@@ -173,10 +165,11 @@ def affine_gather(X_u8, idx, mats, out):
     # pixel (x, y) to source (sx, sy) = mats[b] @ (x, y, 1); bilinear, zero outside. Every pixel is sampled
     # (the box holds every position); warp_listed must write the same bits while it samples fewer.
     # prange over samples: each output row is written by one thread only; the rest is per-sample scratch.
+    XY = _pixels()
     for b in prange(idx.shape[0]):
-        padm, pad, XS, kk, wx, wy = _scratch()
+        padm = _padded()
         _pad(X_u8, idx[b], padm)
-        _warp(pad, out, b, mats[b], np.zeros((2, P), dtype=np.float32), XS, kk, wx, wy, EVERYWHERE)
+        _warp(padm, out, b, mats[b], np.zeros((2, EP), dtype=np.float32), XY, EVERYWHERE)
 
 
 @njit(parallel=True, cache=True)
@@ -188,23 +181,24 @@ def elastic_gather(X_u8, idx, mats, field, out):
     # cost one sampling pass. prange over samples: one writer per output row; the rest is per-sample scratch.
     G = field.shape[2] - 2
     gi, gw, gd = _spline(G)
+    XY = _pixels()
     for b in prange(idx.shape[0]):
-        padm, pad, XS, kk, wx, wy = _scratch()
+        padm = _padded()
         _pad(X_u8, idx[b], padm)
-        T = np.empty((2 * (G + 2), S), dtype=np.float32)
-        E = np.empty((2, P), dtype=np.float32)  # the x and y displacements of every pixel
+        T = np.empty((2 * (G + 2), SW), dtype=np.float32)
+        E = np.empty((2, EP), dtype=np.float32)  # the x and y displacements of every pixel
         _field(field[b], gi, gw, gd, T, E)
-        _warp(pad, out, b, mats[b], E, XS, kk, wx, wy, EVERYWHERE)
+        _warp(padm, out, b, mats[b], E, XY, EVERYWHERE)
 
 
 @njit(inline="always")
 def _spline(G):
     # The cubic B-spline over G inner nodes is separable and the same for both axes and all samples: pixel
     # x (or row y) uses nodes gi[x] .. gi[x] + 3 of the ringed grid with weights gw[x, 0..3]; gd (G + 2,
-    # 28) holds the same weights by node, gd[gi[x] + t, x] = gw[x, t], zeros elsewhere (for _spline_x).
+    # SW) holds the same weights by node, gd[gi[x] + t, x] = gw[x, t], zeros elsewhere (for _spline_x).
     gi = np.empty(S, dtype=np.int64)
     gw = np.empty((S, 4), dtype=np.float32)
-    gd = np.zeros((G + 2, S), dtype=np.float32)
+    gd = np.zeros((G + 2, SW), dtype=np.float32)
     h = np.float32(G - 1) / np.float32(S - 1)  # grid cells per pixel
     sixth = np.float32(1) / np.float32(6)
     for x in range(S):
@@ -222,41 +216,55 @@ def _spline(G):
 
 
 @njit(inline="always")
-def _spline_x(f, gd, T):
-    # f (2, G + 2, G + 2) one sample's nodes -> T (2 (G + 2), 28): every node row interpolated along x to
-    # all 28 columns, T[c (G + 2) + j, x]. By node, in vectors of columns (a pixel's 4 taps are indexed
-    # loads otherwise): T[., x] sums gd[i, x] f[c, j, i] over the nodes i in order, which are x's 4 taps
-    # gw[x, 0..3] in order between exact zeros: the same sum, perhaps but for the sign of a zero.
+def _spline_x(f, gi, gd, T):
+    # f (2, G + 2, G + 2) one sample's nodes -> T (2 (G + 2), SW): every node row interpolated along x to
+    # all 28 columns, T[c (G + 2) + j, x] (columns past 28 hold zeros). By node, in vectors of columns (a
+    # pixel's 4 taps are indexed loads otherwise): T[., x] sums gd[i, x] f[c, j, i] over the nodes i in
+    # order, which are x's 4 taps gw[x, 0..3] in order between exact zeros: the same sum, perhaps but for
+    # the sign of a zero. The sum skips the nodes no column of the vector uses (an exact zero added to a
+    # sum that starts at +0 never changes it), and runs four node rows at once (four chains of adds
+    # in flight, not one).
     n = f.shape[1]
-    for c in range(2):
-        for j in range(n):
-            for k in range(0, S, LANES):
-                acc = vzero()
-                for i in range(n):
-                    acc = vadd(acc, vmul(vloadn(gd, i, k, S - k), vbcast(f[c, j, i])))
-                vstoren(T, c * n + j, k, acc, S - k)
+    for k in range(0, S, LANES):
+        i0, i1 = gi[k], gi[min(k + LANES, S) - 1] + 4  # the nodes the columns k .. k + LANES - 1 use
+        for r in range(0, 2 * n, 4):
+            c0, j0 = divmod(r, n)
+            c1, j1 = divmod(min(r + 1, 2 * n - 1), n)  # a last group of fewer rows repeats the last one
+            c2, j2 = divmod(min(r + 2, 2 * n - 1), n)
+            c3, j3 = divmod(min(r + 3, 2 * n - 1), n)
+            a0 = a1 = a2 = a3 = vzero()
+            for i in range(i0, i1):
+                w = vload(gd, i, k)
+                a0, a1 = vadd(a0, vmul(w, vbcast(f[c0, j0, i]))), vadd(a1, vmul(w, vbcast(f[c1, j1, i])))
+                a2, a3 = vadd(a2, vmul(w, vbcast(f[c2, j2, i]))), vadd(a3, vmul(w, vbcast(f[c3, j3, i])))
+            vstore(T, c0 * n + j0, k, a0)
+            vstore(T, c1 * n + j1, k, a1)
+            vstore(T, c2 * n + j2, k, a2)
+            vstore(T, c3 * n + j3, k, a3)
 
 
 @njit(inline="always")
 def _spline_y(T, gi, gw, y, E):
     # ... and along y for image row y: E[:, 28 y : 28 y + 28] its x and y displacements, from 4 rows of T
-    # each, in vectors of columns (the sums in tap order, as a pixel's scalar sum).
+    # each, in vectors of columns (the sums in tap order, as a pixel's scalar sum). Whole vectors: the
+    # last one of a row runs into the next row, which is written after it (E's rows end EP - P floats
+    # past the image).
     n = T.shape[0] // 2
     j = gi[y]
     w0, w1, w2, w3 = vbcast(gw[y, 0]), vbcast(gw[y, 1]), vbcast(gw[y, 2]), vbcast(gw[y, 3])
     for c in range(2):
         r = c * n + j
         for k in range(0, S, LANES):
-            s = vadd(vadd(vadd(vmul(w0, vloadn(T, r, k, S - k)), vmul(w1, vloadn(T, r + 1, k, S - k))),
-                          vmul(w2, vloadn(T, r + 2, k, S - k))), vmul(w3, vloadn(T, r + 3, k, S - k)))
-            vstoren(E, c, y * S + k, s, S - k)
+            s = vadd(vadd(vadd(vmul(w0, vload(T, r, k)), vmul(w1, vload(T, r + 1, k))),
+                          vmul(w2, vload(T, r + 2, k))), vmul(w3, vload(T, r + 3, k)))
+            vstore(E, c, y * S + k, s)
 
 
 @njit(cache=True)
 def _field(f, gi, gw, gd, T, E):
-    # f (2, G + 2, G + 2) one sample's nodes -> E (2, 784) the x and y displacement of every pixel; T
-    # (2 (G + 2), 28) scratch. Called once per sample, not inlined (see _warp).
-    _spline_x(f, gd, T)
+    # f (2, G + 2, G + 2) one sample's nodes -> E (2, EP) the x and y displacement of every pixel; T
+    # (2 (G + 2), SW) scratch. Called once per sample, not inlined (see _warp).
+    _spline_x(f, gi, gd, T)
     for y in range(S):
         _spline_y(T, gi, gw, y, E)
 
@@ -278,13 +286,14 @@ def warp_listed(X_u8, idx, seed, epoch, q0, shift, rotate, scale, alpha, G, out,
     # (kernels.list_pair) as soon as it is written, while it is in L1 (CHUNK is even).
     gi, gw, gd = _spline(max(G - 2, 2))
     akey = rng.key(seed, rng.AUGMENT, epoch)
+    XY = _pixels()
     B = idx.shape[0]
     for t in prange((B + CHUNK - 1) // CHUNK):
-        padm, pad, XS, kk, wx, wy = _scratch()
+        padm = _padded()
         m = np.empty((2, 3), dtype=np.float32)
         f = np.empty((2, G, G), dtype=np.float32)
-        T = np.empty((2 * G, S), dtype=np.float32)
-        E = np.zeros((2, P), dtype=np.float32)  # stays zero without elastic, as affine_gather's
+        T = np.empty((2 * G, SW), dtype=np.float32)
+        E = np.zeros((2, EP), dtype=np.float32)  # stays zero without elastic, as affine_gather's
         for b in range(t * CHUNK, min(B, t * CHUNK + CHUNK)):
             if b + 1 < B:
                 for k in range(0, P, 64):
@@ -296,7 +305,7 @@ def warp_listed(X_u8, idx, seed, epoch, q0, shift, rotate, scale, alpha, G, out,
             if G > 0:
                 _draw_field(key, alpha, f)
                 _field(f, gi, gw, gd, T, E)
-            _warp(pad, out, b, m, E, XS, kk, wx, wy, box)
+            _warp(padm, out, b, m, E, XY, box)
             if b % 2 == 1 or b == B - 1:
                 cnt[b // 2] = list_pair(out, b // 2, cols, vals)
 

@@ -296,18 +296,40 @@ def vloadbytes(typingctx, ary, i, k, n):
 
 
 @intrinsic
-def vstoreint(typingctx, ary, i, k, v, n):
-    """ary[i, k : k + n] = the first n lanes of v converted to int32 (rounded toward zero); ary 2-D int32
-    with contiguous rows (a masked store)."""
-    if not (isinstance(ary, types.Array) and ary.dtype == types.int32 and ary.ndim == 2 and ary.layout != "F"):
-        raise TypingError(f"simd: need a 2-D int32 array with contiguous rows, got {ary}")
+def vgather2(typingctx, ary, i, q, off, n):
+    """Two neighbouring floats per lane: lanes l < n of the first vector hold the float at flat position
+    p = int(q[l]) + off from ary[i, 0], of the second the float at p + 1; zeros after (lanes past n read
+    nothing). q holds integers as floats (exact below 2^24). Gathers of W / 2 eight-byte elements each
+    (base + 32-bit index x 4; half the elements two float gathers would load), split into the two vectors
+    by two shuffles. Unchecked: callers keep every p + 1 inside the array. ary 2-D float32 C-contiguous,
+    whose rows the positions may run across."""
+    if not (isinstance(ary, types.Array) and ary.dtype == types.float32 and ary.ndim == 2 and ary.layout == "C"):
+        raise TypingError(f"simd: need a 2-D C-contiguous float32 array, got {ary}")
 
     def codegen(context, builder, sig, args):
-        p = builder.bitcast(_addr(context, builder, sig, args), _ivec.as_pointer())
-        _call(builder, f"llvm.masked.store.v{W}i32.p0", ir.VoidType(), [builder.fptosi(args[3], _ivec), p,
-                                                                     ir.Constant(_i32, 4), _lanes(builder, args[4])])
-        return context.get_dummy_value()
-    return types.none(ary, i, k, f32v, n), codegen
+        at, h = sig.args, W // 2
+        base = _addr(context, builder, types.none(at[0], at[1], types.intp),
+                     [args[0], args[1], ir.Constant(ir.IntType(64), 0)], vector=False)
+        index = builder.add(builder.fptosi(args[2], _ivec),
+                            _splat(builder, context.cast(builder, args[3], at[3], types.int32)))
+        mask = _lanes(builder, args[4])
+        i64, hvec = ir.IntType(64), ir.VectorType(_i32, h)
+        halves = []
+        for part in range(2):
+            take = ir.Constant(hvec, list(range(part * h, part * h + h)))
+            ptrs = ir.instructions.GEPInstr(builder.block, base, [builder.shuffle_vector(index, index, take)],
+                                            inbounds=True, name="", source_etype=_f32)
+            ptrs.type = ir.VectorType(_f32.as_pointer(), h)
+            builder._insert(ptrs)
+            m = builder.shuffle_vector(mask, mask, take)
+            pairs = _call(builder, f"llvm.masked.gather.v{h}i64.v{h}p0", ir.VectorType(i64, h),
+                          [ptrs, ir.Constant(_i32, 4), m, ir.Constant(ir.VectorType(i64, h), [0] * h)])
+            halves.append(builder.bitcast(pairs, _vec))  # lanes 2l, 2l + 1: the pair of lane part h + l
+        first = ir.Constant(_ivec, [2 * l for l in range(W)])
+        second = ir.Constant(_ivec, [2 * l + 1 for l in range(W)])
+        return context.make_tuple(builder, sig.return_type, [builder.shuffle_vector(halves[0], halves[1], first),
+                                                             builder.shuffle_vector(halves[0], halves[1], second)])
+    return types.UniTuple(f32v, 2)(ary, i, f32v, off, n), codegen
 
 
 @intrinsic

@@ -17,6 +17,7 @@ from nn_numba.simd import (
     vclamp,
     vdiv,
     vfma,
+    vgather2,
     vlist,
     vload,
     vloadbytes,
@@ -27,7 +28,6 @@ from nn_numba.simd import (
     vnonzero,
     vsqrt,
     vstore,
-    vstoreint,
     vstoren,
     vstorer,
     vsub,
@@ -267,8 +267,10 @@ def test_bitspan_is_the_lowest_and_highest_set_bit():
 
 
 @njit
-def _store_int(a, dst, i, k, n):
-    vstoreint(dst, i, k, vload(a, 0, 0), n)
+def _gather(a, i, q, off, n, dst):
+    x, y = vgather2(a, i, vload(q, 0, 0), off, n)
+    vstore(dst, 0, 0, x)
+    vstore(dst, 1, 0, y)
 
 
 @njit
@@ -276,14 +278,15 @@ def _load_bytes(src, i, k, n, dst):
     vstore(dst, 0, 0, vloadbytes(src, i, k, n))
 
 
-def test_int_stores_and_byte_loads_touch_only_n_lanes():
-    a = np.r_[np.arange(W - 2) * 1.75, -3.5, 7.0].astype(np.float32)[None]
-    for n in (0, 5, W):
-        dst = np.full((2, W + 4), -9, np.int32)
-        _store_int(a, dst, 1, 2, n)
-        want = np.full((2, W + 4), -9, np.int32)
-        want[1, 2:2 + n] = np.trunc(a[0, :n])
-        np.testing.assert_array_equal(dst, want)
+def test_gathers_and_byte_loads_touch_only_n_lanes():
+    a = np.arange(5 * 7, dtype=np.float32).reshape(5, 7) * 1.5
+    q = ((np.arange(W) * 5) % 19).astype(np.float32)[None]  # positions run across rows, in any order
+    for i, off, n in ((0, 0, W), (1, 3, W), (2, 1, 5), (0, 9, 0)):
+        dst = np.full((2, W), np.nan, np.float32)
+        _gather(a, i, q, off, n, dst)
+        for h in (0, 1):  # the float at each position, and the one after it
+            want = a.ravel()[i * 7 + q[0].astype(int) + off + h]
+            np.testing.assert_array_equal(dst[h], np.r_[want[:n], np.zeros(W - n)].astype(np.float32))
     src = np.arange(3 * 40, dtype=np.uint8).reshape(3, 40) * 2
     for n in (0, 7, W):
         dst = np.full((1, W), np.nan, np.float32)
@@ -292,7 +295,7 @@ def test_int_stores_and_byte_loads_touch_only_n_lanes():
     with pytest.raises(TypingError):
         _load_bytes(src[:, ::2], 0, 0, 4, np.zeros((1, W), np.float32))  # rows are not contiguous
     with pytest.raises(TypingError):
-        _store_int(a, np.zeros((2, W), np.int64), 0, 0, 1)
+        _gather(a[:, ::2], 0, q, 0, 1, np.zeros((2, W), np.float32))  # not C-contiguous
 
 
 @njit

@@ -5,12 +5,6 @@
 #include <algorithm>
 #include <cmath>
 
-uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
 uint64_t rng_item(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i) {
     uint64_t a = mix64(seed);
     a = mix64(a ^ stream);
@@ -18,13 +12,9 @@ uint64_t rng_item(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i) {
     return mix64(a + i);
 }
 
-static uint64_t item_bits(uint64_t item, uint64_t k) { return mix64(item + 0x9E3779B97F4A7C15ull * (k + 1)); }
-
 uint64_t rng_bits(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i, uint64_t k) {
-    return item_bits(rng_item(seed, stream, epoch, i), k);
+    return rng_item_bits(rng_item(seed, stream, epoch, i), k);
 }
-
-double rng_draw(uint64_t item, uint64_t k) { return double(item_bits(item, k) >> 11) * 0x1.0p-53; }
 
 double rng_uniform(uint64_t seed, uint64_t stream, uint64_t epoch, uint64_t i, uint64_t k) {
     return rng_draw(rng_item(seed, stream, epoch, i), k);

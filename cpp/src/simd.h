@@ -6,6 +6,8 @@
 // portable build (NN_NATIVE=OFF: SSE2 on x86-64, whatever the target has elsewhere).
 // loadn/storen touch only the first n lanes (n may be <= 0 or >= V): masked loads and stores
 // with AVX-512/AVX2, element loops otherwise, so row tails never read past an array.
+// gather2 reads two neighbouring floats at each lane's index (the augmentation's bilinear taps):
+// gathers of 8-byte pairs with AVX-512/AVX2, element loads otherwise.
 // Every reduction has a fixed order, so a kernel's result depends on the build, never on the run.
 #pragma once
 #include <algorithm>
@@ -26,6 +28,32 @@
 #endif
 
 namespace simd {
+
+#if defined(__SANITIZE_ADDRESS__)  // GCC
+#define NN_SIMD_ASAN 1
+#elif defined(__has_feature)  // clang
+#if __has_feature(address_sanitizer)
+#define NN_SIMD_ASAN 1
+#endif
+#endif
+
+// The floats at base[i] and base[i + 1] for each 32-bit index i of the integer vector ix, read one at a
+// time as plain loads, in a build with AddressSanitizer only: it does not see the addresses a gather
+// instruction reads, but it checks these (gather2 calls this first; the values are discarded).
+template <class I>
+inline void check_pairs(const float* base, I ix) {
+#ifdef NN_SIMD_ASAN
+    int32_t i[sizeof(I) / 4];
+    std::memcpy(i, &ix, sizeof ix);
+    for (int32_t k : i) {
+        volatile float t = base[k];
+        t = base[k + 1];
+        (void)t;
+    }
+#else
+    (void)base, (void)ix;
+#endif
+}
 
 #if defined(__AVX512F__)
 
@@ -54,6 +82,16 @@ inline unsigned nonzero_lanes(vf x) { return _mm512_cmp_ps_mask(x, zero(), _CMP_
 inline vf iota() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
 inline vf clamp(vf x, vf lo, vf hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, x)); }
 inline vf trunc(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); }
+// a[l] = base[q[l]] and b[l] = base[q[l] + 1] (q: integers as floats, exact): the pairs as 8-byte elements by
+// two gathers of 8 (the indices reordered by 64-bit pairs first: lanes 0 1 4 5 8 9 12 13 to the first gather,
+// 2 3 6 7 .. to the second), split by two in-lane shuffles. Unchecked: callers keep every q + 1 inside the array.
+inline void gather2(const float* base, vf q, vf& a, vf& b) {
+    const __m512i i = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), _mm512_cvttps_epi32(q));
+    check_pairs(base, i);
+    const vf lo = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_castsi512_si256(i), base, 4));
+    const vf hi = _mm512_castsi512_ps(_mm512_i32gather_epi64(_mm512_extracti64x4_epi64(i, 1), base, 4));
+    a = _mm512_shuffle_ps(lo, hi, 0x88), b = _mm512_shuffle_ps(lo, hi, 0xDD);
+}
 inline unsigned inside(vf x, vf lo, vf hi) {
     return _mm512_cmp_ps_mask(x, lo, _CMP_GT_OQ) & _mm512_cmp_ps_mask(x, hi, _CMP_LT_OQ);
 }
@@ -113,6 +151,17 @@ inline unsigned nonzero_lanes(vf x) { return unsigned(_mm256_movemask_ps(_mm256_
 inline vf iota() { return _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7); }
 inline vf clamp(vf x, vf lo, vf hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, x)); }
 inline vf trunc(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC); }
+// a[l] = base[q[l]] and b[l] = base[q[l] + 1] (q: integers as floats, exact): the pairs as 8-byte elements by
+// two gathers of 4 (lanes 0 1 4 5 to the first, 2 3 6 7 to the second), split by two in-lane shuffles.
+// Unchecked: callers keep every q + 1 inside the array.
+inline void gather2(const float* base, vf q, vf& a, vf& b) {
+    const __m256i i = _mm256_permute4x64_epi64(_mm256_cvttps_epi32(q), 0xD8);
+    check_pairs(base, i);
+    const long long* p = reinterpret_cast<const long long*>(base);
+    const vf lo = _mm256_castsi256_ps(_mm256_i32gather_epi64(p, _mm256_castsi256_si128(i), 4));
+    const vf hi = _mm256_castsi256_ps(_mm256_i32gather_epi64(p, _mm256_extracti128_si256(i, 1), 4));
+    a = _mm256_shuffle_ps(lo, hi, 0x88), b = _mm256_shuffle_ps(lo, hi, 0xDD);
+}
 inline unsigned inside(vf x, vf lo, vf hi) {
     return unsigned(_mm256_movemask_ps(_mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_GT_OQ), _mm256_cmp_ps(x, hi, _CMP_LT_OQ))));
 }
@@ -182,6 +231,15 @@ inline vf clamp(vf x, vf lo, vf hi) {
 inline vf trunc(vf x) {
     for (int q = 0; q < V; q++) x[q] = std::trunc(x[q]);
     return x;
+}
+// a[l] = base[q[l]] and b[l] = base[q[l] + 1] (q: integers as floats, exact), element by element
+inline void gather2(const float* base, vf q, vf& a, vf& b) {
+    vf x = zero(), y = zero();
+    for (int l = 0; l < V; l++) {
+        const float* p = base + int(q[l]);
+        x[l] = p[0], y[l] = p[1];
+    }
+    a = x, b = y;
 }
 inline unsigned inside(vf x, vf lo, vf hi) {
     unsigned m = 0;

@@ -112,12 +112,13 @@ def _warp(padm, out, b, m, E, XY, box):
     # displacements, XY (2, 784) f32 each pixel's x and y, box (x0, x1, y0, y1) f32 from _pad. Positions
     # are clamped into [-1, 28] + 1: outside the image that lands on the zero border with weights 1 and 0,
     # so it reads 0 without a branch. A vector of pixels at a time over the flat image (784 is a multiple
-    # of both widths: no tails, no masked stores, which a vector load of the same lines right after, as
-    # list_pair makes, would wait for), each lane the scalar expression's ops in its order, the 4 taps by
-    # gathers (`vgather`), only for vectors with a position inside the box: outside it all 4 taps are
-    # zeros and the sample is +0, which is stored. A function called once per sample, not inlined, so that
-    # the parallel loops that call it stay small (Numba's parfor passes take disproportionately longer on
-    # a large body).
+    # of both widths: no tails and no masked stores; on Zen 4 a vector load of lines just written by
+    # masked stores, as list_pair's right after, stalls), each lane the scalar expression's ops in its
+    # order, the 4 taps by two pair gathers (`vgather2`: the floats at q and q + 1, at q + W and q + W +
+    # 1), only for vectors with a position inside the box: outside it all 4 taps are zeros and the sample
+    # is +0, which is stored. Every q is at most 29 W + 29, so q + W + 1 < W W. A function called once per
+    # sample, not inlined, so that the parallel loops that call it stay small (Numba's parfor passes take
+    # disproportionately longer on a large body).
     lo, hi, side = vbcast(np.float32(0)), vbcast(np.float32(S + 1)), vbcast(np.float32(W))
     a, c, e = vbcast(m[0, 0]), vbcast(m[0, 1]), vbcast(m[0, 2] + np.float32(1))  # + 1: padded coordinates
     d, g, k1 = vbcast(m[1, 0]), vbcast(m[1, 1]), vbcast(m[1, 2] + np.float32(1))

@@ -5,6 +5,7 @@ With that layout no product needs a transpose:
   forward      Y  = X Wᵀ     dot form, contiguous rows of X and W            -> 2x6 register tiles
   backward dX  dX = dY W     axpy form over contiguous rows of W             -> 6x2L register tiles
   backward dW  dW = dYᵀ X    axpy form over contiguous rows of X, dYᵀ packed -> 6x2L register tiles
+(6x4L with 16 lanes: AVX-512's 32 registers hold the 24 sums, `_tile4`).
 Training's forward product of the hidden layers is in axpy form too, over a copy of Wᵀ it makes first
 (`linear_forward_t`): with its operands coming from L2 and L3 mid-step, that beats the dot form by more
 than the transpose costs.
@@ -290,47 +291,64 @@ def linear_forward(X, W, b, Y, relu):
 def linear_forward_t(X, W, WT, b, Y, relu):
     """Y = X Wᵀ + b, then ReLU when `relu`: `linear_forward` in axpy form, over Wᵀ made here in WT.
 
-    X (B, K), W (N, K), b (N,), Y (B, N), WT (K, >= N rounded up to 2LANES) float32 scratch. Each task owns
-    2LANES outputs: it first writes its panel WT[:, j : j + 2LANES] = W[j : j + 2LANES]ᵀ (LANES x LANES blocks
-    transposed in registers, `vtranspose`; zeros past N), then runs the 6 x 2LANES tiles of Y over the
-    whole batch (`_tile` with C = X, D = the panel, as `linear_backward_input`), each adding b, clamping and
-    storing its own rows and columns. Training's hidden layers take it: in the step, where X and W come from
-    L2 and L3, it takes less time than the dot form, its transposes included (docs/performance.md). prange
-    over panels (8 tasks for 250 outputs with 16 lanes). Every output is one sum over k in order, then + b,
-    whatever the shapes (a batch of fewer than 6 samples sums each row alone in that order), so a sample's
-    outputs have the same bits in a batch of any size; they round differently from `linear_forward`'s, whose
-    sums run across lanes.
+    X (B, K), W (N, K), b (N,), Y (B, N), WT (K, >= N rounded up to 4LANES) float32 scratch. Each task owns
+    a panel of 4LANES outputs with 16 lanes (2LANES with 8: `_tile4` needs AVX-512's 32 registers): it first
+    writes WT[:, j : j + panel] = W[j : j + panel]ᵀ (LANES x LANES blocks transposed in registers,
+    `vtranspose`; zeros past N up to the next LANES), then runs the 6 x panel tiles of Y over the whole
+    batch (`_tile4` or `_tile` with C = X, D = the panel, as `linear_backward_input`), each adding b,
+    clamping and storing its own rows and columns. Training's hidden layers take it: in the step, where X
+    and W come from L2 and L3, it takes less time than the dot form, its transposes included
+    (docs/performance.md). prange over panels (4 tasks for 250 outputs with 16 lanes). Every output is one
+    sum over k in order, then + b, whatever the shapes (a batch of fewer than 6 samples sums each row alone
+    in that order), so a sample's outputs have the same bits in a batch of any size; they round
+    differently from `linear_forward`'s, whose sums run across lanes.
     """
     B, K = X.shape
     N = W.shape[0]
     lo = np.float32(0) if relu else np.float32(-3.4028235e38)
     lov, top, br = vbcast(lo), vbcast(np.float32(np.inf)), b.reshape((1, N))  # views outside the loop
-    for t in prange((N + 2 * LANES - 1) // (2 * LANES)):
-        j = t * 2 * LANES
-        for jj in range(j, min(j + 2 * LANES, N), LANES):
-            for k in range(0, K, LANES):
-                vtranspose(W, jj, k, min(LANES, N - jj), min(LANES, K - k), WT, k, jj, min(LANES, K - k))
-        b0, b1 = _ld(br, 0, j, N - j), _ld(br, 0, j + LANES, N - j - LANES)
+    tw = TW if LANES == 16 else 2 * LANES  # a panel: 4 vectors of outputs with 16 lanes (`_tile4`), else 2
+    for t in prange((N + tw - 1) // tw):
+        j = t * tw
+        _panel(W, WT, j, tw)
+        bs = (_ld(br, 0, j, N - j), _ld(br, 0, j + LANES, N - j - LANES),
+              _ld(br, 0, j + 2 * LANES, N - j - 2 * LANES), _ld(br, 0, j + 3 * LANES, N - j - 3 * LANES))
         if B < 6:  # too few samples for a tile: one row of LANES lanes at a time, summed as in a tile
             for i in range(B):
-                for h in range(2):
+                for h in range(tw // LANES):
                     s = vzero()
                     for k in range(K):
                         s = vfma(vbload(X, i, k), vload(WT, k, j + LANES * h), s)
-                    _st(Y, i, j + LANES * h, vclamp(vadd(s, b1 if h else b0), lov, top), N - j - LANES * h)
+                    _st(Y, i, j + LANES * h, vclamp(vadd(s, bs[h]), lov, top), N - j - LANES * h)
             continue
         for i in range(0, B, 6):
             i0 = min(i, B - 6)  # the last tile of a ragged batch moves back and stores only its own rows
+            if tw == TW:  # columns of the panel past N (never written: NaN or stale) sum into lanes not stored
+                acc4 = _tile4(X, i0, WT, j)
+                for q in range(i - i0, 6):
+                    for h in range(4):
+                        _st(Y, i0 + q, j + LANES * h, vclamp(vadd(acc4[4 * q + h], bs[h]), lov, top), N - j - LANES * h)
+                continue
             acc = _tile(X, i0, WT, j)
             for q in range(i - i0, 6):
-                _st(Y, i0 + q, j, vclamp(vadd(acc[2 * q], b0), lov, top), N - j)
-                _st(Y, i0 + q, j + LANES, vclamp(vadd(acc[2 * q + 1], b1), lov, top), N - j - LANES)
+                _st(Y, i0 + q, j, vclamp(vadd(acc[2 * q], bs[0]), lov, top), N - j)
+                _st(Y, i0 + q, j + LANES, vclamp(vadd(acc[2 * q + 1], bs[1]), lov, top), N - j - LANES)
+
+
+@njit(**_exact)
+def _panel(W, WT, j, w):
+    """WT[:, j : j + w] = W[j : j + w]ᵀ for W (N, K): LANES x LANES blocks transposed in registers
+    (`vtranspose`), zeros past N up to the next LANES columns; blocks wholly past N are not written."""
+    N, K = W.shape
+    for jj in range(j, min(j + w, N), LANES):
+        for k in range(0, K, LANES):
+            vtranspose(W, jj, k, min(LANES, N - jj), min(LANES, K - k), WT, k, jj, min(LANES, K - k))
 
 
 @njit(**_exact)
 def _tile(C, r, D, k):
-    """The axpy micro-kernel of both backward products: a 6 x 2L block of C·D in 12 vector registers
-    (L = LANES).
+    """The axpy micro-kernel of both backward products with 8 lanes (and of their edges): a 6 x 2L block of
+    C·D in 12 vector registers (L = LANES).
 
     Returns acc[2q + h] = Σ_p C[r + q, p] · D[p, k + Lh : k + Lh + L] for q < 6, h < 2 (rows r..r+5 of C
     and columns k..k+2L-1 of D must exist). Per p: two vectors of D, six broadcasts of C, 12 FMAs; the sums
@@ -352,6 +370,36 @@ def _tile(C, r, D, k):
         c = vbload(C, r + 5, p)
         a50, a51 = vfma(c, x0, a50), vfma(c, x1, a51)
     return (a00, a01, a10, a11, a20, a21, a30, a31, a40, a41, a50, a51)
+
+
+TW = 4 * LANES  # columns of the backward products' wide tile, with 16 lanes (`_tile4`)
+
+
+@njit(**_exact)
+def _tile4(C, r, D, k):
+    """_tile four vectors wide, for AVX-512's 32 registers: a 6 x 4L block of C·D in 24 vector registers,
+    acc[4q + h] = Σ_p C[r + q, p] · D[p, k + Lh : k + Lh + L] for q < 6, h < 4. Per p: four vectors of D,
+    six broadcasts of C, 24 FMAs (the 6 x 2L tile: 12 FMAs for two vectors and six broadcasts). Each sum
+    runs over p in order, as in `_tile`: the same bits."""
+    a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = vzero()
+    a30 = a31 = a32 = a33 = a40 = a41 = a42 = a43 = a50 = a51 = a52 = a53 = vzero()
+    for p in range(C.shape[1]):
+        x0, x1 = vload(D, p, k), vload(D, p, k + LANES)
+        x2, x3 = vload(D, p, k + 2 * LANES), vload(D, p, k + 3 * LANES)
+        c = vbload(C, r, p)
+        a00, a01, a02, a03 = vfma(c, x0, a00), vfma(c, x1, a01), vfma(c, x2, a02), vfma(c, x3, a03)
+        c = vbload(C, r + 1, p)
+        a10, a11, a12, a13 = vfma(c, x0, a10), vfma(c, x1, a11), vfma(c, x2, a12), vfma(c, x3, a13)
+        c = vbload(C, r + 2, p)
+        a20, a21, a22, a23 = vfma(c, x0, a20), vfma(c, x1, a21), vfma(c, x2, a22), vfma(c, x3, a23)
+        c = vbload(C, r + 3, p)
+        a30, a31, a32, a33 = vfma(c, x0, a30), vfma(c, x1, a31), vfma(c, x2, a32), vfma(c, x3, a33)
+        c = vbload(C, r + 4, p)
+        a40, a41, a42, a43 = vfma(c, x0, a40), vfma(c, x1, a41), vfma(c, x2, a42), vfma(c, x3, a43)
+        c = vbload(C, r + 5, p)
+        a50, a51, a52, a53 = vfma(c, x0, a50), vfma(c, x1, a51), vfma(c, x2, a52), vfma(c, x3, a53)
+    return (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23,
+            a30, a31, a32, a33, a40, a41, a42, a43, a50, a51, a52, a53)
 
 
 @njit(**_exact)
@@ -376,28 +424,40 @@ def linear_backward_input(dY, W, A, dX):  # noqa: C901 -- each branch is one edg
     """dX = (dY W) ⊙ [A > 0]: the gradient at the layer's input, through the previous layer's ReLU.
 
     dY (B, N), W (N, K), A (B, K) the layer's input (a ReLU output, so A > 0 exactly where its
-    pre-activation was > 0), dX (B, K). Axpy form over contiguous rows of W: each task owns a 6 x 2LANES tile
-    of dX (`_tile` with C = dY, D = W, summing over the N outputs), masks it and stores it once. prange
-    over tiles, batch blocks fastest, so the 2LANES columns of W a run of tasks reads stay in L1. The last
-    tile of a ragged edge overlaps its neighbour and stores only its own rows, or its own columns (the
-    K % 2LANES last ones: one full tile, cheaper than two masked 6 x LANES passes).
+    pre-activation was > 0), dX (B, K). Axpy form over contiguous rows of W: each task owns a 6 x 4LANES tile
+    of dX with 16 lanes (`_tile4`), 6 x 2LANES with 8 (`_tile`), C = dY, D = W, summing over the N
+    outputs, masks it and stores it once. prange over tiles, batch blocks fastest, so the columns of W a
+    run of tasks reads stay in L1. The last tile of a ragged edge overlaps its neighbour and stores only
+    its own rows, or its own columns (one full tile, cheaper than masked 6 x LANES passes).
     """
     B, N = dY.shape
     K = W.shape[1]
     nb = (B + 5) // 6
-    for t in prange(nb * ((K + 2 * LANES - 1) // (2 * LANES))):
+    wide = LANES == 16 and K >= TW
+    tw = TW if wide else 2 * LANES
+    for t in prange(nb * ((K + tw - 1) // tw)):
         i = (t % nb) * 6
-        k = (t // nb) * 2 * LANES
+        k = (t // nb) * tw
         if B < 6:  # too few samples for a tile: one row of LANES lanes at a time
             for ii in range(i, min(i + 6, B)):
-                for kk in range(k, min(k + 2 * LANES, K), LANES):
+                for kk in range(k, min(k + tw, K), LANES):
                     s = vzero()
                     for j in range(N):
                         s = vfma(vbload(dY, ii, j), _ld(W, j, kk, K - kk), s)
                     _st(dX, ii, kk, vmask(s, _ld(A, ii, kk, K - kk)), K - kk)
             continue
         i0 = min(i, B - 6)
-        if k + 2 * LANES <= K:
+        if wide:  # the 6 x 4L tile; the ragged last one moved back to K - 4L stores its own lanes only
+            k0 = min(k, K - TW)
+            acc4 = _tile4(dY, i0, W, k0)
+            for q in range(i - i0, 6):
+                for c in range(4):
+                    kk, lo = k0 + LANES * c, k - k0 - LANES * c  # lo: first lane that is not the neighbour's
+                    if lo <= 0:
+                        vstore(dX, i0 + q, kk, vmask(acc4[4 * q + c], vload(A, i0 + q, kk)))
+                    elif lo < LANES:
+                        vstorer(dX, i0 + q, kk, vmask(acc4[4 * q + c], vloadr(A, i0 + q, kk, lo, LANES)), lo, LANES)
+        elif k + 2 * LANES <= K:
             acc = _tile(dY, i0, W, k)
             for q in range(i - i0, 6):
                 vstore(dX, i0 + q, k, vmask(acc[2 * q], vload(A, i0 + q, k)))
@@ -428,14 +488,15 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
     """gW = dYᵀ A, gb = Σ_batch dY, then the optimiser step `h` on W and b, fused.
 
     dY (B, N), A (B, K) the layer's input, Wp a Param of (N, K) arrays, bp a Param of (N,) arrays, work a
-    float32 workspace of work_size(N, B). Axpy form over contiguous rows of A: each task owns a 6 x 2LANES tile
-    of gW (`_tile` with C = dYᵀ, D = A, summing over the batch), stores it once and takes the optimiser
-    step on the same block of W with the gradient still in registers (`_step`); the tasks of the first
-    column block also own gb and b. prange over tiles, row blocks fastest, so the 2LANES columns of A a run
-    of tasks reads stay in L1. Tiles are disjoint, so no races, and one parallel region per call. Must
-    run after linear_backward_input, which reads the old W. h.kind NO_UPDATE only computes the gradients, and
-    only then is gW stored: a training step never reads it back, and writing gW1 costs a few per cent of
-    the step (gb is always stored).
+    float32 workspace of work_size(N, B). Axpy form over contiguous rows of A: each task owns a 6 x 4LANES tile
+    of gW with 16 lanes when A's rows are padded to whole tiles (`_tile4`, reading the padding past K,
+    whose sums are never stored), else 6 x 2LANES (`_tile`), C = dYᵀ, D = A, summing over the batch; it
+    stores the tile once and takes the optimiser step on the same block of W with the gradient still in
+    registers (`_step`); the tasks of the first column block also own gb and b. prange over tiles, row
+    blocks fastest, so the columns of A a run of tasks reads stay in L1. Tiles are disjoint, so no races,
+    and one parallel region per call. Must run after linear_backward_input, which reads the old W. h.kind
+    NO_UPDATE only computes the gradients, and only then is gW stored: a training step never reads it
+    back, and writing gW1 costs a few per cent of the step (gb is always stored).
 
     dYᵀ is first packed, as OpenBLAS packs its operands: work[jb, p, :6] = dY[p, 6jb : 6jb + 6], zeros past
     N. The tile's six broadcasts per sample then come from one 32-byte slot instead of a fresh cache line
@@ -453,12 +514,14 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
         for t in range(nj):
             for p in range(B):
                 _st8(pk[t], p, 0, _ld(dY, p, 6 * t, N - 6 * t))  # lanes 6, 7 are never read
-    for t in prange(nj * ((K + 2 * LANES - 1) // (2 * LANES))):
+    wide = LANES == 16 and A.strides[0] >= (K + TW - 1) // TW * TW * 4  # A's rows readable in whole 4L tiles
+    tw = TW if wide else 2 * LANES
+    for t in prange(nj * ((K + tw - 1) // tw)):
         j = (t % nj) * 6
-        k = (t // nj) * 2 * LANES
+        k = (t // nj) * tw
         if N < 6:  # too few outputs for a tile: one row of LANES lanes at a time
             for jj in range(j, N):
-                for kk in range(k, min(k + 2 * LANES, K), LANES):
+                for kk in range(k, min(k + tw, K), LANES):
                     s = vzero()
                     for i in range(B):
                         s = vfma(vbload(dY, i, jj), _ld(A, i, kk, K - kk), s)
@@ -470,14 +533,21 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
             nq = min(6, N - j)  # rows of W this tile owns; the rest is padding
             if kind == MOMENTUM or kind == ADAM:  # 2-3 blocks from L3 after the reduction: ask for them now
                 for q in range(nq):
-                    prefetch(W, j + q, k)
-                    prefetch(W, j + q, min(k + 15, K - 1))
-                    prefetch(mW, j + q, k)
-                    prefetch(mW, j + q, min(k + 15, K - 1))
-                    if kind == ADAM:
-                        prefetch(vW, j + q, k)
-                        prefetch(vW, j + q, min(k + 15, K - 1))
-            if k + 2 * LANES <= K:
+                    for c in range(k, min(k + tw, K), 16):
+                        prefetch(W, j + q, c)
+                        prefetch(mW, j + q, c)
+                        if kind == ADAM:
+                            prefetch(vW, j + q, c)
+            if wide:  # the 6 x 4L tile, reading A's zero padding past K; only the lanes < K are stepped
+                acc4 = _tile4(C, 0, A, k)
+                for q in range(nq):
+                    for c in range(4):
+                        n = K - k - LANES * c
+                        if n > 0:
+                            if kind == NO_UPDATE:
+                                _st(gW, j + q, k + LANES * c, acc4[4 * q + c], n)
+                            _step(W, mW, vW, j + q, k + LANES * c, acc4[4 * q + c], min(n, LANES), h, h.weight_decay)
+            elif k + 2 * LANES <= K:
                 acc = _tile(C, 0, A, k)
                 for q in range(nq):
                     for half in range(2):

@@ -63,11 +63,16 @@ def test_linear_backward_input(shapes):
     assert rel(dX, (dY.astype(np.float64) @ W) * (A > 0)) < 1e-5
 
 
-def test_linear_backward_weight_and_sgd(shapes):
+@pytest.mark.parametrize("padded", [False, True], ids=["rows", "padded_rows"])
+def test_linear_backward_weight_and_sgd(shapes, padded):
+    """Also with A's rows padded, as the trainer's activations are (with 16 lanes the wide tile then reads
+    the padding, here NaN, and must step only the columns that exist)."""
     B, Kin, N = shapes
     rng = np.random.default_rng(3)
     dY = rng.standard_normal((B, N), dtype=np.float32)
     A = rng.standard_normal((B, Kin), dtype=np.float32)
+    if padded:
+        A = np.pad(A, ((0, 0), (0, K.pad(Kin) - Kin)), constant_values=np.nan)[:, :Kin]
     W = rng.standard_normal((N, Kin), dtype=np.float32)
     b = rng.standard_normal(N, dtype=np.float32)
     W0, b0 = W.astype(np.float64), b.astype(np.float64)

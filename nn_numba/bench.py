@@ -206,7 +206,7 @@ class NumbaSide:
         az = K.aligned_zeros  # the trainer's buffers are 64-byte aligned too (docs/performance.md)
         X = az((B, SIZES[0]))
         X[:] = K.PIXEL[self.X[:B]]
-        A1, A2, dA1, dA2 = az((B, 250)), az((B, 250)), az((B, 250)), az((B, 250))
+        A1, A2, dA1, dA2 = (az((B, K.pad(250)))[:, :250] for _ in range(4))  # rows padded, as the trainer's
         Z, dZ = az((B, 10)), az((B, 10))
         loss, pred = np.zeros(B, np.float32), np.zeros(B, np.int64)
         y = self.y[:B]

@@ -177,7 +177,7 @@ void spline_y(const Spline& sp, const float* T, float* E) {
         }
 }
 
-// The draws of position q into d, reusing d's memory (augment_draws' values).
+// The draws of position q into d, reusing d's memory (augment_draws' values); grid: aug.ringed().
 void draw_into(const Augment& aug, int grid, uint64_t seed, uint64_t epoch, uint64_t q, Draws& d) {
     const uint64_t item = rng_item(seed, STREAM_AUGMENT, epoch, q);
     auto u = [&](uint64_t k) { return rng_draw(item, k); };
@@ -187,7 +187,7 @@ void draw_into(const Augment& aug, int grid, uint64_t seed, uint64_t epoch, uint
     d.angle = aug.rotate * (2 * u(2) - 1);
     d.scale = 1 + aug.scale * (2 * u(3) - 1);
     d.field.clear();
-    if (aug.elastic_alpha > 0) {  // draws 4 .. 4 + 2 grid^2 - 1: one flat loop of inline hashes, which vectorises
+    if (grid > 0) {  // draws 4 .. 4 + 2 grid^2 - 1: one flat loop of inline hashes, which vectorises
         const double alpha = aug.elastic_alpha;
         const int nodes = 2 * grid * grid;
         d.field.resize(size_t(nodes));
@@ -224,7 +224,7 @@ int Augment::grid() const {
 
 Draws augment_draws(const Augment& aug, uint64_t seed, uint64_t epoch, uint64_t q) {
     Draws d;
-    draw_into(aug, aug.elastic_alpha > 0 ? aug.grid() : 0, seed, epoch, q, d);
+    draw_into(aug, aug.ringed(), seed, epoch, q, d);
     return d;
 }
 
@@ -234,7 +234,7 @@ void augment_one(const uint8_t* src, const Augment& aug, const Draws& d, float* 
         return;
     }
     if (aug.shift_only()) return shift_copy(src, d.dx, d.dy, out);
-    std::unique_ptr<Spline> sp(aug.elastic_alpha > 0 ? new Spline(aug.grid()) : nullptr);
+    std::unique_ptr<Spline> sp(aug.ringed() ? new Spline(aug.ringed()) : nullptr);
     alignas(64) float pad[W * W] = {}, E[2 * EP] = {};
     std::vector<float> T(sp ? size_t(2) * sp->grid * SV : 0);
     warp_one(src, d, sp.get(), pad, E, T.data(), out);
@@ -249,7 +249,7 @@ void augment_batch(const uint8_t* pixels, const uint32_t* idx, int nb, const Aug
         return;
     }
     // made once: the spline (the same for every sample); per thread, the arrays warp_one reuses
-    const int grid = aug.elastic_alpha > 0 ? aug.grid() : 0;
+    const int grid = aug.ringed();
     const std::unique_ptr<Spline> sp(grid ? new Spline(grid) : nullptr);
 #pragma omp parallel
     {

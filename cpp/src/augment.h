@@ -19,6 +19,7 @@ struct Augment {
     bool enabled() const { return shift > 0 || rotate > 0 || scale > 0 || elastic_alpha > 0; }
     bool shift_only() const { return rotate == 0 && scale == 0 && elastic_alpha == 0; }
     int grid() const;  // G + 2: nodes per axis of the elastic control grid, with its outer ring
+    int ringed() const { return elastic_alpha > 0 ? grid() : 0; }  // grid(), 0 without elastic distortion
 };
 
 // The random parameters of one sample.

@@ -35,6 +35,7 @@ from .optim import ADAM, MOMENTUM, NO_UPDATE, SGD
 from .simd import W as LANES
 from .simd import (
     prefetch,
+    threads,
     vadd,
     vbcast,
     vbload,
@@ -287,18 +288,42 @@ def linear_forward(X, W, b, Y, relu):
             vstorer(Y, i1, j0, y1, j - j0, 6)
 
 
+@register_jitable
+def _band(nr):
+    """Row blocks per band of `_banded` for nr row blocks: one band per thread of the next parallel loop when
+    each thread gets two row blocks or more, else one band (the last layer's 10 outputs: split by panels,
+    each thread reads only its panel of the other operand, which measures faster). Called before the loop
+    (inside it, a worker thread would ask for its own count)."""
+    n = threads()
+    return (nr + n - 1) // n if nr >= 2 * n else nr
+
+
+@register_jitable
+def _banded(t, nr, nc, bs):
+    """Task t of a parallel loop over nr x nc tiles of an output, as (row block, column panel), in bands of
+    bs = _band(nr) row blocks, and inside a band the panels slowest, so a run of tasks reads one panel of
+    the other operand (from L1). With the static schedule each thread then writes whole rows of the
+    output, one contiguous part of it. Split by panels, both threads would write parts of every row, whose
+    cache lines pass between the cores at every call: a kernel could take longer at 2 threads than at 1
+    (docs/performance.md, "Threads write whole rows"). With one thread this is the order row blocks
+    fastest. Each tile has one task whatever the thread count, so the bits do not depend on it."""
+    band, u = t // (bs * nc), t % (bs * nc)
+    nb = min(bs, nr - band * bs)  # row blocks in this band (the last one may have fewer)
+    return band * bs + u % nb, u // nb
+
+
 @njit(parallel=True, **_exact)
 def linear_forward_t(X, W, WT, b, Y, relu):
     """Y = X Wᵀ + b, then ReLU when `relu`: `linear_forward` in axpy form, over Wᵀ made here in WT.
 
-    X (B, K), W (N, K), b (N,), Y (B, N), WT (K, >= N rounded up to 4LANES) float32 scratch. Each task owns
-    a panel of 4LANES outputs with 16 lanes (2LANES with 8: `_tile4` needs AVX-512's 32 registers): it first
-    writes WT[:, j : j + panel] = W[j : j + panel]ᵀ (LANES x LANES blocks transposed in registers,
-    `vtranspose`; zeros past N up to the next LANES), then runs the 6 x panel tiles of Y over the whole
-    batch (`_tile4` or `_tile` with C = X, D = the panel, as `linear_backward_input`), each adding b,
-    clamping and storing its own rows and columns. Training's hidden layers take it: in the step, where X
-    and W come from L2 and L3, it takes less time than the dot form, its transposes included
-    (docs/performance.md). prange over panels (4 tasks for 250 outputs with 16 lanes). Every output is one
+    X (B, K), W (N, K), b (N,), Y (B, N), WT (K, >= N rounded up to 4LANES) float32 scratch. A first parallel
+    loop writes WT = Wᵀ a panel of 4LANES columns per task with 16 lanes, 2LANES with 8 (LANES x LANES
+    blocks transposed in registers, `vtranspose`; zeros past N up to the next LANES). Then each task owns a
+    6 x panel tile of Y (`_tile4` or `_tile`, `_tile4` needing AVX-512's 32 registers, with C = X, D = the
+    panel, as `linear_backward_input`), adding b, clamping and storing its own rows and columns; the tasks
+    run in `_banded` order over (batch block, panel), so each thread writes whole rows of Y. Training's
+    hidden layers take it: in the step, where X and W come from L2 and L3, it takes less time than the dot
+    form, its transposes included (docs/performance.md). Every output is one
     sum over k in order, then + b, whatever the shapes (a batch of fewer than 6 samples sums each row alone
     in that order), so a sample's outputs have the same bits in a batch of any size; they round
     differently from `linear_forward`'s, whose sums run across lanes.
@@ -308,31 +333,35 @@ def linear_forward_t(X, W, WT, b, Y, relu):
     lo = np.float32(0) if relu else np.float32(-3.4028235e38)
     lov, top, br = vbcast(lo), vbcast(np.float32(np.inf)), b.reshape((1, N))  # views outside the loop
     tw = TW if LANES == 16 else 2 * LANES  # a panel: 4 vectors of outputs with 16 lanes (`_tile4`), else 2
-    for t in prange((N + tw - 1) // tw):
-        j = t * tw
-        _panel(W, WT, j, tw)
-        bs = (_ld(br, 0, j, N - j), _ld(br, 0, j + LANES, N - j - LANES),
+    npan = (N + tw - 1) // tw
+    for t in prange(npan):
+        _panel(W, WT, t * tw, tw)
+    nb = (B + 5) // 6
+    bs = _band(nb)
+    for t in prange(nb * npan):
+        ib, jb = _banded(t, nb, npan, bs)
+        i, j = ib * 6, jb * tw
+        bias = (_ld(br, 0, j, N - j), _ld(br, 0, j + LANES, N - j - LANES),
               _ld(br, 0, j + 2 * LANES, N - j - 2 * LANES), _ld(br, 0, j + 3 * LANES, N - j - 3 * LANES))
         if B < 6:  # too few samples for a tile: one row of LANES lanes at a time, summed as in a tile
-            for i in range(B):
+            for ii in range(B):
                 for h in range(tw // LANES):
                     s = vzero()
                     for k in range(K):
-                        s = vfma(vbload(X, i, k), vload(WT, k, j + LANES * h), s)
-                    _st(Y, i, j + LANES * h, vclamp(vadd(s, bs[h]), lov, top), N - j - LANES * h)
+                        s = vfma(vbload(X, ii, k), vload(WT, k, j + LANES * h), s)
+                    _st(Y, ii, j + LANES * h, vclamp(vadd(s, bias[h]), lov, top), N - j - LANES * h)
             continue
-        for i in range(0, B, 6):
-            i0 = min(i, B - 6)  # the last tile of a ragged batch moves back and stores only its own rows
-            if tw == TW:  # columns of the panel past N (never written: NaN or stale) sum into lanes not stored
-                acc4 = _tile4(X, i0, WT, j)
-                for q in range(i - i0, 6):
-                    for h in range(4):
-                        _st(Y, i0 + q, j + LANES * h, vclamp(vadd(acc4[4 * q + h], bs[h]), lov, top), N - j - LANES * h)
-                continue
-            acc = _tile(X, i0, WT, j)
+        i0 = min(i, B - 6)  # the last tile of a ragged batch moves back and stores only its own rows
+        if tw == TW:  # columns of the panel past N (never written: NaN or stale) sum into lanes not stored
+            acc4 = _tile4(X, i0, WT, j)
             for q in range(i - i0, 6):
-                _st(Y, i0 + q, j, vclamp(vadd(acc[2 * q], bs[0]), lov, top), N - j)
-                _st(Y, i0 + q, j + LANES, vclamp(vadd(acc[2 * q + 1], bs[1]), lov, top), N - j - LANES)
+                for h in range(4):
+                    _st(Y, i0 + q, j + LANES * h, vclamp(vadd(acc4[4 * q + h], bias[h]), lov, top), N - j - LANES * h)
+            continue
+        acc = _tile(X, i0, WT, j)
+        for q in range(i - i0, 6):
+            _st(Y, i0 + q, j, vclamp(vadd(acc[2 * q], bias[0]), lov, top), N - j)
+            _st(Y, i0 + q, j + LANES, vclamp(vadd(acc[2 * q + 1], bias[1]), lov, top), N - j - LANES)
 
 
 @njit(**_exact)
@@ -426,18 +455,20 @@ def linear_backward_input(dY, W, A, dX):  # noqa: C901 -- each branch is one edg
     dY (B, N), W (N, K), A (B, K) the layer's input (a ReLU output, so A > 0 exactly where its
     pre-activation was > 0), dX (B, K). Axpy form over contiguous rows of W: each task owns a 6 x 4LANES tile
     of dX with 16 lanes (`_tile4`), 6 x 2LANES with 8 (`_tile`), C = dY, D = W, summing over the N
-    outputs, masks it and stores it once. prange over tiles, batch blocks fastest, so the columns of W a
-    run of tasks reads stay in L1. The last tile of a ragged edge overlaps its neighbour and stores only
-    its own rows, or its own columns (one full tile, cheaper than masked 6 x LANES passes).
+    outputs, masks it and stores it once. prange over tiles in `_banded` order (batch blocks, column
+    panels): each thread writes whole rows of dX, and a run of tasks reads one panel of W. The last tile
+    of a ragged edge overlaps its neighbour and stores only its own rows, or its own columns (one full
+    tile, cheaper than masked 6 x LANES passes).
     """
     B, N = dY.shape
     K = W.shape[1]
     nb = (B + 5) // 6
     wide = LANES == 16 and K >= TW
     tw = TW if wide else 2 * LANES
-    for t in prange(nb * ((K + tw - 1) // tw)):
-        i = (t % nb) * 6
-        k = (t // nb) * tw
+    nk, bs = (K + tw - 1) // tw, _band(nb)
+    for t in prange(nb * nk):
+        ib, kb = _banded(t, nb, nk, bs)
+        i, k = ib * 6, kb * tw
         if B < 6:  # too few samples for a tile: one row of LANES lanes at a time
             for ii in range(i, min(i + 6, B)):
                 for kk in range(k, min(k + tw, K), LANES):
@@ -492,8 +523,9 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
     of gW with 16 lanes when A's rows are padded to whole tiles (`_tile4`, reading the padding past K,
     whose sums are never stored), else 6 x 2LANES (`_tile`), C = dYᵀ, D = A, summing over the batch; it
     stores the tile once and takes the optimiser step on the same block of W with the gradient still in
-    registers (`_step`); the tasks of the first column block also own gb and b. prange over tiles, row
-    blocks fastest, so the columns of A a run of tasks reads stay in L1. Tiles are disjoint, so no races,
+    registers (`_step`); the tasks of the first column block also own gb and b. prange over tiles in
+    `_banded` order (row blocks of W, column panels): each thread steps whole rows of W and its moments, and
+    a run of tasks reads one panel of A. Tiles are disjoint, so no races,
     and one parallel region per call. Must run after linear_backward_input, which reads the old W. h.kind
     NO_UPDATE only computes the gradients, and only then is gW stored: a training step never reads it
     back, and writing gW1 costs a few per cent of the step (gb is always stored).
@@ -516,9 +548,10 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
                 _st8(pk[t], p, 0, _ld(dY, p, 6 * t, N - 6 * t))  # lanes 6, 7 are never read
     wide = LANES == 16 and A.strides[0] >= (K + TW - 1) // TW * TW * 4  # A's rows readable in whole 4L tiles
     tw = TW if wide else 2 * LANES
-    for t in prange(nj * ((K + tw - 1) // tw)):
-        j = (t % nj) * 6
-        k = (t // nj) * tw
+    nk, bs = (K + tw - 1) // tw, _band(nj)
+    for t in prange(nj * nk):
+        jb, kb = _banded(t, nj, nk, bs)
+        j, k = jb * 6, kb * tw
         if N < 6:  # too few outputs for a tile: one row of LANES lanes at a time
             for jj in range(j, N):
                 for kk in range(k, min(k + tw, K), LANES):
@@ -735,15 +768,16 @@ def sparse_forward(cnt, cols, vals, WT, b, Y, relu):
     Loading WT is the bottleneck (one vector per FMA for one sample): the pair shares its loads. A sample
     adds exact zeros for the pixels only the other one lights (0 · w is ±0, and a sum plus ±0 is the sum:
     sums start at +0, to which -0 adds +0), so its sums are those of its own pixels, in pixel order. prange
-    over (chunk, pair), chunk slowest, so a thread works through one chunk of WT (400 KB with 16 lanes) at a
-    time.
+    over (pair, chunk) in `_banded` order: each thread writes whole rows of Y, and works through one chunk
+    of WT (400 KB with 16 lanes) at a time.
     """
     B, N = Y.shape
     br = b.reshape((1, N))
     nq = (B + 1) // 2
-    for t in prange(((N + 8 * LANES - 1) // (8 * LANES)) * nq):
-        c = (t // nq) * 8 * LANES
-        q = t % nq
+    nc, bs = (N + 8 * LANES - 1) // (8 * LANES), _band(nq)
+    for t in prange(nq * nc):
+        q, cb = _banded(t, nq, nc, bs)
+        c = cb * 8 * LANES
         a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = vzero()
         e0 = e1 = e2 = e3 = e4 = e5 = e6 = e7 = vzero()
         for e in range(cnt[q]):

@@ -26,6 +26,7 @@ masked `vloadn`/`vstoren` for the last n < W columns. No index wraps around.
 
 import os
 
+import numba
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -498,3 +499,17 @@ def prefetch(typingctx, ary, i, k):
                                                           ir.Constant(_i32, 1)])
         return context.get_dummy_value()
     return types.none(ary, i, k), codegen
+
+
+@intrinsic
+def threads(typingctx):
+    """The number of threads the next parallel loop of this thread runs on (`numba.get_num_threads()`).
+    Numba's own version calls through a ctypes pointer, which makes a kernel uncacheable; this one calls
+    the threading layer's `get_num_threads` by name, as Numba's parallel loops call the layer. The symbol
+    exists once the layer is loaded: asking for the count here loads it before any code naming it is
+    linked (a kernel loaded from the cache loads it as its parallel loop does)."""
+    numba.get_num_threads()
+
+    def codegen(context, builder, sig, args):
+        return _call(builder, "get_num_threads", cgutils.intp_t, [])
+    return types.intp(), codegen

@@ -314,6 +314,19 @@ def test_same_result_compiled_fresh_or_loaded_from_cache(tmp_path):
     assert run[0].stdout == run[1].stdout
 
 
+def test_same_result_on_three_threads():
+    """Each thread's tasks are a band of an output's rows (kernels.py, `_banded`); with 3 threads the bands
+    of the 37 samples' 7 row blocks and of their 19 pairs are ragged (3, 3, 1 and 7, 7, 5): the weights and
+    moments must still be those of one thread, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    out = [subprocess.run([sys.executable, "-c", _STEPS], env={**os.environ, "NUMBA_NUM_THREADS": n},
+                          capture_output=True, text=True, check=True).stdout for n in ("1", "3")]
+    assert out[0] == out[1] and len(out[0]) == 65
+
+
 def test_forward_logits_match_reference():
     model, X, _ = _setup([784, 250, 250, 10], 2500)
     want = ref.forward([W.astype(np.float64) for W in model.weights], model.biases, X)[-1]

@@ -51,6 +51,19 @@ def test_a_worker_compiles_its_claims_into_the_cache(tmp_path, monkeypatch):
     assert not job.claims.exists()
 
 
+def test_a_worker_compiles_a_parallel_kernel_that_asks_for_the_thread_count(tmp_path, monkeypatch):
+    """A worker is a fresh process whose threading layer nothing has loaded yet: the kernels that ask how many
+    threads their loop gets (`simd.threads`) must still compile there (the layer's symbol was missing once,
+    and the worker died, leaving every kernel to the command itself)."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    dY, W = np.zeros((7, 10), np.float32), np.zeros((10, 250), np.float32)
+    A, dX = np.zeros((7, 250), np.float32), np.zeros((7, 250), np.float32)
+    plan = precompile.record(lambda: kernels.linear_backward_input(dY, W, A, dX))
+    job = precompile.Job(plan, workers=1)
+    job.close(kill=False)
+    assert "linear_backward_input" in _cached(tmp_path)
+
+
 def test_join_goes_on_when_a_worker_died(tmp_path, monkeypatch):
     """join waits for each worker's word that its kernels are saved; a worker that died says nothing, and
     this process then compiles what it had not claimed yet."""

@@ -26,6 +26,11 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "error.h"
 #include "mlp.h"
@@ -56,6 +61,33 @@ constexpr int TB = 3;
 constexpr int BS = 4;
 constexpr int BW = BS * V;  // columns of that tile
 static_assert(PAD % BW == 0, "the tiles of dWT cover a padded row of WT");
+
+// The threads of the parallel region this runs in.
+int team() {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+// The task order of a loop over nr row blocks x nc column panels of an array it writes, in bands of
+// bs = ceil(nr / threads) row blocks: the static schedule gives each thread one band of whole rows,
+// give or take a few tasks where the shares and the bands do not meet. When two threads write
+// interleaved parts of the same rows, the cores pass those rows' cache lines back and forth at each
+// call, and a tiled read-modify-write can take longer on two threads than on one (docs/performance.md,
+// "Threads write whole rows"). Inside a band the column panels go slowest, so a run of tasks reads the
+// same panel of the other operand. Unbanded, or with one thread: row blocks fastest over the whole
+// array. Either way each tile is one task, summed in the same order, so the bits do not depend on it.
+struct Bands {
+    int nr, nc, bs;
+    Bands(int rows, int panels, bool banded) : nr(rows), nc(panels), bs(banded ? (rows + team() - 1) / team() : rows) {}
+    int tasks() const { return nr * nc; }
+    std::pair<int, int> at(int t) const {  // task t's row block and column panel
+        const int band = t / (bs * nc), u = t % (bs * nc), n = std::min(bs, nr - band * bs);
+        return {band * bs + u % n, u / n};
+    }
+};
 
 // ---------------------------------------------------------------- forward
 
@@ -104,7 +136,8 @@ void dot_rows(int S, int K, const float* A, int lda, const float* W, int ldw, co
 }
 
 // Z (nb x N, row stride ldz) = relu?(A W^T + bias), W (N x K) as stored. Tiles with W's rows
-// outermost, so a thread's consecutive tiles share TS rows of W in L1.
+// outermost, so a thread's consecutive tiles share TS rows of W in L1 and each thread reads only its
+// part of W (in Bands of samples it reads all of W, and measures slower: docs/performance.md).
 // One TR x TS tile of forward_dense at rows i, columns j.
 void dot_task(int i, int j, int nb, int N, int K, const float* A, int lda, const float* W, const float* bias, bool relu,
               float* Z, int ldz) {
@@ -135,6 +168,8 @@ void forward_dense(int nb, int N, int K, const float* A, int lda, const float* W
 // its panel WT[:, j : j + TW] = W[j : j + TW]^T (zeros past N), then runs TR x TS tiles over the
 // whole batch, each output one sum over k in order, then + bias. A panel is K x TW floats of its own
 // (WT + j K): rows a power of two apart in a padded K x ld array would share a sixteenth of L1's sets.
+// Not in Bands of samples: every thread would then read every panel, half of them transposed on the
+// other core after a barrier, which measures slower (docs/performance.md).
 template <int R>
 void tfwd_tile(int K, const float* A, int lda, const float* WT, int j, int N, const float* bias, bool relu,
                float* Z, int ldz) {
@@ -347,7 +382,9 @@ void input_rows(int mr, int N, const float* dZ, int ldz, const float* W, int K, 
 }
 
 // D (nb x K, stride ldd = A's) = (dZ W) masked by A > 0: the gradient at the layer's input through
-// the previous ReLU. Column blocks outermost: a run of tiles reads the same N x TW block of W.
+// the previous ReLU. Column blocks outermost: a run of tiles reads the same N x TW block of W, and
+// each thread reads only its columns of W (in Bands of samples every thread reads all of W, which the
+// weight step then writes: the two phases together measure slower, docs/performance.md).
 // One TR x TW tile of input_grad at rows i, columns k0.
 void input_task(int i, int k0, int nb, int N, int K, const float* dZ, int ldz, const float* W, const float* A, int lda,
                 float* D) {
@@ -411,20 +448,22 @@ void bias_step(int nb, const float* dZ, int ldz, int o0, int N, float* B, float*
     st(B + o0, update(s, ld(B + o0, n), g, M ? M + o0 : nullptr, Vs ? Vs + o0 : nullptr, n, false), n);
 }
 
-// Layer l's weight gradient and bias gradient with the optimiser step fused. Tasks: the tiles of W
-// (row blocks fastest, so a run of them reads the same TW columns of A from L1), then the biases.
-// nowait: the next phase (the input gradient of the layer below) touches nothing this one writes.
+// Layer l's weight gradient and bias gradient with the optimiser step fused: the tiles of W, then
+// the biases, each loop split evenly (a bias task is a fraction of a tile's work). The tiles go in
+// Bands of W's rows (row blocks fastest inside a band, so a run of them reads the same TW columns of
+// A from L1) when there are at least two row blocks per thread; a layer with fewer (the 10 outputs)
+// keeps the column panels, which read only the part of A that the forward over W^T wrote on the
+// same thread (banded, its step measures slower). nowait: the next phase (the input gradient of the
+// layer below) touches nothing this one writes.
 void weight_step(int nb, int N, int K, const float* dZ, int ldz, const float* A, int lda, float* W, float* B,
                  float* MW, float* VW, float* MB, float* VB, const StepArgs& s) {
     const bool padded = lda >= (K + TW - 1) / TW * TW;  // whole tiles of A are readable
-    const int nt = (N + TR - 1) / TR, kt = (K + TW - 1) / TW, bt = (N + V - 1) / V;
+    const int nt = (N + TR - 1) / TR, bt = (N + V - 1) / V;
+    const Bands w(nt, (K + TW - 1) / TW, nt >= 2 * team());
 #pragma omp for schedule(static) nowait
-    for (int t = 0; t < nt * kt + bt; t++) {
-        if (t >= nt * kt) {
-            bias_step(nb, dZ, ldz, (t - nt * kt) * V, N, B, MB, VB, s);
-            continue;
-        }
-        const int o = (t % nt) * TR, k0 = (t / nt) * TW;
+    for (int t = 0; t < w.tasks(); t++) {
+        const auto [r, p] = w.at(t);
+        const int o = r * TR, k0 = p * TW;
         auto tile = padded || k0 + TW <= K ? (s.kind == 0   ? weight_tile<false, 0>
                                     : s.kind == 1 ? weight_tile<false, 1>
                                                   : weight_tile<false, 2>)
@@ -433,6 +472,8 @@ void weight_step(int nb, int N, int K, const float* dZ, int ldz, const float* A,
                                                   : weight_tile<true, 2>);
         tile(nb, dZ, ldz, o, A, lda, K, k0, N, W, MW, VW, s);
     }
+#pragma omp for schedule(static) nowait
+    for (int t = 0; t < bt; t++) bias_step(nb, dZ, ldz, t * V, N, B, MB, VB, s);
 }
 
 // The first layer's weight gradient on the sparse path: for pixel block kb, a TB x BW tile of dWT

@@ -323,10 +323,10 @@ def linear_forward_t(X, W, WT, b, Y, relu):
     panel, as `linear_backward_input`), adding b, clamping and storing its own rows and columns; the tasks
     run in `_banded` order over (batch block, panel), so each thread writes whole rows of Y. Training's
     hidden layers take it: in the step, where X and W come from L2 and L3, it takes less time than the dot
-    form, its transposes included (docs/performance.md). Every output is one
-    sum over k in order, then + b, whatever the shapes (a batch of fewer than 6 samples sums each row alone
-    in that order), so a sample's outputs have the same bits in a batch of any size; they round
-    differently from `linear_forward`'s, whose sums run across lanes.
+    form, its transposes included (docs/performance.md). Every output is one sum over k in order, then + b,
+    whatever the shapes (a batch of fewer than 6 samples sums each row alone in that order), so a sample's
+    outputs have the same bits in a batch of any size; they round differently from `linear_forward`'s,
+    whose sums run across lanes.
     """
     B, K = X.shape
     N = W.shape[0]
@@ -524,9 +524,9 @@ def linear_backward_weight(dY, A, work, Wp, bp, h):  # noqa: C901 -- each branch
     whose sums are never stored), else 6 x 2LANES (`_tile`), C = dYᵀ, D = A, summing over the batch; it
     stores the tile once and takes the optimiser step on the same block of W with the gradient still in
     registers (`_step`); the tasks of the first column block also own gb and b. prange over tiles in
-    `_banded` order (row blocks of W, column panels): each thread steps whole rows of W and its moments, and
-    a run of tasks reads one panel of A. Tiles are disjoint, so no races,
-    and one parallel region per call. Must run after linear_backward_input, which reads the old W. h.kind
+    `_banded` order (row blocks of W, column panels): each thread steps whole rows of W and its moments,
+    and a run of tasks reads one panel of A. Tiles are disjoint, so no races, and one parallel region per
+    call. Must run after linear_backward_input, which reads the old W. h.kind
     NO_UPDATE only computes the gradients, and only then is gW stored: a training step never reads it
     back, and writing gW1 costs a few per cent of the step (gb is always stored).
 

@@ -53,8 +53,8 @@ def test_a_worker_compiles_its_claims_into_the_cache(tmp_path, monkeypatch):
 
 def test_a_worker_compiles_a_parallel_kernel_that_asks_for_the_thread_count(tmp_path, monkeypatch):
     """A worker is a fresh process whose threading layer nothing has loaded yet: the kernels that ask how many
-    threads their loop gets (`simd.threads`) must still compile there (the layer's symbol was missing once,
-    and the worker died, leaving every kernel to the command itself)."""
+    threads their loop gets (`simd.threads`) must still compile there. A worker that dies leaves its
+    kernels, and those it had not claimed, to the command itself, which then compiles them one by one."""
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     dY, W = np.zeros((7, 10), np.float32), np.zeros((10, 250), np.float32)
     A, dX = np.zeros((7, 250), np.float32), np.zeros((7, 250), np.float32)

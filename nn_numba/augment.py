@@ -28,7 +28,7 @@ from numba import njit, prange
 from nn_numba import jitcache, rng
 from nn_numba.config import Augment
 from nn_numba.kernels import PIXEL as LUT  # u8 -> f32 table, exactly u8 / 255
-from nn_numba.kernels import gather, list_pair
+from nn_numba.kernels import gather, list_pair, vpixel
 from nn_numba.simd import W as LANES
 from nn_numba.simd import (
     bitspan,
@@ -37,7 +37,6 @@ from nn_numba.simd import (
     vbcast,
     vbits,
     vclamp,
-    vdiv,
     vgather2,
     vload,
     vloadbytes,
@@ -88,12 +87,12 @@ def _pad(X_u8, i, padm):
     # outside read only zeros. Returns the box (x0, x1, y0, y1) f32 of the lit pixels: a position (px, py)
     # of the padded image can read one only if x0 < px < x1 and y0 < py < y1 (one column and row past the
     # lit ones, as a bilinear sample reads its position's floor and floor + 1); no lit pixel: an empty box.
-    v255, zero, inf = vbcast(np.float32(255)), np.float32(0), np.float32(np.inf)
+    zero, inf = np.float32(0), np.float32(np.inf)
     rows = cols = 0  # bit y: row y has a lit pixel; bit x: column x has
     for y in range(S):
         lit = 0
         for k in range(0, S, LANES):
-            v = vdiv(vloadbytes(X_u8, i, y * S + k, S - k), v255)  # correctly rounded: PIXEL's bits
+            v = vpixel(vloadbytes(X_u8, i, y * S + k, S - k))  # PIXEL's bits
             vstoren(padm, y + 1, k + 1, v, S - k)
             lit |= vbits(v, zero, inf, S - k) << k
         cols |= lit
@@ -225,23 +224,21 @@ def _spline_x(f, gi, gd, T):
     # the sign of a zero. The sum skips the nodes no column of the vector uses (an exact zero added to a
     # sum that starts at +0 never changes it), and runs four node rows at once (four chains of adds
     # in flight, not one).
-    n = f.shape[1]
+    n = 2 * f.shape[1]
+    g = f.reshape((n, f.shape[2]))  # node row c (G + 2) + j is T's row
     for k in range(0, S, LANES):
         i0, i1 = gi[k], gi[min(k + LANES, S) - 1] + 4  # the nodes the columns k .. k + LANES - 1 use
-        for r in range(0, 2 * n, 4):
-            c0, j0 = divmod(r, n)
-            c1, j1 = divmod(min(r + 1, 2 * n - 1), n)  # a last group of fewer rows repeats the last one
-            c2, j2 = divmod(min(r + 2, 2 * n - 1), n)
-            c3, j3 = divmod(min(r + 3, 2 * n - 1), n)
-            a0 = a1 = a2 = a3 = vzero()
+        for r0 in range(0, n, 4):
+            r1, r2, r3 = min(r0 + 1, n - 1), min(r0 + 2, n - 1), min(r0 + 3, n - 1)  # a last group of fewer
+            a0 = a1 = a2 = a3 = vzero()  # rows repeats the last one
             for i in range(i0, i1):
                 w = vload(gd, i, k)
-                a0, a1 = vadd(a0, vmul(w, vbcast(f[c0, j0, i]))), vadd(a1, vmul(w, vbcast(f[c1, j1, i])))
-                a2, a3 = vadd(a2, vmul(w, vbcast(f[c2, j2, i]))), vadd(a3, vmul(w, vbcast(f[c3, j3, i])))
-            vstore(T, c0 * n + j0, k, a0)
-            vstore(T, c1 * n + j1, k, a1)
-            vstore(T, c2 * n + j2, k, a2)
-            vstore(T, c3 * n + j3, k, a3)
+                a0, a1 = vadd(a0, vmul(w, vbcast(g[r0, i]))), vadd(a1, vmul(w, vbcast(g[r1, i])))
+                a2, a3 = vadd(a2, vmul(w, vbcast(g[r2, i]))), vadd(a3, vmul(w, vbcast(g[r3, i])))
+            vstore(T, r0, k, a0)
+            vstore(T, r1, k, a1)
+            vstore(T, r2, k, a2)
+            vstore(T, r3, k, a3)
 
 
 @njit(inline="always")

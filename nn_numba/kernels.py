@@ -67,6 +67,18 @@ parlink.install()  # a parallel loop's body and wrappers compiled once, inside t
 # u8 -> float32 pixel, exactly u8 / 255 as the C++ port computes it: one table load per pixel instead of a
 # division.
 PIXEL = (np.arange(256, dtype=np.float32) / np.float32(255)).astype(np.float32)
+_R255 = np.float32(1) / np.float32(255)
+
+
+@register_jitable
+def vpixel(u):
+    """PIXEL's bits for a vector u of bytes as floats: u / 255 correctly rounded, without a division (a
+    vector division takes as long as a dozen multiplies). q = u r, with r the float nearest 1 / 255, is
+    within an ulp of it; the residual u - 255 q is exact in a fused multiply-add, and q + r (u - 255 q)
+    rounds correctly (Markstein's theorem). The tests read every byte through it."""
+    r = vbcast(_R255)
+    q = vmul(u, r)
+    return vfma(vfma(q, vbcast(np.float32(-255)), u), r, q)
 
 # Every kernel (here and in augment.py) is compiled *without* fastmath. Numba optimises a callee (a called
 # @njit function, or the body of a prange loop) in a module of its own, then links that optimised code
@@ -169,14 +181,12 @@ def gather_nonzeros(X_u8, idx, out, cnt, cols, vals):
     lit pixels as `nonzeros` lists them, for the first layer's sparse forward product.
 
     X_u8 (N, K) uint8 C-contiguous, idx (B,) int64, out (>=B, K) float32, cnt/cols/vals as `nonzeros`. A
-    vector of pixels of both samples at a time: bytes to floats, a correctly rounded division by 255
-    (PIXEL's bits), stored, then listed by `vlist`. It spares the second pass over the batch that
-    `nonzeros` makes. prange over pairs, each writes its own rows; the rows four ahead are prefetched as
-    in `gather`.
+    vector of pixels of both samples at a time: bytes to floats, `vpixel` (PIXEL's bits), stored, then
+    listed by `vlist`. It spares the second pass over the batch that `nonzeros` makes. prange over pairs,
+    each writes its own rows; the rows four ahead are prefetched as in `gather`.
     """
     B = idx.shape[0]
     K = X_u8.shape[1]
-    d = vbcast(np.float32(255))
     for q in prange((B + 1) // 2):
         i, j = 2 * q, min(2 * q + 1, B - 1)
         nj = K if 2 * q + 1 < B else 0  # a last odd sample is paired with zeros
@@ -187,8 +197,8 @@ def gather_nonzeros(X_u8, idx, out, cnt, cols, vals):
         c = 0
         for k in range(0, K, LANES):
             n = min(LANES, K - k)
-            a = vdiv(vloadbytes(X_u8, idx[i], k, n), d)
-            b = vdiv(vloadbytes(X_u8, idx[j], k, min(n, nj - k)), d)
+            a = vpixel(vloadbytes(X_u8, idx[i], k, n))
+            b = vpixel(vloadbytes(X_u8, idx[j], k, min(n, nj - k)))
             vstoren(out, i, k, a, n)
             vstoren(out, j, k, b, min(n, nj - k))
             c += vlist(cols, vals, q, c, a, b, k, n)

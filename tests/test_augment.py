@@ -23,7 +23,7 @@ from nn_numba.augment import (
 )
 from nn_numba.config import from_dict, load_config
 from nn_numba.errors import NNError
-from nn_numba.kernels import nonzeros, nonzeros_bufs
+from nn_numba.kernels import PIXEL, nonzeros, nonzeros_bufs
 
 S = 28
 
@@ -94,6 +94,16 @@ def test_affine_identity_is_exact_gather(X):
     affine_gather(X, idx, affine_mats(np.zeros(len(idx)), np.ones(len(idx)), np.zeros(len(idx)),
                                       np.zeros(len(idx))), out)
     np.testing.assert_array_equal(out, plain(X, idx))
+
+
+def test_every_byte_reads_as_its_pixel_value():
+    """Each of the 256 byte values becomes exactly kernels.PIXEL (the float32 quotient u8 / 255) in the warp."""
+    X = np.zeros((2, S * S), np.uint8)
+    X[0, :256], X[1, 300:556] = np.arange(256), np.arange(256)[::-1]
+    idx = np.arange(2)
+    out = np.empty((2, S * S), np.float32)
+    affine_gather(X, idx, np.tile(np.array([[1, 0, 0], [0, 1, 0]], np.float32), (2, 1, 1)), out)
+    np.testing.assert_array_equal(out, PIXEL[X])
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])

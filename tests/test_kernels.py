@@ -142,6 +142,16 @@ def test_gather_is_exact_division():
     assert np.array_equal(out, X[idx].astype(np.float32) / np.float32(255))
 
 
+def test_gather_nonzeros_reads_every_byte_as_pixel():
+    """Each of the 256 byte values becomes exactly PIXEL (the float32 quotient u8 / 255), in both rows of a pair."""
+    X = np.zeros((3, 784), np.uint8)
+    X[0, :256], X[1, 400:656], X[2, 500:756] = np.arange(256), np.arange(256)[::-1], np.arange(256)
+    idx = np.arange(3, dtype=np.int64)
+    out = np.empty((3, 784), np.float32)
+    K.gather_nonzeros(X, idx, out, *K.nonzeros_bufs(3, 784)[:3])
+    assert np.array_equal(out, K.PIXEL[X])
+
+
 def _setup(sizes, B, seed=0, density=1.0):
     """A model with non-zero biases and a batch whose pixels are non-zero with probability `density`
     (MNIST: 0.19, which train_step's first layer takes by its sparse path; 1.0 takes the dense one)."""

@@ -229,8 +229,9 @@ def _spline_x(f, gi, gd, T):
     for k in range(0, S, LANES):
         i0, i1 = gi[k], gi[min(k + LANES, S) - 1] + 4  # the nodes the columns k .. k + LANES - 1 use
         for r0 in range(0, n, 4):
-            r1, r2, r3 = min(r0 + 1, n - 1), min(r0 + 2, n - 1), min(r0 + 3, n - 1)  # a last group of fewer
-            a0 = a1 = a2 = a3 = vzero()  # rows repeats the last one
+            # a last group of fewer rows repeats the last one
+            r1, r2, r3 = min(r0 + 1, n - 1), min(r0 + 2, n - 1), min(r0 + 3, n - 1)
+            a0 = a1 = a2 = a3 = vzero()
             for i in range(i0, i1):
                 w = vload(gd, i, k)
                 a0, a1 = vadd(a0, vmul(w, vbcast(g[r0, i]))), vadd(a1, vmul(w, vbcast(g[r1, i])))

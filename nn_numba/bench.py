@@ -231,16 +231,16 @@ class NumbaSide:
         nz = K.nonzeros_bufs(B, SIZES[0])
         cnt, cols, vals = nz.count, nz.cols, nz.vals
         K.nonzeros(X, cnt, cols, vals)
-        K.nonzero_blocks(X, nz.block_count, nz.block_samples)
+        K.nonzero_blocks(X, nz.block_count, nz.block_vals, nz.block_bands)
 
         def sparse_dw(kind):
             gb = np.zeros_like(b1)
-            return lambda: K.sparse_backward_weight(nz, X, dA1, K.Param(WT, GT, GT, GT), K.Param(b1, gb, gb, gb),
+            return lambda: K.sparse_backward_weight(nz, dA1, K.Param(WT, GT, GT, GT), K.Param(b1, gb, gb, gb),
                                                     plain(kind, 1e-9))
 
         calls = {
             "nonzeros rows + blocks": lambda: (K.nonzeros(X, cnt, cols, vals),
-                                               K.nonzero_blocks(X, nz.block_count, nz.block_samples)),
+                                               K.nonzero_blocks(X, nz.block_count, nz.block_vals, nz.block_bands)),
             "fwd1 sparse +bias+relu": lambda: K.sparse_forward(cnt, cols, vals, WT, b1, A1, True),
             "dW1 sparse + db1 + sgd": sparse_dw(K.SGD),
             "fwd1 lin+bias+relu": lambda: K.linear_forward(X, W1, b1, A1, True),

@@ -26,6 +26,7 @@ ReLU signs are random.
 
 from typing import NamedTuple
 
+import numba
 import numpy as np
 from numba import njit, prange
 from numba.extending import register_jitable
@@ -41,6 +42,7 @@ from .simd import (
     vbload,
     vclamp,
     vdiv,
+    ventry,
     vfma,
     vlist,
     vload,
@@ -133,13 +135,16 @@ class TrainState(NamedTuple):
 class Nonzeros(NamedTuple):
     """The first layer's index buffers for up to B samples of K pixels: the pixels lit in either sample of
     each pair 2q, 2q + 1 (`nonzeros`; a last odd sample is paired with zeros) and each block of 3 pixels'
-    lit samples (`nonzero_blocks`)."""
+    lit samples with their pixels (`nonzero_blocks`), listed in bands of samples, one per thread (S bands
+    at most)."""
 
     count: np.ndarray  # (ceil(B/2),) int32: pixels lit in pair q
     cols: np.ndarray  # (ceil(B/2), K) int32: their indices, in pixel order
     vals: np.ndarray  # (2 ceil(B/2), K) float32: row i holds sample i's values of its pair's pixels (0 if unlit)
-    block_count: np.ndarray  # (2 ceil(K/6),) int32: samples that light block kb (pixels 3kb .. 3kb + 2)
-    block_samples: np.ndarray  # (2 ceil(K/6), B) int32: which ones, in sample order
+    block_count: np.ndarray  # (S, 2 ceil(K/6)) int32: samples of band s that light block kb (pixels 3kb .. 3kb + 2)
+    block_vals: np.ndarray  # (2 ceil(K/6), 4 B) float32: 4-float entries, band s's from entry s bs
+    block_samples: np.ndarray  # block_vals viewed as int32: entry p's sample index is block_samples[kb, 4p + 3]
+    block_bands: np.ndarray  # (2,) int64: the bands of the last listing and the samples per band, bs
 
 
 class Buffers(NamedTuple):
@@ -739,33 +744,46 @@ def list_pair(X, q, cols, vals):
 
 
 @njit(parallel=True, **_exact)
-def nonzero_blocks(X, count, samples):
-    """For each block of 3 neighbouring pixels, the samples in which any of them is lit, in sample order:
-    the sums of the weight gradient's tiles (`sparse_backward_weight`).
+def nonzero_blocks(X, count, entries, bands):
+    """For each block of 3 neighbouring pixels, the samples in which any of them is lit, in sample order,
+    with their 3 pixels: the sums of the weight gradient's tiles (`sparse_backward_weight`).
 
-    X (B, K) float32, count (2 ceil(K/6),) int32, samples (2 ceil(K/6), >= B) int32: samples[kb,
-    :count[kb]] light block kb (a block past K lights in none). Neighbouring pixels are lit together
-    (strokes): a block of 3 is lit in 25 % of MNIST's samples against 19 % for one pixel, and a tile
-    summed over a block's samples multiplies 1.33 zeros per lit pixel's FMA with blocks of 3, 1.78 with
-    blocks of 6. Two blocks per sample and masked load: one compare gives both their lit bits. Each sample
-    is appended branch-free (its slot is written, and kept only if the block is lit), as a branch per
-    sample would mispredict a third of the time. prange over pairs of blocks (each list is written by one
-    task, in sample order).
+    X (B, K) float32; count, entries (block_vals) and bands as in `Nonzeros`. The samples come in bands of
+    bs, one per thread: band s's samples that light block kb are its entries s bs .. s bs + count[s, kb] - 1
+    (a band appends at most its bs samples; a block past K lights in none). An entry is 4 floats: the
+    block's 3 pixels in that sample (zeros past K) and the sample's index as an int32 (`simd.ventry`), so
+    the weight gradient reads its pixels one entry after the other instead of from X's rows, which it
+    would find in L3 by then.
+
+    Neighbouring pixels are lit together (strokes): a block of 3 is lit in 25 % of MNIST's samples against
+    19 % for one pixel, and a tile summed over a block's samples multiplies 1.33 zeros per lit pixel's FMA
+    with blocks of 3, 1.78 with blocks of 6. Two blocks per sample and masked load: one compare gives both
+    their lit bits. Each sample is appended branch-free (its entry is written, and kept only if the block
+    is lit), as a branch per sample would mispredict a third of the time. prange over (band, pair of
+    blocks), bands slowest: each thread reads the rows of X that the batch's gather or warp wrote on its
+    own core (the same bands of samples), where rows from the other core would cross between the cores.
     """
     B, K = X.shape
-    for kh in prange((K + 5) // 6):
+    nh = (K + 5) // 6
+    S = min(threads(), count.shape[0], max(B, 1))
+    bs = (B + S - 1) // S
+    S = (B + bs - 1) // bs if B > 0 else 1
+    bands[0], bands[1] = S, bs
+    for t in prange(S * nh):
+        s, kh = t // nh, t % nh
         k = kh * 6
         n = min(6, K - k)
-        ca = cb = np.uint64(0)  # unsigned: Numba tests a signed index for wraparound at every store
-        sa, sb = samples[2 * kh], samples[2 * kh + 1]  # the views once per pair of blocks, not per sample
-        for i in range(B):
-            bits = vnonzero(vloadn(X, i, k, n))
-            sa[ca] = i
-            sb[cb] = i
+        first = np.uint64(s * bs)  # unsigned: Numba tests a signed index for wraparound at every store
+        ca = cb = first
+        for i in range(s * bs, min(B, s * bs + bs)):
+            v = vloadn(X, i, k, n)
+            bits = vnonzero(v)
+            ventry(entries, 2 * kh, np.uint64(4) * ca, v, 0, i)
+            ventry(entries, 2 * kh + 1, np.uint64(4) * cb, v, 3, i)
             ca += np.uint64((bits & 7) != 0)
             cb += np.uint64(bits > 7)
-        count[2 * kh] = ca
-        count[2 * kh + 1] = cb
+        count[s, 2 * kh] = ca - first
+        count[s, 2 * kh + 1] = cb - first
 
 
 @njit(parallel=True, **_exact)
@@ -822,32 +840,32 @@ def sparse_forward(cnt, cols, vals, WT, b, Y, relu):
 
 
 @njit(**_exact)
-def _tile_rows(X, k, D, rows, m, j):
-    """A 3 x 4 tile of Xᵀ D over a list of samples: acc[4q + h] = Σ_p X[rows[p], k_q] · D[rows[p], j + h
-    LANES : j + (h + 1) LANES] for p < m, with k_q = k, k + 1, k + 2, clamped to X's last pixel (the
-    clamped rows' sums are not stored). 12 FMAs per 4 loads of D and 3 broadcasts of X."""
-    K = X.shape[1]
-    k1, k2 = min(k + 1, K - 1), min(k + 2, K - 1)
+def _tile_rows(E, I, kb, D, cnt, S, bs, j):
+    """A 3 x 4 tile of Xᵀ D over block kb's list (`nonzero_blocks`): acc[4q + h] = Σ_p x_q(p) · D[r(p), j + h
+    LANES : j + (h + 1) LANES] over the list's entries p, band after band, where x_q(p) = E[kb, 4p + q] is
+    the block's pixel q in sample r(p) = I[kb, 4p + 3] (E and I: block_vals and block_samples). 12 FMAs per
+    4 loads of D and 3 broadcasts."""
     a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = a20 = a21 = a22 = a23 = vzero()
-    for p in range(m):
-        r = rows[p]
-        d0, d1 = vload(D, r, j), vload(D, r, j + LANES)
-        d2, d3 = vload(D, r, j + 2 * LANES), vload(D, r, j + 3 * LANES)
-        c = vbload(X, r, k)
-        a00, a01, a02, a03 = vfma(c, d0, a00), vfma(c, d1, a01), vfma(c, d2, a02), vfma(c, d3, a03)
-        c = vbload(X, r, k1)
-        a10, a11, a12, a13 = vfma(c, d0, a10), vfma(c, d1, a11), vfma(c, d2, a12), vfma(c, d3, a13)
-        c = vbload(X, r, k2)
-        a20, a21, a22, a23 = vfma(c, d0, a20), vfma(c, d1, a21), vfma(c, d2, a22), vfma(c, d3, a23)
+    for s in range(S):
+        for p in range(s * bs, s * bs + cnt[s, kb]):
+            r = I[kb, 4 * p + 3]
+            d0, d1 = vload(D, r, j), vload(D, r, j + LANES)
+            d2, d3 = vload(D, r, j + 2 * LANES), vload(D, r, j + 3 * LANES)
+            c = vbload(E, kb, 4 * p)
+            a00, a01, a02, a03 = vfma(c, d0, a00), vfma(c, d1, a01), vfma(c, d2, a02), vfma(c, d3, a03)
+            c = vbload(E, kb, 4 * p + 1)
+            a10, a11, a12, a13 = vfma(c, d0, a10), vfma(c, d1, a11), vfma(c, d2, a12), vfma(c, d3, a13)
+            c = vbload(E, kb, 4 * p + 2)
+            a20, a21, a22, a23 = vfma(c, d0, a20), vfma(c, d1, a21), vfma(c, d2, a22), vfma(c, d3, a23)
     return (a00, a01, a02, a03, a10, a11, a12, a13, a20, a21, a22, a23)
 
 
 @njit(parallel=True, **_exact)
-def sparse_backward_weight(nz, X, dY, WTp, bp, h):
+def sparse_backward_weight(nz, dY, WTp, bp, h):
     """gWᵀ = Xᵀ dY over the samples that light each block of 3 pixels (`nonzero_blocks`), then the
     optimiser step `h` on WT, fused.
 
-    nz the Nonzeros whose block lists `nonzero_blocks` made from X (B, K), dY (B, N) with rows at least
+    nz the Nonzeros whose block lists `nonzero_blocks` made from the batch X (B, K), dY (B, N) with rows at least
     pad(N) floats apart (the last tile reads 4LANES columns; lanes past N are never stored), WTp a Param of
     (K, pad(N)) arrays, bp a Param of (N,) arrays. Each task owns a 3 x 4LANES tile of gWᵀ (3 pixels x
     4LANES outputs): `_tile_rows` over the block's samples, then `_step` with the gradient still in
@@ -860,7 +878,8 @@ def sparse_backward_weight(nz, X, dY, WTp, bp, h):
     prange over (block, column tile), blocks slowest: the two threads take the top and the bottom half of
     the image.
     """
-    cnt, samples = nz.block_count, nz.block_samples
+    cnt, E, I = nz.block_count, nz.block_vals, nz.block_samples
+    S, bs = nz.block_bands[0], nz.block_bands[1]
     WT, GT, MT, VT = WTp  # unpacked here: helpers in the loops take arrays (see _step)
     b, gb, mb, vb = bp
     K = WT.shape[0]
@@ -872,11 +891,10 @@ def sparse_backward_weight(nz, X, dY, WTp, bp, h):
         j = (t % nt) * 4 * LANES
         if kb == 0:
             _bias_step(dY, b, gb, mb, vb, j, min(j + 4 * LANES, N), h)
-        m = cnt[kb]
-        if m == 0 and skip_unlit:
+        if skip_unlit and _unlit(cnt, S, kb):
             continue
         k = kb * 3
-        acc = _tile_rows(X, k, dY, samples[kb], m, j)
+        acc = _tile_rows(E, I, kb, dY, cnt, S, bs, j)
         if h.kind != NO_UPDATE and k + 3 <= K:  # the step inlined, so the gradient stays in registers (passed to
             # _step_tile, the tile would go through memory); the last column tile stops at N
             for r in range(12):
@@ -888,6 +906,15 @@ def sparse_backward_weight(nz, X, dY, WTp, bp, h):
                     _step(WT, MT, VT, k + r // 4, c, acc[r], min(n, LANES), h, h.weight_decay)
             continue
         _step_tile(acc, WT, GT, MT, VT, k, j, min(3, K - k), N, h)
+
+
+@register_jitable
+def _unlit(cnt, S, kb):
+    """No sample of the S bands lights block kb."""
+    for s in range(S):
+        if cnt[s, kb] != 0:
+            return False
+    return True
 
 
 @njit(**_exact)
@@ -1139,7 +1166,7 @@ def train_step(state, sizes, X, y, buf, listed, h, scale) -> float:
             call("nonzeros", nonzeros, X, nz.count, nz.cols, nz.vals)
         # now, while the gather's X is still in L2: at the end of the step, after the forward and backward
         # products have passed through, X would come back from L3
-        call("blocks", nonzero_blocks, X, nz.block_count, nz.block_samples)
+        call("blocks", nonzero_blocks, X, nz.block_count, nz.block_vals, nz.block_bands)
         call("sparse_forward", sparse_forward, nz.count, nz.cols, nz.vals, state.first_t.value, b.value, A, L > 1)
     else:
         call("forward0", linear_forward, X, W.value, b.value, A, L > 1)
@@ -1160,7 +1187,7 @@ def train_step(state, sizes, X, y, buf, listed, h, scale) -> float:
         if l > 0 or not sparse:
             call(f"weight{l}", linear_backward_weight, dZ, A, buf.work, Wp, bp, h)
         else:
-            call("sparse_weight", sparse_backward_weight, nz, X, dZ, state.first_t, bp, h)
+            call("sparse_weight", sparse_backward_weight, nz, dZ, state.first_t, bp, h)
         if l > 0:
             dZ = v.dA[l]
     return call("sum", total, v.loss)
@@ -1188,10 +1215,12 @@ def move_first(state, sizes, to_t: bool) -> None:
 
 
 def nonzeros_bufs(cap: int, n_in: int) -> Nonzeros:
-    """The index buffers train_step's first layer fills per batch for up to `cap` samples of n_in pixels."""
-    nb, nq = 2 * ((n_in + 5) // 6), (cap + 1) // 2
+    """The index buffers train_step's first layer fills per batch for up to `cap` samples of n_in pixels, with
+    a band of block lists for each thread Numba can run (NUMBA_NUM_THREADS)."""
+    nb, nq, S = 2 * ((n_in + 5) // 6), (cap + 1) // 2, max(1, numba.config.NUMBA_NUM_THREADS)
+    entries = aligned_zeros((nb, 4 * cap))
     return Nonzeros(np.zeros(nq, np.int32), np.zeros((nq, n_in), np.int32), aligned_zeros((2 * nq, n_in)),
-                    np.zeros(nb, np.int32), np.zeros((nb, cap), np.int32))
+                    np.zeros((S, nb), np.int32), entries, entries.view(np.int32), np.zeros(2, np.int64))
 
 
 def buffers(sizes, cap: int) -> Buffers:

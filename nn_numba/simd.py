@@ -174,6 +174,27 @@ def vstore(typingctx, ary, i, k, v):
 
 
 @intrinsic
+def ventry(typingctx, ary, i, k, v, lo, tag):
+    """ary[i, k : k + 3] = lanes lo .. lo + 2 of v, and ary[i, k + 3] = the bits of the integer tag as an
+    int32: a 16-byte entry of a list (three pixels and the sample they belong to), one shuffle and one
+    store of four floats, no mask. lo a constant (an integer literal), lo + 3 <= W."""
+    _check(ary)
+    if not isinstance(lo, types.IntegerLiteral) or not 0 <= lo.literal_value <= W - 3:
+        raise TypingError(f"simd.ventry: need a constant first lane 0 .. {W - 3}, got {lo}")
+    first = lo.literal_value
+    quad = ir.VectorType(_f32, 4)
+
+    def codegen(context, builder, sig, args):
+        bits = builder.bitcast(context.cast(builder, args[5], sig.args[5], types.int32), _f32)
+        tagv = builder.insert_element(ir.Constant(_vec, ir.Undefined), bits, ir.Constant(_i32, 0))
+        lanes = ir.Constant(ir.VectorType(_i32, 4), [first, first + 1, first + 2, W])  # W: tagv's lane 0
+        entry = builder.shuffle_vector(args[3], tagv, lanes)
+        builder.store(entry, builder.bitcast(_addr(context, builder, sig, args), quad.as_pointer()), align=4)
+        return context.get_dummy_value()
+    return types.none(ary, i, k, f32v, lo, tag), codegen
+
+
+@intrinsic
 def vloadn(typingctx, ary, i, k, n):
     """ary[i, k : k + n] in the first n lanes, zeros after; nothing past them is read (a masked load)."""
     _check(ary)

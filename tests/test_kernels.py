@@ -1,5 +1,7 @@
 """Every kernel against the float64 NumPy reference, a finite-difference check, and one whole step."""
 
+import contextlib
+
 import numba
 import numpy as np
 import pytest
@@ -366,11 +368,36 @@ def test_logits_follow_the_weights_through_reused_buffers():
     check()
 
 
+@contextlib.contextmanager
+def numba_threads(n):
+    """Run the block with n Numba threads (skipped where Numba cannot run that many)."""
+    if n > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip(f"needs {n} Numba threads, NUMBA_NUM_THREADS is {numba.config.NUMBA_NUM_THREADS}")
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
+def _block_lists(nz):
+    """Each block's list as nonzero_blocks leaves it, its bands joined in order: (samples, their 3 pixels)."""
+    S, bs = nz.block_bands
+    out = []
+    for kb in range(nz.block_vals.shape[0]):
+        p = np.concatenate([s * bs + np.arange(nz.block_count[s, kb]) for s in range(S)]).astype(np.int64)
+        out.append((nz.block_samples[kb, 4 * p + 3], nz.block_vals[kb].reshape(-1, 4)[p, :3]))
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("K_in", [784, 787, 5])
-def test_nonzeros_rows_and_blocks_match_numpy(K_in):
+def test_nonzeros_rows_and_blocks_match_numpy(K_in, threads):
     """The pair lists and the lit blocks of the first layer's sparse path list exactly X's non-zeros, in
     order: an all-zero sample, a dense one, an odd count of samples, ragged widths (K % 8, K % 6 != 0), a
-    pixel lit nowhere, a block lit only by its last pixel."""
+    pixel lit nowhere, a block lit only by its last pixel; each block's samples in sample order with their
+    pixels, whether one thread or two list them, in one band or two."""
     rng = np.random.default_rng(3)
     B = 23
     X = rng.random((B, K_in), dtype=np.float32)
@@ -380,22 +407,29 @@ def test_nonzeros_rows_and_blocks_match_numpy(K_in):
     X[:, 0] = 0
     X[:, 3:6] = 0
     X[9, 5 % K_in] = 1.0
-    cnt, cols, vals, bcnt, bidx = K.nonzeros_bufs(30, K_in)
-    bcnt[:] = -1
+    X[:, -1] = 0.5  # the last block is lit in every sample: each band's list fills it
+    nz = K.nonzeros_bufs(B, K_in)
+    cnt, cols, vals = nz.count, nz.cols, nz.vals
+    nz.block_count[:] = -1
+    nz.block_vals[:] = np.nan
     K.nonzeros(X, cnt, cols, vals)
-    K.nonzero_blocks(X, bcnt, bidx)
+    with numba_threads(threads):
+        K.nonzero_blocks(X, nz.block_count, nz.block_vals, nz.block_bands)
+    assert list(nz.block_bands) == ([1, 23] if threads == 1 else [2, 12])
     Xq = np.zeros((B + 1, K_in), np.float32)  # the odd last sample is paired with zeros
     Xq[:B] = X
     for q in range((B + 1) // 2):
         (want,) = np.nonzero((Xq[2 * q] != 0) | (Xq[2 * q + 1] != 0))
         assert cnt[q] == len(want) and np.array_equal(cols[q, :cnt[q]], want)
         assert np.array_equal(vals[2 * q:2 * q + 2, :cnt[q]], Xq[2 * q:2 * q + 2, want])
-    Xp = np.zeros((B, 3 * len(bcnt)), np.float32)
+    Xp = np.zeros((B, 3 * nz.block_vals.shape[0]), np.float32)
     Xp[:, :K_in] = X
-    for kb in range(len(bcnt)):
+    lists = _block_lists(nz)
+    for kb, (samples, pixels) in enumerate(lists):
         (want,) = np.nonzero(Xp[:, 3 * kb:3 * kb + 3].any(axis=1))
-        assert bcnt[kb] == len(want) and np.array_equal(bidx[kb, :bcnt[kb]], want)
-    assert list(bidx[1, :bcnt[1]]) == [9] or K_in < 6
+        assert samples.tolist() == want.tolist()
+        assert pixels.view(np.int32).tolist() == Xp[want, 3 * kb:3 * kb + 3].view(np.int32).tolist()
+    assert lists[1][0].tolist() == [9] or K_in < 6
 
 
 @pytest.mark.parametrize("N", [250, 10, 70])

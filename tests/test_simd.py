@@ -16,6 +16,7 @@ from nn_numba.simd import (
     vbload,
     vclamp,
     vdiv,
+    ventry,
     vfma,
     vgather2,
     vlist,
@@ -329,6 +330,43 @@ def test_list_appends_the_lanes_either_vector_lights_below_n_in_order():
         assert (vals[untouched] == 9).all()
     with pytest.raises(TypingError):
         _list(src, 1, np.zeros((1, W), np.int64), np.zeros((2, W), np.float32), 0, 0, 0)
+
+
+LAST = W - 3  # a global: a constant to Numba, where the expression W - 3 in a kernel is a computed int64
+
+
+@njit
+def _entries(src, out, r, k, tag):
+    v = vload(src, 0, 0)
+    ventry(out, r, k, v, 0, tag)
+    ventry(out, r, k + 4, v, 3, tag + 1)
+    ventry(out, r, k + 8, v, LAST, tag + 2)
+
+
+def test_entry_stores_three_lanes_and_the_tags_bits_and_nothing_else():
+    """ventry writes lanes lo .. lo + 2 of v and the int32 bits of the tag as the fourth float, at any
+    offset, and no float outside those four; a first lane that is not a constant in range is refused."""
+    src = _data((1, W))
+    for r, k, tag in ((0, 0, 0), (1, 5, 255), (2, 17, 2**31 - 3)):
+        out = np.full((3, 32), 7.0, np.float32)
+        _entries(src, out, r, k, tag)
+        want = np.full((3, 32), 7.0, np.float32)
+        for e, lo in enumerate((0, 3, W - 3)):
+            want[r, k + 4 * e:k + 4 * e + 3] = src[0, lo:lo + 3]
+            want[r, k + 4 * e + 3] = np.array([tag + e], np.int32).view(np.float32)[0]
+        assert out.view(np.int32).tolist() == want.view(np.int32).tolist()
+
+    @njit
+    def late_lane(src, out):
+        ventry(out, 0, 0, vload(src, 0, 0), W - 2, 1)
+
+    @njit
+    def variable_lane(src, out, lo):
+        ventry(out, 0, 0, vload(src, 0, 0), lo, 1)
+
+    for bad in (lambda: late_lane(src, out), lambda: variable_lane(src, out, 0)):
+        with pytest.raises(TypingError):
+            bad()
 
 
 @njit

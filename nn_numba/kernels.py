@@ -238,9 +238,10 @@ def linear_forward(X, W, b, Y, relu):
     in a batch of any size: the last tile of a ragged edge is moved back to overlap its neighbour and stores
     only its own outputs, a batch of one sample repeats its row (computed twice, stored once), and a
     layer of fewer than six outputs has each summed alone in the same order.
-    prange over tiles, column blocks slowest, so consecutive tiles of one thread share their six rows of W
-    in L1 and only the two rows of X come from L2 or stream from L3 (in the other order six rows of W
-    would, per tile).
+    prange over tiles in `_banded` order: a band of samples per thread, so that each thread reads the rows
+    of X its own core wrote (the output layer's ten outputs are only two column blocks), and inside a band
+    the column blocks slowest, so consecutive tiles of one thread share their six rows of W in L1 and only
+    the two rows of X come from L2 or stream from L3 (in the other order six rows of W would, per tile).
     """
     B, K = X.shape
     N = W.shape[0]
@@ -249,8 +250,10 @@ def linear_forward(X, W, b, Y, relu):
     # in it costs reference counting per tile
     K8 = K - K % LANES
     nc, tb = (N + 5) // 6, (B + 1) // 2
+    bs = _band(tb)
     for t in prange(nc * tb):
-        j, i = (t // tb) * 6, (t % tb) * 2
+        ib, jb = _banded(t, tb, nc, bs)
+        i, j = ib * 2, jb * 6
         if N < 6:  # fewer outputs than a tile: one at a time, each summed as in a tile (the same bits)
             for ii in range(i, min(i + 2, B)):
                 for jj in range(N):

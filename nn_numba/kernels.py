@@ -112,6 +112,22 @@ def aligned_zeros(shape: int | tuple[int, ...], dtype=np.float32, align: int = 6
     return buf[off:off + n * dtype.itemsize].view(dtype).reshape(shape)
 
 
+HUGE = 2 << 20  # bytes of an x86 huge page
+
+
+def huge_zeros(specs: list[tuple[tuple[int, ...], type]]) -> list[np.ndarray]:
+    """Zeroed arrays, one per (shape, dtype) in `specs`, each 64-byte aligned, carved one after the other
+    from one allocation that starts on a 2 MiB boundary and is at least 4 MiB long, so that NumPy asks Linux
+    for transparent huge pages (with /sys/kernel/mm/transparent_hugepage/enabled at `madvise` or `always`).
+    For train_step's buffers, whose rows every step reads and writes all over: on 4 KiB pages those
+    accesses miss the TLB (docs/performance.md, "Huge pages")."""
+    nbytes = [int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in specs]
+    starts = np.cumsum([0] + [-(-n // 64) * 64 for n in nbytes])
+    buf = np.zeros(max(int(starts[-1]), 4 << 20) + HUGE, np.uint8)
+    base = (-buf.ctypes.data) % HUGE
+    return [buf[base + o:base + o + n].view(dt).reshape(shape) for (shape, dt), o, n in zip(specs, starts, nbytes)]
+
+
 class Param(NamedTuple):
     """A parameter array with its gradient and optimiser moments, all of one shape: a layer's W or b, the
     flat array of all parameters, or the transposed first layer."""
@@ -148,8 +164,9 @@ class Nonzeros(NamedTuple):
 
 
 class Buffers(NamedTuple):
-    """train_step's work buffers for up to `cap` samples (`buffers` makes them)."""
+    """train_step's work buffers for up to `cap` samples (`buffers` makes them), and the mini-batch."""
 
+    x: np.ndarray  # (cap, n_0) float32: the mini-batch's pixels (Trainer.gather and Trainer.augment write it)
     acts: np.ndarray  # every layer's outputs (acts_size)
     grad_a: np.ndarray  # two gradient buffers (grad_size), used in turn layer by layer
     grad_b: np.ndarray
@@ -1217,21 +1234,34 @@ def move_first(state, sizes, to_t: bool) -> None:
             W[:] = at[:, :W.shape[0]].T
 
 
-def nonzeros_bufs(cap: int, n_in: int) -> Nonzeros:
-    """The index buffers train_step's first layer fills per batch for up to `cap` samples of n_in pixels, with
-    a band of block lists for each thread Numba can run (NUMBA_NUM_THREADS)."""
+def _nonzeros_specs(cap: int, n_in: int) -> list:
+    # the arrays of Nonzeros but the view, for up to `cap` samples of n_in pixels, with a band of block lists
+    # for each thread Numba can run (NUMBA_NUM_THREADS)
     nb, nq, S = 2 * ((n_in + 5) // 6), (cap + 1) // 2, max(1, numba.config.NUMBA_NUM_THREADS)
-    entries = aligned_zeros((nb, 4 * cap))
-    return Nonzeros(np.zeros(nq, np.int32), np.zeros((nq, n_in), np.int32), aligned_zeros((2 * nq, n_in)),
-                    np.zeros((S, nb), np.int32), entries, entries.view(np.int32), np.zeros(2, np.int64))
+    return [((nq,), np.int32), ((nq, n_in), np.int32), ((2 * nq, n_in), np.float32), ((S, nb), np.int32),
+            ((nb, 4 * cap), np.float32), ((2,), np.int64)]
+
+
+def _nonzeros(arrays: list) -> Nonzeros:
+    count, cols, vals, block_count, block_vals, bands = arrays
+    return Nonzeros(count, cols, vals, block_count, block_vals, block_vals.view(np.int32), bands)
+
+
+def nonzeros_bufs(cap: int, n_in: int) -> Nonzeros:
+    """The index buffers train_step's first layer fills per batch for up to `cap` samples of n_in pixels."""
+    return _nonzeros(huge_zeros(_nonzeros_specs(cap, n_in)))
 
 
 def buffers(sizes, cap: int) -> Buffers:
-    """The work buffers of train_step for up to `cap` samples (64-byte aligned)."""
-    return Buffers(aligned_zeros(acts_size(sizes, cap)), aligned_zeros(grad_size(sizes, cap)),
-                   aligned_zeros(grad_size(sizes, cap)), aligned_zeros(work_size(max(sizes[1:]), cap)),
-                   aligned_zeros(wt_size(sizes)), nonzeros_bufs(cap, sizes[0]), np.zeros(cap, np.float32),
-                   np.zeros(cap, np.int64), cap, {})
+    """The work buffers of train_step for up to `cap` samples and the mini-batch, 64-byte aligned, on huge
+    pages where Linux gives them (`huge_zeros`)."""
+    f32 = np.float32
+    own = [((cap, sizes[0]), f32), ((acts_size(sizes, cap),), f32), ((grad_size(sizes, cap),), f32),
+           ((grad_size(sizes, cap),), f32), ((work_size(max(sizes[1:]), cap),), f32), ((wt_size(sizes),), f32),
+           ((cap,), f32), ((cap,), np.int64)]
+    a = huge_zeros(own + _nonzeros_specs(cap, sizes[0]))
+    x, acts, grad_a, grad_b, work, wt, loss, pred = a[:len(own)]
+    return Buffers(x, acts, grad_a, grad_b, work, wt, _nonzeros(a[len(own):]), loss, pred, cap, {})
 
 
 def train_state(sizes, params: np.ndarray) -> TrainState:

@@ -29,7 +29,7 @@ class Trainer:
         self.cfg, self.model = cfg, model
         self.state = kernels.train_state(model.sizes, model.params)  # aligned, like the model's params
         self.buf = kernels.buffers(model.sizes, batch_cap)
-        self.xb = kernels.aligned_zeros((batch_cap, model.sizes[0]))  # the mini-batch's pixels
+        self.xb = self.buf.x  # the mini-batch's pixels
         self.step = 0  # optimiser steps taken
 
     def load(self) -> None:

@@ -368,6 +368,20 @@ def test_logits_follow_the_weights_through_reused_buffers():
     check()
 
 
+def test_huge_zeros_are_zeroed_aligned_and_disjoint():
+    """huge_zeros carves each array 64-byte aligned (the first on a huge-page boundary) with its shape and
+    dtype, zeroed, and no two overlap: each keeps what was written to it after all were written."""
+    specs = [((3, 5), np.float32), ((7,), np.int64), ((2, 17), np.int32), ((1,), np.float32), ((65, 3), np.float32)]
+    arrays = K.huge_zeros(specs)
+    assert arrays[0].ctypes.data % K.HUGE == 0
+    for a, (shape, dtype) in zip(arrays, specs):
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        assert a.ctypes.data % 64 == 0 and not a.any()
+    for i, a in enumerate(arrays):
+        a[...] = i + 1
+    assert [np.unique(a).tolist() for a in arrays] == [[i + 1] for i in range(len(arrays))]
+
+
 @contextlib.contextmanager
 def numba_threads(n):
     """Run the block with n Numba threads (skipped where Numba cannot run that many)."""

@@ -102,8 +102,8 @@ def aligned_zeros(shape: int | tuple[int, ...], dtype=np.float32, align: int = 6
 
     NumPy only promises 16 bytes, and a large np.zeros usually lands 16 bytes past a page start, so every
     second 32-byte load of a row straddles two cache lines, which slows the products over long rows
-    (X, W1, gW1) markedly. Used for the parameters, gradients, optimiser state,
-    batch and activation buffers.
+    (X, W1, gW1) markedly. Used for the parameters, gradients and optimiser state, and for inference's
+    buffers; train_step's buffers come from `huge_zeros`.
     """
     dtype = np.dtype(dtype)
     n = int(np.prod(shape))
